@@ -16,7 +16,7 @@ import torch
 
 @dataclass(frozen=True)
 class EncodedPair:
-    """One tokenized example: prompt ids (chat-formatted, with generation prompt) and response ids."""
+    """One tokenized example: chat-formatted prompt ids (with generation prompt), response ids."""
 
     prompt_ids: list[int]
     response_ids: list[int]

@@ -1,0 +1,42 @@
+"""The curvature engine: per-sample gradients, HVPs, Fisher products, eigensolvers and traces."""
+
+from alignscope.curvature.eigen import (
+    EigenResult,
+    block_gram_eigs,
+    block_lanczos_eigs,
+    gram_eigs,
+    lanczos_eigs,
+)
+from alignscope.curvature.fisher import FisherOperator
+from alignscope.curvature.functional import (
+    FunctionalLM,
+    ensure_eager_attention,
+    has_forward_ad_attention,
+    response_weights,
+)
+from alignscope.curvature.hvp import HessianOperator, hvp_forward, hvp_reverse
+from alignscope.curvature.losses import AlignmentKL, ResponsePositions
+from alignscope.curvature.per_sample import per_sample_grads
+from alignscope.curvature.trace import TraceEstimate, hutchinson, hutchpp
+
+__all__ = [
+    "AlignmentKL",
+    "EigenResult",
+    "FisherOperator",
+    "FunctionalLM",
+    "HessianOperator",
+    "ResponsePositions",
+    "TraceEstimate",
+    "block_gram_eigs",
+    "block_lanczos_eigs",
+    "ensure_eager_attention",
+    "gram_eigs",
+    "has_forward_ad_attention",
+    "hutchinson",
+    "hutchpp",
+    "hvp_forward",
+    "hvp_reverse",
+    "lanczos_eigs",
+    "per_sample_grads",
+    "response_weights",
+]

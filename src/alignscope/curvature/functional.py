@@ -1,0 +1,159 @@
+"""A causal LM seen as a pure function of the selected parameters, flattened to one vector.
+
+Every curvature routine differentiates ``theta -> logits``. Keeping that function pure (the
+unselected parameters enter as detached constants, no attention mask, no KV cache) is what lets
+torch.func compose vmap, grad and jvp over it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from alignscope.data.encode import LMBatch
+from alignscope.params import ParamSelection
+
+
+def response_weights(batch: LMBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, T-1] weights that turn a sum over predicting positions into a per-example mean.
+
+    Weight ``1 / n_b`` on each response prediction of example ``b`` and zero elsewhere, so that
+    ``(w * token_loss).sum(-1)`` is example ``b``'s mean token loss.
+    """
+    mask = batch.target_mask.to(dtype)
+    counts = mask.sum(dim=1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ValueError("an example has no response tokens; every example needs a response")
+    return mask / counts
+
+
+class FunctionalLM:
+    """``theta -> logits`` for a Hugging Face causal LM and a parameter selection.
+
+    ``theta0`` is a detached copy of the selected parameters at construction time (the point at
+    which curvature is measured). The model is put in eval mode: dropout would make every
+    curvature product a different random matrix.
+    """
+
+    def __init__(self, model: nn.Module, selection: ParamSelection) -> None:
+        self.model = model.eval()
+        self.selection = selection
+        live = selection.tensors(model)
+        self.theta0 = selection.flatten(live).detach().clone()
+        selected = set(selection.names)
+        # Unselected parameters are passed as detached constants so no autograd graph is built
+        # for them (they may still have requires_grad=True on the module).
+        self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
+
+    @property
+    def dim(self) -> int:
+        return self.selection.size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta0.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta0.device
+
+    def logits(self, theta: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (or ``[T, V]`` for a 1-D ``input_ids``) at parameters ``theta``."""
+        single = input_ids.dim() == 1
+        ids = input_ids[None] if single else input_ids
+        params = {**self._frozen, **self.selection.unflatten(theta)}
+        out = functional_call(self.model, params, (ids,), {"use_cache": False})
+        logits = out.logits if hasattr(out, "logits") else out
+        return logits[0] if single else logits
+
+    def token_logprobs(self, theta: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the observed next tokens, ``[..., T-1]``."""
+        logp = torch.log_softmax(self.logits(theta, input_ids)[..., :-1, :], dim=-1)
+        return logp.gather(-1, input_ids[..., 1:, None]).squeeze(-1)
+
+    def example_nll(
+        self, theta: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Weighted token NLL of one example (1-D inputs) or per example (2-D): vmap-friendly."""
+        return -(weights * self.token_logprobs(theta, input_ids)).sum(dim=-1)
+
+    def per_example_nll(self, theta: torch.Tensor, batch: LMBatch) -> torch.Tensor:
+        """``[B]`` mean token NLL over each example's response tokens."""
+        return self.example_nll(theta, batch.input_ids, response_weights(batch, self.dtype))
+
+    def mean_nll(self, theta: torch.Tensor, batch: LMBatch) -> torch.Tensor:
+        """Mean over examples of the per-example mean response-token NLL (the fine-tuning loss)."""
+        return self.per_example_nll(theta, batch).mean()
+
+
+EXACT_EAGER = "alignscope_eager"
+
+
+def _exact_eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention whose softmax runs in at least float32 *and* in the model's dtype.
+
+    Transformers' eager kernel computes the softmax in float32 even for float64 models, which caps
+    float64 curvature checks at float32 precision; this one is the same math without that cap.
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)
+    value = value.repeat_interleave(n_rep, dim=1)
+    weights = query @ key.transpose(2, 3) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[..., : key.shape[-2]]
+    soft_dtype = torch.promote_types(query.dtype, torch.float32)
+    weights = torch.softmax(weights, dim=-1, dtype=soft_dtype).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+def _register_exact_eager() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(EXACT_EAGER, _exact_eager_attention)
+    AttentionMaskInterface.register(EXACT_EAGER, eager_mask)
+
+
+_register_exact_eager()
+
+
+def has_forward_ad_attention(model: nn.Module) -> bool:
+    """True when the model's attention implementation supports forward-mode AD (eager kernels)."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None) if config is not None else None
+    return impl in (None, "eager", EXACT_EAGER)
+
+
+def ensure_eager_attention(model: nn.Module) -> bool:
+    """Switch a Hugging Face model to eager attention (fused kernels lack forward-mode AD).
+
+    Returns True when the model now uses eager attention (or has no attention config at all).
+    """
+    if has_forward_ad_attention(model):
+        return True
+    setter = getattr(model, "set_attn_implementation", None)
+    try:
+        if setter is not None:
+            setter("eager")
+        else:
+            model.config._attn_implementation = "eager"
+    except Exception as err:  # noqa: BLE001 - any failure means: stay on double backward
+        warnings.warn(
+            f"could not switch attention to eager ({err}); forward-mode AD is unavailable",
+            stacklevel=2,
+        )
+        return False
+    return has_forward_ad_attention(model)

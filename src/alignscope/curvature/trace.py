@@ -1,0 +1,62 @@
+"""Stochastic trace estimators on matrix-free operators: Hutchinson and Hutch++.
+
+Hutch++ (Meyer, Musco, Musco, Woodruff 2021) spends a third of its products on a sketch of the
+top of the spectrum and is exact there; for the sharply concentrated alignment Fisher this cuts
+the variance by orders of magnitude against plain Hutchinson at the same number of products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignscope.curvature.eigen import MatVec
+
+
+@dataclass
+class TraceEstimate:
+    """A trace estimate with its standard error (where the estimator gives one)."""
+
+    value: float
+    stderr: float | None
+    n_products: int
+    method: str
+
+
+def _rademacher(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2, (n, dim), generator=gen, dtype=torch.float64) * 2 - 1
+
+
+def _apply(matvec: MatVec, xs: torch.Tensor, op_dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([matvec(x.to(op_dtype)).to(torch.float64) for x in xs])
+
+
+def hutchinson(
+    matvec: MatVec, dim: int, n: int, *, seed: int = 0, op_dtype: torch.dtype = torch.float64
+) -> TraceEstimate:
+    """``tr A ~= mean_i z_i^T A z_i`` with Rademacher ``z_i``; stderr from the sample spread."""
+    if n < 2:
+        raise ValueError("Hutchinson needs at least 2 probe vectors for an error estimate")
+    gen = torch.Generator().manual_seed(seed)
+    z = _rademacher(n, dim, gen)
+    samples = (z * _apply(matvec, z, op_dtype)).sum(dim=1)
+    return TraceEstimate(float(samples.mean()), float(samples.std() / n**0.5), n, "hutchinson")
+
+
+def hutchpp(
+    matvec: MatVec, dim: int, n: int, *, seed: int = 0, op_dtype: torch.dtype = torch.float64
+) -> TraceEstimate:
+    """Hutch++ with ``n`` products in all (``n // 3`` sketch, ``n // 3`` exact, rest Hutchinson)."""
+    m = n // 3
+    if m < 1:
+        raise ValueError("Hutch++ needs at least 3 products")
+    gen = torch.Generator().manual_seed(seed)
+    s = _rademacher(m, dim, gen)
+    q, _ = torch.linalg.qr(_apply(matvec, s, op_dtype).T)  # [dim, m] orthonormal
+    top = float((q * _apply(matvec, q.T, op_dtype).T).sum())
+    g = _rademacher(n - 2 * m, dim, gen)
+    g = g - (g @ q) @ q.T
+    rest = (g * _apply(matvec, g, op_dtype)).sum(dim=1)
+    stderr = float(rest.std() / rest.numel() ** 0.5) if rest.numel() > 1 else None
+    return TraceEstimate(top + float(rest.mean()), stderr, n, "hutch++")

@@ -1,0 +1,113 @@
+"""Eigensolvers and trace estimators against numpy/torch eigh of dense float64 matrices."""
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny import random_batch, tiny_llama
+from alignscope.curvature import (
+    FisherOperator,
+    FunctionalLM,
+    block_gram_eigs,
+    block_lanczos_eigs,
+    gram_eigs,
+    hutchinson,
+    hutchpp,
+    lanczos_eigs,
+)
+from alignscope.params import ParamSelection, select_params
+from test_fisher import dense_fisher
+
+
+def _spiked(dim=60, rank=40, seed=0):
+    """A PSD matrix with a concentrated spectrum (like the alignment Fisher) and its factor."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    values = torch.cat([torch.tensor([50.0, 20.0, 9.0, 4.0, 2.0]), 0.3 ** torch.arange(rank - 5)])
+    factor = (q[:, :rank] * values.sqrt()).T  # [rank, dim], factor^T factor = A
+    return factor.T @ factor, factor, values
+
+
+def _subspace_sine(a, b):
+    """Largest principal-angle sine between the column spans of a and b."""
+    qa, _ = torch.linalg.qr(a)
+    qb, _ = torch.linalg.qr(b)
+    s = torch.linalg.svdvals(qa.T @ qb)
+    return float(torch.sqrt(torch.clamp(1 - s.min() ** 2, min=0)))
+
+
+def test_lanczos_matches_eigh_on_a_low_rank_matrix():
+    dense, _, values = _spiked()
+    res = lanczos_eigs(lambda v: dense @ v, dense.shape[0], 8)
+    ref_vals, ref_vecs = np.linalg.eigh(dense.numpy())
+    ref_vals, ref_vecs = ref_vals[::-1][:8], ref_vecs[:, ::-1][:, :8]
+    np.testing.assert_allclose(res.values.numpy(), ref_vals, rtol=1e-8)
+    assert _subspace_sine(res.vectors[:, :5], torch.from_numpy(ref_vecs[:, :5].copy())) < 1e-6
+    assert res.n_products < dense.shape[0]  # it did not need the whole space
+
+
+def test_lanczos_handles_rank_deficiency_past_the_rank():
+    dense, _, _ = _spiked(dim=30, rank=6)
+    res = lanczos_eigs(lambda v: dense @ v, 30, 10, max_iter=30)
+    np.testing.assert_allclose(
+        res.values[:6].numpy(), np.linalg.eigvalsh(dense)[::-1][:6], rtol=1e-8
+    )
+    assert float(res.values[6:].abs().max()) < 1e-10
+    gram = res.vectors.T @ res.vectors
+    torch.testing.assert_close(gram, torch.eye(10, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_gram_route_matches_eigh_and_lifts_unit_eigenvectors():
+    dense, factor, _ = _spiked()
+    res = gram_eigs(factor, 6)
+    np.testing.assert_allclose(res.values.numpy(), np.linalg.eigvalsh(dense)[::-1][:6], rtol=1e-10)
+    torch.testing.assert_close(dense @ res.vectors, res.vectors * res.values, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="only 40 factor rows"):
+        gram_eigs(factor, 41)
+
+
+def test_lanczos_on_the_exact_fisher_of_a_tiny_llama():
+    model = tiny_llama()
+    flm = FunctionalLM(model, select_params(model, ["model.layers.1.*", "lm_head.weight"]))
+    batch = random_batch(4)
+    dense = dense_fisher(flm, batch, flm.theta0)
+    op = FisherOperator(flm, batch)
+    res = lanczos_eigs(op.matvec, flm.dim, 5, tol=1e-12)
+    ref_vals, ref_vecs = np.linalg.eigh(dense.numpy())
+    np.testing.assert_allclose(res.values.numpy(), ref_vals[::-1][:5], rtol=1e-8)
+    ref_top = torch.from_numpy(ref_vecs[:, ::-1][:, :3].copy())
+    assert _subspace_sine(res.vectors[:, :3], ref_top) < 1e-6
+
+
+def test_block_variants_match_dense_block_diagonal():
+    dense, factor, _ = _spiked(dim=12, rank=10)
+    sel = ParamSelection(["a", "b"], [torch.Size([5]), torch.Size([7])], {"a": [0], "b": [1]})
+    blockdiag = torch.zeros_like(dense)
+    blockdiag[:5, :5], blockdiag[5:, 5:] = dense[:5, :5], dense[5:, 5:]
+    expected = np.sort(np.linalg.eigvalsh(blockdiag))[::-1]
+    lz = block_lanczos_eigs(lambda v: dense @ v, sel, 3)
+    gr = block_gram_eigs(factor, sel, 3)
+    for res in (lz, gr):
+        assert res.k == 6 and set(res.blocks) == {"a", "b"}
+        np.testing.assert_allclose(res.values[:2].numpy(), expected[:2], rtol=1e-8)
+        # each vector lives in its own block and is an eigenvector of the block-diagonal matrix
+        for col in res.blocks["a"]:
+            assert float(res.vectors[5:, col].abs().max()) == 0.0
+        torch.testing.assert_close(
+            blockdiag @ res.vectors, res.vectors * res.values, rtol=1e-7, atol=1e-8
+        )
+
+
+def test_trace_estimators_within_their_expected_error():
+    dense, _, values = _spiked(dim=200, rank=40)
+    exact = float(values.sum())
+    mv = lambda v: dense @ v  # noqa: E731
+    h = hutchinson(mv, 200, 60, seed=0)
+    # Hutchinson's variance for Rademacher probes is 2 (||A||_F^2 - sum diag^2) / n
+    sd = float(torch.sqrt(2 * (dense.norm() ** 2 - (dense.diagonal() ** 2).sum()) / 60))
+    assert abs(h.value - exact) < 4 * sd
+    assert 0.3 * sd < h.stderr < 3 * sd  # its own error estimate is the right size
+    hpp = hutchpp(mv, 200, 60, seed=0)
+    # the spiked top is captured exactly by the sketch: far more accurate than Hutchinson
+    assert abs(hpp.value - exact) < 0.01 * exact
+    assert abs(hpp.value - exact) < sd / 5

@@ -1,0 +1,125 @@
+"""The KL alignment loss and the Fisher operator against dense float64 references."""
+
+import pytest
+import torch
+from torch.autograd.functional import hessian, jacobian
+
+from _tiny import TinyMLPLM, random_batch, tiny_llama
+from alignscope.curvature import AlignmentKL, FisherOperator, FunctionalLM
+from alignscope.params import select_params
+
+
+@pytest.fixture(scope="module", params=["llama", "mlp"])
+def setup(request):
+    if request.param == "llama":
+        model = tiny_llama()
+        sel = select_params(model, ["model.layers.1.*", "lm_head.weight"])
+    else:
+        model = TinyMLPLM()
+        sel = select_params(model)
+    flm = FunctionalLM(model, sel)
+    batch = random_batch(4)
+    return flm, batch, dense_fisher(flm, batch, flm.theta0)
+
+
+def dense_fisher(flm, batch, theta):
+    """sum_n w_n J_n^T (diag q_n - q_n q_n^T) J_n, J by autograd.functional.jacobian."""
+    kl = AlignmentKL(flm, batch)
+    jac = jacobian(kl.position_logits, theta)  # [N, V, P]
+    q = torch.softmax(kl.position_logits(theta), dim=-1)
+    lam = torch.diag_embed(q) - q[:, :, None] * q[:, None, :]
+    return torch.einsum("n,nvp,nvw,nwq->pq", kl.positions.weights, jac, lam, jac)
+
+
+def _vec(dim, seed):
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_kl_is_zero_with_zero_gradient_and_fisher_hessian_at_reference(setup):
+    flm, batch, dense = setup
+    kl = AlignmentKL(flm, batch)
+    theta = flm.theta0.clone().requires_grad_(True)
+    value = kl(theta)
+    (g,) = torch.autograd.grad(value, theta)
+    assert abs(value.item()) < 1e-14
+    assert float(g.abs().max()) < 1e-12
+    h = hessian(kl, flm.theta0)
+    assert float(dense.abs().max()) > 1e-3
+    torch.testing.assert_close(h, dense, rtol=1e-9, atol=1e-12)
+    # away from the reference the KL is positive and its per-example means average to it
+    moved = flm.theta0 + 0.05 * _vec(flm.dim, 3)
+    assert float(kl(moved)) > 0
+    torch.testing.assert_close(kl.per_example(moved).mean(), kl(moved))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("jvp_mode", ["forward", "reverse"])
+def test_fisher_products_and_quadratic_forms_match_dense(setup, chunk_size, jvp_mode):
+    flm, batch, dense = setup
+    op = FisherOperator(flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode)
+    u, w = _vec(flm.dim, 0), _vec(flm.dim, 1)
+    torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-9, atol=1e-12)  # cached vjp
+    torch.testing.assert_close(op.quad(u, w), u @ dense @ w, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.quad(u), u @ dense @ u, rtol=1e-9, atol=1e-12)
+    vs = torch.stack([u, w, u + 2 * w])
+    torch.testing.assert_close(op.gram(vs), vs @ dense @ vs.T, rtol=1e-9, atol=1e-12)
+
+
+def test_fisher_away_from_reference_is_the_gauss_newton_there(setup):
+    flm, batch, _ = setup
+    theta = flm.theta0 + 0.1 * _vec(flm.dim, 5)
+    op = FisherOperator(flm, batch, theta=theta)
+    v = _vec(flm.dim, 6)
+    torch.testing.assert_close(
+        op.matvec(v), dense_fisher(flm, batch, theta) @ v, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_monte_carlo_factor_rows_converge_to_exact_fisher(setup):
+    flm, batch, dense = setup
+    op = FisherOperator(flm, batch)
+    errors = []
+    for samples in (4, 64, 1024):
+        rows = op.mc_factor_rows(samples, generator=torch.Generator().manual_seed(0))
+        assert rows.shape == (batch.size * samples, flm.dim)
+        errors.append(float((rows.T @ rows - dense).norm() / dense.norm()))
+    # Monte-Carlo error shrinks like 1/sqrt(S): 256x the samples, ~16x smaller error
+    assert errors[2] < errors[0] / 6
+    assert errors[2] < 0.08
+
+
+def test_empirical_fisher_rows_are_observed_token_gradients(setup):
+    flm, batch, _ = setup
+    op = FisherOperator(flm, batch)
+    rows = op.empirical_factor_rows()
+    grads = []
+    for b in range(batch.size):
+        theta = flm.theta0.clone().requires_grad_(True)
+        loss = flm.per_example_nll(theta, batch.select([b]))[0]
+        grads.append(torch.autograd.grad(loss, theta)[0])
+    g = torch.stack(grads)
+    torch.testing.assert_close(rows.T @ rows, g.T @ g / batch.size, rtol=1e-10, atol=1e-12)
+
+
+def test_fisher_forward_mode_falls_back_when_attention_lacks_it():
+    model = tiny_llama()
+    flm = FunctionalLM(model, select_params(model, "lm_head.weight"))
+    batch = random_batch(2)
+    exact = FisherOperator(flm, batch, jvp_mode="reverse").matvec(_vec(flm.dim, 0))
+    op = FisherOperator(flm, batch)
+
+    def broken_jvp(*args, **kwargs):
+        raise NotImplementedError("forward AD not implemented for this kernel")
+
+    import alignscope.curvature.fisher as fisher_module
+
+    original = fisher_module.jvp
+    fisher_module.jvp = broken_jvp
+    try:
+        with pytest.warns(UserWarning, match="double-vjp"):
+            out = op.matvec(_vec(flm.dim, 0))
+    finally:
+        fisher_module.jvp = original
+    assert op.jvp_mode == "reverse"
+    torch.testing.assert_close(out, exact)
