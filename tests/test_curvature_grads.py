@@ -20,7 +20,8 @@ from alignscope.params import select_params
 def flm(request):
     if request.param == "llama":
         model = tiny_llama()
-        return FunctionalLM(model, select_params(model, ["model.layers.1.*", "lm_head.weight"]))
+        names = ["model.layers.1.self_attn.*", "*.1.input_layernorm.weight", "lm_head.weight"]
+        return FunctionalLM(model, select_params(model, names))
     model = TinyMLPLM()
     return FunctionalLM(model, select_params(model))
 

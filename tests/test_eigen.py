@@ -10,10 +10,12 @@ from alignscope.curvature import (
     FunctionalLM,
     block_gram_eigs,
     block_lanczos_eigs,
+    fisher_eigs,
     gram_eigs,
     hutchinson,
     hutchpp,
     lanczos_eigs,
+    plan_spectrum,
 )
 from alignscope.params import ParamSelection, select_params
 from test_fisher import dense_fisher
@@ -111,3 +113,33 @@ def test_trace_estimators_within_their_expected_error():
     # the spiked top is captured exactly by the sketch: far more accurate than Hutchinson
     assert abs(hpp.value - exact) < 0.01 * exact
     assert abs(hpp.value - exact) < sd / 5
+
+
+def test_plan_picks_gram_when_it_fits_and_lanczos_otherwise():
+    assert plan_spectrum(10_000, 20, 100, memory_budget=2**30).method == "gram"
+    plan = plan_spectrum(10_000_000, 20, 400, memory_budget=8 * 2**30)
+    assert plan.method == "lanczos" and plan.iterations == 80
+    with pytest.raises(MemoryError, match="block-wise"):
+        plan_spectrum(10**9, 20, 400, memory_budget=2**30)
+
+
+@pytest.mark.parametrize("method", ["gram", "lanczos"])
+def test_fisher_eigs_routes_agree_with_dense(method):
+    model = tiny_llama()
+    flm = FunctionalLM(model, select_params(model, ["model.layers.1.*", "lm_head.weight"]))
+    batch = random_batch(4)
+    dense = dense_fisher(flm, batch, flm.theta0)
+    op = FisherOperator(flm, batch)
+    res, plan = fisher_eigs(op, 3, method=method, samples_per_example=512, seed=0)
+    assert plan.method == method and res.method == method
+    ref = np.linalg.eigvalsh(dense.numpy())[::-1][:3]
+    rtol = 1e-8 if method == "lanczos" else 0.1  # Monte-Carlo rows: sampling error
+    np.testing.assert_allclose(res.values.numpy(), ref, rtol=rtol)
+
+
+def test_fisher_eigs_gram_rank_above_sample_count_is_an_error():
+    model = tiny_llama()
+    flm = FunctionalLM(model, select_params(model, "lm_head.weight"))
+    op = FisherOperator(flm, random_batch(2))
+    with pytest.raises(ValueError, match="only 2 factor rows"):
+        fisher_eigs(op, 5, method="gram", samples_per_example=1)

@@ -17,6 +17,7 @@ from alignscope.curvature.functional import (
 from alignscope.curvature.hvp import HessianOperator, hvp_forward, hvp_reverse
 from alignscope.curvature.losses import AlignmentKL, ResponsePositions
 from alignscope.curvature.per_sample import per_sample_grads
+from alignscope.curvature.spectrum import SpectrumPlan, fisher_eigs, plan_spectrum
 from alignscope.curvature.trace import TraceEstimate, hutchinson, hutchpp
 
 __all__ = [
@@ -26,10 +27,12 @@ __all__ = [
     "FunctionalLM",
     "HessianOperator",
     "ResponsePositions",
+    "SpectrumPlan",
     "TraceEstimate",
     "block_gram_eigs",
     "block_lanczos_eigs",
     "ensure_eager_attention",
+    "fisher_eigs",
     "gram_eigs",
     "has_forward_ad_attention",
     "hutchinson",
@@ -38,5 +41,6 @@ __all__ = [
     "hvp_reverse",
     "lanczos_eigs",
     "per_sample_grads",
+    "plan_spectrum",
     "response_weights",
 ]

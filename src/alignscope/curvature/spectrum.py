@@ -1,0 +1,111 @@
+"""Choosing how to get the top Fisher eigenpairs: Gram route or matrix-free Lanczos, whole or
+block-wise, from a memory budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignscope.curvature.eigen import (
+    EigenResult,
+    block_gram_eigs,
+    block_lanczos_eigs,
+    gram_eigs,
+    lanczos_eigs,
+)
+from alignscope.curvature.fisher import FisherOperator
+from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET
+
+
+@dataclass(frozen=True)
+class SpectrumPlan:
+    """What will be computed and roughly how much memory it needs (bytes)."""
+
+    method: str  # "gram" | "lanczos"
+    blockwise: bool
+    n_rows: int  # Gram: factor rows K
+    iterations: int  # Lanczos: basis size
+    bytes_needed: int
+
+    def describe(self) -> str:
+        gib = self.bytes_needed / 2**30
+        where = "block-wise" if self.blockwise else "whole selection"
+        if self.method == "gram":
+            return f"Gram route, {self.n_rows} Monte-Carlo factor rows, {where}: ~{gib:.2f} GiB"
+        return (
+            f"matrix-free Lanczos, up to {self.iterations} exact F-products, {where}: "
+            f"~{gib:.2f} GiB"
+        )
+
+
+def plan_spectrum(
+    dim: int,
+    k: int,
+    n_rows: int,
+    *,
+    method: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    itemsize: int = 4,
+    blockwise: bool = False,
+) -> SpectrumPlan:
+    """Pick Gram (``K x P`` factor rows in memory) when it fits the budget, else Lanczos.
+
+    Lanczos keeps its basis in float64: ``(iterations + 1) x P x 8`` bytes. A request that fits
+    neither raises with the option that would fit.
+    """
+    if method not in ("auto", "gram", "lanczos"):
+        raise ValueError(f"unknown eigensolver {method!r}; use auto, gram or lanczos")
+    iterations = min(dim, max(4 * k, k + 40))
+    gram_bytes = n_rows * dim * itemsize * 2 + n_rows * n_rows * 8
+    lanczos_bytes = (iterations + 1) * dim * 8
+    if method == "gram" or (method == "auto" and gram_bytes <= memory_budget):
+        return SpectrumPlan("gram", blockwise, n_rows, 0, gram_bytes)
+    if method == "lanczos" or lanczos_bytes <= memory_budget:
+        return SpectrumPlan("lanczos", blockwise, 0, iterations, lanczos_bytes)
+    need = min(gram_bytes, lanczos_bytes) / 2**30
+    raise MemoryError(
+        f"top-{k} eigenpairs over {dim:,} parameters need ~{need:.2f} GiB, over the budget of "
+        f"{memory_budget / 2**30:.2f} GiB: analyse fewer parameters (--params lora or glob "
+        "patterns), use block-wise subspaces (per layer), lower --rank, or raise the budget"
+    )
+
+
+def fisher_eigs(
+    op: FisherOperator,
+    k: int,
+    *,
+    method: str = "auto",
+    samples_per_example: int = 4,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    seed: int = 0,
+    blockwise: bool = False,
+    tol: float = 1e-8,
+) -> tuple[EigenResult, SpectrumPlan]:
+    """Top-``k`` eigenpairs of the alignment Fisher, by the route ``plan_spectrum`` chooses.
+
+    The Gram route is Monte-Carlo (``samples_per_example`` draws per prompt) and cheap; Lanczos
+    is exact to ``tol`` on exact F-products. ``blockwise`` solves each block of the parameter
+    selection separately (block-diagonal approximation).
+    """
+    n_rows = op.batch.size * samples_per_example
+    plan = plan_spectrum(
+        op.dim,
+        k,
+        n_rows,
+        method=method,
+        memory_budget=memory_budget,
+        itemsize=op.theta.element_size(),
+        blockwise=blockwise,
+    )
+    selection = op.flm.selection
+    if plan.method == "gram":
+        gen = torch.Generator().manual_seed(seed)
+        rows = op.mc_factor_rows(samples_per_example, generator=gen, memory_budget=memory_budget)
+        if blockwise:
+            return block_gram_eigs(rows, selection, k), plan
+        return gram_eigs(rows, k), plan
+    kwargs = {"tol": tol, "seed": seed, "op_dtype": op.theta.dtype, "device": op.theta.device}
+    if blockwise:
+        return block_lanczos_eigs(op.matvec, selection, k, **kwargs), plan
+    return lanczos_eigs(op.matvec, op.dim, k, **kwargs), plan
