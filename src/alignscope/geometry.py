@@ -1,0 +1,161 @@
+"""The alignment subspace and the Alignment Instability Condition (AIC) measured at theta0.
+
+Measures, for an aligned model, a safety batch and a fine-tuning batch (DESIGN.md section 2):
+concentration of the alignment Fisher (lambda_1..d, tail mass, effective rank), the initial
+orthogonality of the fine-tuning gradient ``g`` to the top-d subspace, the curvature coupling
+``gamma = |F^1/2 P_d H g|``, the coupling ratio ``kappa``, and the quadratic forms the forecast
+needs. Every number is a plain float so the result is JSON-ready.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from alignscope.curvature.eigen import EigenResult
+from alignscope.curvature.fisher import FisherOperator
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.curvature.hvp import HessianOperator
+from alignscope.data.encode import LMBatch
+
+
+@dataclass
+class Subspace:
+    """Top eigenpairs of the alignment Fisher with the trace they are measured against."""
+
+    values: torch.Tensor  # [k] descending
+    vectors: torch.Tensor  # [P, k] orthonormal columns
+    trace: float
+    trace_stderr: float | None
+    method: str
+
+    @property
+    def k(self) -> int:
+        return int(self.values.numel())
+
+    def rank_for(self, explained: float) -> int:
+        """Smallest d whose top-d eigenvalues hold ``explained`` of the trace (capped at k)."""
+        if not 0 < explained <= 1:
+            raise ValueError("the explained fraction must be in (0, 1]")
+        cum = torch.cumsum(self.values, 0) / self.trace
+        hit = torch.nonzero(cum >= explained)
+        return int(hit[0]) + 1 if hit.numel() else self.k
+
+    def basis(self, d: int) -> torch.Tensor:
+        if not 1 <= d <= self.k:
+            raise ValueError(f"rank d={d} outside 1..{self.k} (the computed eigenpairs)")
+        return self.vectors[:, :d]
+
+    def project(self, v: torch.Tensor, d: int) -> torch.Tensor:
+        """``P_d v``."""
+        b = self.basis(d).to(v.dtype)
+        return b @ (b.T @ v)
+
+    def summary(self, d: int) -> dict[str, float | int | list[float]]:
+        vals = self.values.tolist()
+        top = float(sum(vals[:d]))
+        return {
+            "d": d,
+            "eigenvalues": vals,
+            "lambda_1": vals[0],
+            "lambda_d": vals[d - 1],
+            "trace": self.trace,
+            "trace_stderr": self.trace_stderr,
+            "explained": top / self.trace if self.trace > 0 else float("nan"),
+            "tail_mass": self.trace - top,
+            # participation ratio of the computed spectrum: how many directions carry the curvature
+            "effective_rank": float(sum(vals) ** 2 / max(sum(x * x for x in vals), 1e-300)),
+            "method": self.method,
+        }
+
+
+def make_subspace(eig: EigenResult, trace: float, trace_stderr: float | None) -> Subspace:
+    return Subspace(eig.values, eig.vectors, trace, trace_stderr, eig.method)
+
+
+@dataclass
+class AIC:
+    """The three AIC conditions' measured quantities plus the forecast's quadratic forms."""
+
+    d: int
+    g_norm: float
+    Pg_norm: float  # |P_d g|
+    Pg_ratio: float  # |P_d g| / |g|
+    F_half_g: float  # sqrt(g^T F g)
+    a_norm: float  # |H g|
+    gamma: float  # |F^1/2 P_d H g|
+    kappa: float  # (a^T F a / |a|^2) / (g^T F g / |g|^2)
+    gFg: float
+    gFa: float
+    aFa: float
+    aFa_sub: float  # gamma^2
+    Ha_norm: float  # |H H g|, for the validity horizon
+    lambda_d: float
+    tail_mass: float
+    random_Pg_ratio: float  # expected |P_d u|/|u| of a random direction: sqrt(d / P)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def measure_direction(
+    fisher: FisherOperator,
+    hessian: HessianOperator,
+    subspace: Subspace,
+    g: torch.Tensor,
+    d: int,
+) -> AIC:
+    """AIC quantities for a first-step direction ``g`` (the gradient, or Adam's ``D g``)."""
+    a = hessian.matvec(g)
+    ha = hessian.matvec(a)
+    basis = subspace.basis(d).to(g.dtype)
+    lam = subspace.values[:d].to(g.dtype)
+    coords_a = basis.T @ a
+    pg = basis.T @ g
+    forms = fisher.gram(torch.stack([g, a]))
+    gFg, gFa, aFa = float(forms[0, 0]), float(forms[0, 1]), float(forms[1, 1])
+    g_norm, a_norm = float(g.norm()), float(a.norm())
+    aFa_sub = float((lam * coords_a**2).sum())
+    kappa = (aFa / a_norm**2) / (gFg / g_norm**2) if gFg > 0 and a_norm > 0 else float("inf")
+    summary = subspace.summary(d)
+    return AIC(
+        d=d,
+        g_norm=g_norm,
+        Pg_norm=float(pg.norm()),
+        Pg_ratio=float(pg.norm()) / g_norm if g_norm > 0 else 0.0,
+        F_half_g=max(gFg, 0.0) ** 0.5,
+        a_norm=a_norm,
+        gamma=max(aFa_sub, 0.0) ** 0.5,
+        kappa=kappa,
+        gFg=gFg,
+        gFa=gFa,
+        aFa=aFa,
+        aFa_sub=aFa_sub,
+        Ha_norm=float(ha.norm()),
+        lambda_d=float(summary["lambda_d"]),
+        tail_mass=float(summary["tail_mass"]),
+        random_Pg_ratio=(d / g.numel()) ** 0.5,
+    )
+
+
+def finetune_gradient(flm: FunctionalLM, batch: LMBatch) -> torch.Tensor:
+    """``g = grad L_f(theta0)``, the mean response-token NLL of the fine-tuning batch."""
+    theta = flm.theta0.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(flm.mean_nll(theta, batch), theta)
+    return g
+
+
+def noise_trace(fisher: FisherOperator, per_sample: torch.Tensor) -> float:
+    """``tr(F Sigma)`` with ``Sigma`` the covariance of the per-sample fine-tuning gradients.
+
+    Computed exactly from the rows: ``tr(F Sigma) = mean_m (h_m - g)^T F (h_m - g)`` (with the
+    unbiased ``M / (M - 1)`` correction); one forward-mode pass per example.
+    """
+    m = per_sample.shape[0]
+    if m < 2:
+        raise ValueError("the minibatch-noise term needs at least 2 fine-tuning examples")
+    centred = per_sample - per_sample.mean(0, keepdim=True)
+    total = sum(float(fisher.quad(row)) for row in centred)
+    return total / (m - 1)
