@@ -93,3 +93,19 @@ def test_noise_trace_equals_dense_trace_of_f_sigma(problem):
     expected = float(torch.trace(dense_f @ sigma))
     assert expected > 1e-8
     assert noise_trace(fisher, rows) == pytest.approx(expected, rel=1e-8)
+
+
+def test_preconditioned_direction_uses_d_g_and_d_h_d_g(problem):
+    flm, safety, finetune, dense_f, dense_h = problem
+    fisher = FisherOperator(flm, safety)
+    sub = make_subspace(lanczos_eigs(fisher.matvec, flm.dim, 3, tol=1e-12), 1.0, None)
+    g = finetune_gradient(flm, finetune)
+    diag = 1.0 / (g.abs() + 1e-3)
+    hess = HessianOperator(lambda t: flm.mean_nll(t, finetune), flm.theta0)
+    aic = measure_direction(fisher, hess, sub, g, 2, diag=diag)
+    u = diag * g
+    a = diag * (dense_h @ u)
+    assert aic.g_norm == pytest.approx(float(u.norm()), rel=1e-10)
+    assert aic.a_norm == pytest.approx(float(a.norm()), rel=1e-8)
+    assert aic.aFa == pytest.approx(float(a @ dense_f @ a), rel=1e-7)
+    assert aic.Ha_norm == pytest.approx(float((diag * (dense_h @ a)).norm()), rel=1e-8)

@@ -105,10 +105,20 @@ def measure_direction(
     subspace: Subspace,
     g: torch.Tensor,
     d: int,
+    diag: torch.Tensor | None = None,
 ) -> AIC:
-    """AIC quantities for a first-step direction ``g`` (the gradient, or Adam's ``D g``)."""
-    a = hessian.matvec(g)
-    ha = hessian.matvec(a)
+    """AIC quantities for the flow ``theta' = -D grad L_f`` (``D = diag``, identity if None).
+
+    With a preconditioner the first-step direction is ``D g`` and the curvature-bent term
+    ``D H D g`` (Adam's early steps, DESIGN.md); every field then refers to those.
+    """
+
+    def precond(v: torch.Tensor) -> torch.Tensor:
+        return v if diag is None else diag * v
+
+    g = precond(g)
+    a = precond(hessian.matvec(g))
+    ha = precond(hessian.matvec(a))
     basis = subspace.basis(d).to(g.dtype)
     lam = subspace.values[:d].to(g.dtype)
     coords_a = basis.T @ a

@@ -1,0 +1,79 @@
+"""Figures for reports (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+
+
+def spectrum_plot(
+    path: Path, eigenvalues: Sequence[float], d: int, trace: float, title: str = ""
+) -> Path:
+    """Eigenvalues (log scale) with the chosen rank ``d`` marked, and the explained fraction."""
+    vals = np.asarray(eigenvalues, dtype=float)
+    idx = np.arange(1, vals.size + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.semilogy(idx, np.clip(vals, 1e-300, None), "o-", ms=3, label="eigenvalue")
+    ax.axvline(d, color="C3", ls="--", label=f"d = {d}")
+    ax.set_xlabel("index j")
+    ax.set_ylabel("lambda_j of the alignment Fisher")
+    twin = ax.twinx()
+    twin.plot(idx, np.cumsum(vals) / trace, color="C2", lw=1, label="explained fraction")
+    twin.set_ylim(0, 1.05)
+    twin.set_ylabel("cumulative fraction of tr F")
+    lines = ax.get_legend_handles_labels()
+    lines2 = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    ax.set_title(title or "Alignment Fisher spectrum")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def forecast_plot(
+    path: Path,
+    steps: Sequence[float],
+    total: Sequence[float],
+    terms: Mapping[str, Sequence[float]],
+    horizon: float | None,
+    threshold: float | None,
+    observed: tuple[Sequence[float], Sequence[float]] | None = None,
+    title: str = "",
+) -> Path:
+    """The forecast dL_a over steps, linear and log-log, with each term and the horizon marked."""
+    k = np.asarray(steps, dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
+    for ax, loglog in zip(axes, (False, True), strict=True):
+        ax.plot(k, total, color="k", lw=2, label="forecast dL_a")
+        for i, (name, values) in enumerate(terms.items()):
+            v = np.asarray(values, dtype=float)
+            if loglog:
+                v = np.abs(v)
+            ax.plot(k, v, lw=1, ls="--", color=f"C{i}", label=name)
+        if observed is not None:
+            ax.plot(observed[0], observed[1], "o", ms=4, color="C3", label="observed")
+        if horizon is not None:
+            ax.axvline(horizon, color="grey", ls=":", label="validity horizon")
+        if threshold is not None:
+            ax.axhline(threshold, color="C3", lw=0.8, ls="-.", label="threshold")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("alignment loss increase dL_a")
+        if loglog:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title("log-log")
+        else:
+            ax.set_title("linear")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "Alignment-loss forecast")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
