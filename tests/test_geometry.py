@@ -59,6 +59,8 @@ def test_aic_quantities_equal_dense_computations(problem):
         "gFa": float(g @ dense_f @ a),
         "aFa": float(a @ dense_f @ a),
         "Ha_norm": float((dense_h @ a).norm()),
+        "gFa3": float(g @ dense_f @ dense_h @ a),
+        "aFa3": float(a @ dense_f @ dense_h @ a),
         "lambda_d": float(vals[d - 1]),
         "tail_mass": float(trace - vals[:d].sum()),
     }

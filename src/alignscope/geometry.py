@@ -84,6 +84,7 @@ class AIC:
     Pg_ratio: float  # |P_d g| / |g|
     F_half_g: float  # sqrt(g^T F g)
     a_norm: float  # |H g|
+    a_inf: float  # max_i |(H g)_i|, for Adam's validity horizon
     gamma: float  # |F^1/2 P_d H g|
     kappa: float  # (a^T F a / |a|^2) / (g^T F g / |g|^2)
     gFg: float
@@ -91,9 +92,13 @@ class AIC:
     aFa: float
     aFa_sub: float  # gamma^2
     Ha_norm: float  # |H H g|, for the validity horizon
+    gFa3: float  # g^T F H a: the exact t^4 correction when F g != 0
+    aFa3: float  # a^T F H a: the first neglected term, for the horizon
     lambda_d: float
     tail_mass: float
     random_Pg_ratio: float  # expected |P_d u|/|u| of a random direction: sqrt(d / P)
+    ga_g: float = 0.0  # grad L_a . g (zero for the KL loss at the reference)
+    ga_a: float = 0.0  # grad L_a . a
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -106,11 +111,14 @@ def measure_direction(
     g: torch.Tensor,
     d: int,
     diag: torch.Tensor | None = None,
+    alignment_grad: torch.Tensor | None = None,
 ) -> AIC:
     """AIC quantities for the flow ``theta' = -D grad L_f`` (``D = diag``, identity if None).
 
     With a preconditioner the first-step direction is ``D g`` and the curvature-bent term
     ``D H D g`` (Adam's early steps, DESIGN.md); every field then refers to those.
+    ``alignment_grad`` is ``grad L_a(theta0)`` when the alignment loss is not stationary there
+    (the refusal NLL); the KL's is exactly zero.
     """
 
     def precond(v: torch.Tensor) -> torch.Tensor:
@@ -123,7 +131,7 @@ def measure_direction(
     lam = subspace.values[:d].to(g.dtype)
     coords_a = basis.T @ a
     pg = basis.T @ g
-    forms = fisher.gram(torch.stack([g, a]))
+    forms = fisher.gram(torch.stack([g, a, ha]))
     gFg, gFa, aFa = float(forms[0, 0]), float(forms[0, 1]), float(forms[1, 1])
     g_norm, a_norm = float(g.norm()), float(a.norm())
     aFa_sub = float((lam * coords_a**2).sum())
@@ -136,6 +144,7 @@ def measure_direction(
         Pg_ratio=float(pg.norm()) / g_norm if g_norm > 0 else 0.0,
         F_half_g=max(gFg, 0.0) ** 0.5,
         a_norm=a_norm,
+        a_inf=float(a.abs().max()),
         gamma=max(aFa_sub, 0.0) ** 0.5,
         kappa=kappa,
         gFg=gFg,
@@ -143,9 +152,13 @@ def measure_direction(
         aFa=aFa,
         aFa_sub=aFa_sub,
         Ha_norm=float(ha.norm()),
+        gFa3=float(forms[0, 2]),
+        aFa3=float(forms[1, 2]),
         lambda_d=float(summary["lambda_d"]),
         tail_mass=float(summary["tail_mass"]),
         random_Pg_ratio=(d / g.numel()) ** 0.5,
+        ga_g=0.0 if alignment_grad is None else float(alignment_grad @ g),
+        ga_a=0.0 if alignment_grad is None else float(alignment_grad @ a),
     )
 
 

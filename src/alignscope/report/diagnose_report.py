@@ -1,0 +1,125 @@
+"""results.json, report.md and report.html (with plots) for a diagnosis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignscope.report.document import Report
+from alignscope.report.output import OutputDir, write_json_atomic
+from alignscope.report.plots import forecast_plot, spectrum_plot
+
+
+def _fmt_step(value: Any, horizon: Any) -> str:
+    if value is None:
+        return f"beyond the horizon ({horizon} steps)" if horizon is not None else "not reached"
+    return str(value)
+
+
+def build_report(results: dict[str, Any]) -> Report:
+    """The diagnosis as a :class:`Report` (figures referenced by file name)."""
+    cfg = results["config"]
+    sub, verdict, fc = results["subspace"], results["verdict"], results["forecast"]
+    aic = results["aic"]["optimizer_step"]
+    rep = Report("alignscope diagnose")
+    rep.text(
+        f"Model `{cfg['model']}`, safety set `{cfg['safety']}`, fine-tuning set `{cfg['data']}`; "
+        f"optimizer {cfg['optimizer']} at lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+        f"{cfg['steps']} steps; {results['parameters']['n_params']:,} parameters analysed "
+        f"({', '.join(cfg['params'])}); seed {cfg['seed']}."
+    )
+    rep.heading("Verdict")
+    holds = "HOLDS" if verdict["aic_holds"] else "does not hold"
+    rep.text(
+        f"The Alignment Instability Condition {holds}"
+        + (f" (fails: {', '.join(verdict['failed'])})" if verdict["failed"] else "")
+        + f". Deciding condition: {verdict['deciding']}. "
+        + f"Forecast collapse step (dL_a > {cfg['threshold']:g}): "
+        + _fmt_step(fc.get("collapse_step"), fc.get("horizon_steps"))
+        + f"; safe step budget: {fc.get('safe_steps')}."
+    )
+    rep.table(
+        ["condition", "measured", "threshold", "margin", "holds", "what"],
+        [
+            [
+                name,
+                c["value"],
+                c["threshold"],
+                c["margin"],
+                "yes" if c["holds"] else "no",
+                c["what"],
+            ]
+            for name, c in verdict["checks"].items()
+        ],
+    )
+    rep.heading("Alignment")
+    al = results["alignment"]
+    rep.text(
+        f"Reference: {al['reference']}; alignment loss: {al['loss']}; starting refusal rate "
+        f"{al['refusal_rate']:.1%} on {al['n_prompts']} prompts. Refusal NLL at theta0: "
+        f"{results['losses_at_theta0']['refusal_nll']:.3g} nats/token."
+    )
+    rep.heading("Alignment subspace")
+    rep.text(
+        f"d = {sub['d']}: lambda_1 = {sub['lambda_1']:.4g}, lambda_d = {sub['lambda_d']:.4g}, "
+        f"top-d explain {sub['explained']:.1%} of tr F = {sub['trace']:.4g} "
+        f"(tail mass {sub['tail_mass']:.4g}); effective rank {sub['effective_rank']:.2f}. "
+        f"Solver: {sub['plan']}."
+    )
+    rep.image("spectrum.png", "Eigenvalues of the alignment Fisher; the dashed line marks d.")
+    rep.heading("AIC quantities")
+    grad = results["aic"]["gradient"]
+    keys = [
+        ("g_norm", "|g| (first-step direction)"),
+        ("Pg_ratio", "|P_d g| / |g|"),
+        ("random_Pg_ratio", "same for a random direction"),
+        ("F_half_g", "|F^1/2 g|"),
+        ("a_norm", "|a| = |H g|"),
+        ("gamma", "gamma = |F^1/2 P_d a|"),
+        ("kappa", "coupling ratio kappa"),
+    ]
+    step_label = "optimizer step" + (
+        " (Adam: D g, approximate)" if cfg["optimizer"] != "sgd" else ""
+    )
+    rep.table(
+        ["quantity", "gradient g", step_label],
+        [[label, grad[k], aic[k]] for k, label in keys],
+    )
+    rep.heading("Forecast")
+    rep.text(
+        f"Validity horizon: {fc.get('horizon_steps')} steps. Collapse step: "
+        f"{_fmt_step(fc.get('collapse_step'), fc.get('horizon_steps'))}. "
+        + (
+            "Adam/AdamW is modelled by a diagonal preconditioner (approximate). "
+            if cfg["optimizer"] != "sgd"
+            else ""
+        )
+        + "The curve is not extended beyond the horizon."
+    )
+    coeffs = fc.get("coefficients", {})
+    if coeffs:
+        rep.table(["coefficient", "value"], [[k, v] for k, v in coeffs.items()])
+    rep.image("forecast.png", "Forecast alignment-loss increase over steps, with each term.")
+    rep.heading("Timings")
+    rep.table(["stage", "seconds"], [[k, v] for k, v in results["timings_s"].items()])
+    return rep
+
+
+def write_diagnose_outputs(results: dict[str, Any], out: str | Path, overwrite: bool = False):
+    """Write results.json, report.md, report.html and the plots atomically into ``out``."""
+    with OutputDir(out, overwrite=overwrite) as od:
+        sub, fc = results["subspace"], results["forecast"]
+        spectrum_plot(od.file("spectrum.png"), sub["eigenvalues"], sub["d"], sub["trace"])
+        forecast_plot(
+            od.file("forecast.png"),
+            fc["steps"],
+            fc["dL"],
+            fc.get("terms", {}),
+            fc.get("horizon_steps"),
+            results["config"]["threshold"],
+        )
+        write_json_atomic(od.file("results.json"), results)
+        rep = build_report(results)
+        od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
+        od.file("report.html").write_text(rep.html(), encoding="utf-8")
+    return Path(out)
