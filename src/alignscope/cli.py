@@ -92,10 +92,10 @@ def diagnose(
         device=device,
         memory_budget_gb=memory_gb,
     )
-    OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
     try:
+        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
         result = run_diagnose(cfg)
-    except (ValueError, FileNotFoundError, MemoryError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from None
     path = write_diagnose_outputs(result.to_json(), out, overwrite=overwrite)

@@ -1,0 +1,117 @@
+"""diagnose end to end on the test organism, and its errors on bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alignscope.cli import app
+from alignscope.diagnose import DiagnoseConfig, run_diagnose
+
+FAST = dict(max_safety=12, max_data=24, noise_examples=8, rank=4, steps=60, threads=1)
+
+
+def _cfg(org, **kw):
+    base = dict(
+        model=str(org.aligned_path),
+        safety=str(org.datasets_path / "harmful_align.jsonl"),
+        data=str(org.datasets_path / "benign_affirmative.jsonl"),
+        optimizer="sgd",
+        lr=1e-3,
+        batch_size=8,
+        **FAST,
+    )
+    base.update(kw)
+    return DiagnoseConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def diagnosis(organism_test, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diag") / "run"
+    cfg = _cfg(organism_test)
+    args = ["diagnose", "--model", cfg.model, "--safety", cfg.safety, "--data", cfg.data]
+    args += ["--optimizer", "sgd", "--lr", "1e-3", "--batch-size", "8", "--steps", "60"]
+    args += ["--rank", "4", "--max-safety", "12", "--max-data", "24", "--threads", "1"]
+    args += ["--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_cli_writes_results_report_and_plots(diagnosis):
+    out, res = diagnosis
+    for name in ("results.json", "report.md", "report.html", "spectrum.png", "forecast.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert res["schema"] == "alignscope.diagnose/1"
+    assert res["seed"] == 0 and res["config"]["rank"] == 4
+    assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
+    assert "Verdict" in (out / "report.md").read_text()
+
+
+def test_results_are_self_consistent(diagnosis):
+    _, res = diagnosis
+    sub, aic = res["subspace"], res["aic"]["gradient"]
+    vals = sub["eigenvalues"]
+    assert vals == sorted(vals, reverse=True) and len(vals) == 4
+    assert sub["explained"] == pytest.approx(sum(vals[: sub["d"]]) / sub["trace"])
+    assert sub["tail_mass"] == pytest.approx(sub["trace"] - sum(vals[: sub["d"]]))
+    assert 0 <= aic["Pg_ratio"] <= 1
+    assert aic["gamma"] == pytest.approx(math.sqrt(aic["aFa_sub"]))
+    assert aic["F_half_g"] == pytest.approx(math.sqrt(aic["gFg"]))
+    kappa = (aic["aFa"] / aic["a_norm"] ** 2) / (aic["gFg"] / aic["g_norm"] ** 2)
+    assert aic["kappa"] == pytest.approx(kappa)
+    checks = res["verdict"]["checks"]
+    assert res["verdict"]["aic_holds"] == all(c["holds"] for c in checks.values())
+    # the aligned organism refuses its alignment prompts, and the KL reference is its own output
+    assert res["alignment"]["refusal_rate"] >= 0.9
+    fc = res["forecast"]
+    assert len(fc["steps"]) == 60
+    valid = [x for x in fc["dL"] if x is not None]
+    assert len(valid) == min(60, fc["horizon_steps"] or 60)
+    if fc["collapse_step"] is not None:
+        assert fc["dL"][fc["collapse_step"] - 1] >= res["config"]["threshold"]
+
+
+def test_existing_output_is_never_overwritten(diagnosis):
+    out, _ = diagnosis
+    before = (out / "results.json").read_text()
+    result = CliRunner().invoke(
+        app, ["diagnose", "-m", "x", "-s", "y", "-d", "z", "--out", str(out)]
+    )
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "results.json").read_text() == before
+
+
+def test_empty_safety_set_is_a_clear_error(organism_test, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        run_diagnose(_cfg(organism_test, safety=str(empty)), quiet=True)
+
+
+def test_data_without_responses_is_a_clear_error(organism_test, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "add one and two"}\n')
+    with pytest.raises(ValueError, match="no response"):
+        run_diagnose(_cfg(organism_test, data=str(prompts)), quiet=True)
+
+
+def test_prompt_longer_than_context_is_a_clear_error(organism_test):
+    with pytest.raises(ValueError, match="longer than the context"):
+        run_diagnose(_cfg(organism_test, max_length=3), quiet=True)
+
+
+def test_rank_above_sample_count_is_a_clear_error(organism_test):
+    cfg = _cfg(organism_test, rank=30, max_safety=4, samples_per_prompt=2, solver="gram")
+    with pytest.raises(ValueError, match="only 8 factor rows"):
+        run_diagnose(cfg, quiet=True)
+
+
+def test_nan_model_is_a_clear_error(organism_test):
+    model, tok = organism_test.aligned_model(), organism_test.tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        run_diagnose(_cfg(organism_test), model=model, tokenizer=tok, quiet=True)
