@@ -87,7 +87,8 @@ def build_report(results: dict[str, Any]) -> Report:
     )
     rep.heading("Forecast")
     rep.text(
-        f"Validity horizon: {fc.get('horizon_steps')} steps. Collapse step: "
+        f"Validity horizon: {fc.get('horizon_steps')} steps ({fc.get('horizon_reason')}). "
+        "Collapse step: "
         f"{_fmt_step(fc.get('collapse_step'), fc.get('horizon_steps'))}. "
         + (
             "Adam/AdamW is modelled by a diagonal preconditioner (approximate). "
@@ -100,6 +101,14 @@ def build_report(results: dict[str, Any]) -> Report:
     if coeffs:
         rep.table(["coefficient", "value"], [[k, v] for k, v in coeffs.items()])
     rep.image("forecast.png", "Forecast alignment-loss increase over steps, with each term.")
+    sgd = results.get("forecast_sgd")
+    if sgd is not None:
+        rep.text(
+            "For comparison, plain SGD at the same learning rate: horizon "
+            f"{sgd.get('horizon_steps')} steps ({sgd.get('horizon_reason')}); collapse step "
+            f"{_fmt_step(sgd.get('collapse_step'), sgd.get('horizon_steps'))}."
+        )
+        rep.image("forecast_sgd.png", "The same forecast for plain SGD (exact step mapping).")
     rep.heading("Timings")
     rep.table(["stage", "seconds"], [[k, v] for k, v in results["timings_s"].items()])
     return rep
@@ -118,6 +127,17 @@ def write_diagnose_outputs(results: dict[str, Any], out: str | Path, overwrite: 
             fc.get("horizon_steps"),
             results["config"]["threshold"],
         )
+        if results.get("forecast_sgd") is not None:
+            sgd = results["forecast_sgd"]
+            forecast_plot(
+                od.file("forecast_sgd.png"),
+                sgd["steps"],
+                sgd["dL"],
+                sgd.get("terms", {}),
+                sgd.get("horizon_steps"),
+                results["config"]["threshold"],
+                title="Alignment-loss forecast, plain SGD",
+            )
         write_json_atomic(od.file("results.json"), results)
         rep = build_report(results)
         od.file("report.md").write_text(rep.markdown(), encoding="utf-8")

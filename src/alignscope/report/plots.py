@@ -51,7 +51,8 @@ def forecast_plot(
     k = np.asarray(steps, dtype=float)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
     for ax, loglog in zip(axes, (False, True), strict=True):
-        ax.plot(k, total, color="k", lw=2, label="forecast dL_a")
+        # markers too: a short validity window can hold a single point
+        ax.plot(k, total, color="k", lw=2, marker=".", ms=4, label="forecast dL_a")
         for i, (name, values) in enumerate(terms.items()):
             v = np.asarray(values, dtype=float)
             if loglog:
