@@ -85,9 +85,10 @@ def test_hvp_modes_match_dense_hessian(flm):
     assert expected.norm() > 1e-3
     torch.testing.assert_close(hvp_reverse(f, flm.theta0, v), expected, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(hvp_forward(f, flm.theta0, v), expected, rtol=1e-9, atol=1e-11)
-    op = HessianOperator(f, flm.theta0)
-    torch.testing.assert_close(op(v), expected, rtol=1e-9, atol=1e-11)
-    assert op.mode == "forward"
+    for mode, used in (("auto", "reverse"), ("forward", "forward"), ("reverse", "reverse")):
+        op = HessianOperator(f, flm.theta0, mode=mode)
+        torch.testing.assert_close(op(v), expected, rtol=1e-9, atol=1e-11)
+        assert op.mode == used
 
 
 def test_hessian_operator_falls_back_to_double_backward():
@@ -109,7 +110,7 @@ def test_hessian_operator_falls_back_to_double_backward():
         return NoForwardAD.apply(theta).sum()
 
     theta = torch.tensor([1.0, 2.0], dtype=torch.float64)
-    op = HessianOperator(f, theta)
+    op = HessianOperator(f, theta, mode="forward")
     with pytest.warns(UserWarning, match="double backward"):
         out = op(torch.tensor([1.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(out, 6 * theta)

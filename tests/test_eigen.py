@@ -38,6 +38,13 @@ def _subspace_sine(a, b):
     return float(torch.sqrt(torch.clamp(1 - s.min() ** 2, min=0)))
 
 
+def test_lanczos_warns_when_it_stops_unconverged():
+    dense, _, _ = _spiked(dim=200, rank=150)
+    with pytest.warns(UserWarning, match="without reaching tol"):
+        res = lanczos_eigs(lambda v: dense @ v, 200, 10, max_iter=12, tol=1e-12)
+    assert not res.converged
+
+
 def test_lanczos_matches_eigh_on_a_low_rank_matrix():
     dense, _, values = _spiked()
     res = lanczos_eigs(lambda v: dense @ v, dense.shape[0], 8)
@@ -115,10 +122,11 @@ def test_trace_estimators_within_their_expected_error():
     assert abs(hpp.value - exact) < sd / 5
 
 
-def test_plan_picks_gram_when_it_fits_and_lanczos_otherwise():
-    assert plan_spectrum(10_000, 20, 100, memory_budget=2**30).method == "gram"
-    plan = plan_spectrum(10_000_000, 20, 400, memory_budget=8 * 2**30)
-    assert plan.method == "lanczos" and plan.iterations == 80
+def test_plan_prefers_exact_lanczos_and_falls_back_to_gram():
+    plan = plan_spectrum(10_000, 20, 100, memory_budget=2**30)
+    assert plan.method == "lanczos" and plan.iterations == 120
+    # a 121 x 2e6 float64 basis (1.8 GiB) does not fit 1 GiB; 50 float32 rows (+ a copy) do
+    assert plan_spectrum(2_000_000, 20, 50, memory_budget=2**30).method == "gram"
     with pytest.raises(MemoryError, match="block-wise"):
         plan_spectrum(10**9, 20, 400, memory_budget=2**30)
 

@@ -59,11 +59,12 @@ class ParamSelection:
                 f"vector has {vector.shape[-1]} entries, the selection has {self.size}"
             )
         lead = vector.shape[:-1]
+        # split (one backward node for all pieces), not one slice per tensor: each slice's
+        # backward materialises a zero-filled gradient the size of the whole vector.
+        parts = vector.split(self.numels, dim=-1)
         return {
-            n: vector[..., a:b].reshape(*lead, *s)
-            for n, s, a, b in zip(
-                self.names, self.shapes, self.offsets[:-1], self.offsets[1:], strict=True
-            )
+            n: part.reshape(*lead, *s)
+            for n, s, part in zip(self.names, self.shapes, parts, strict=True)
         }
 
     def block_slices(self) -> dict[str, list[slice]]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class EigenResult:
     n_products: int = 0
     residuals: torch.Tensor | None = None
     blocks: dict[str, list[int]] = field(default_factory=dict)  # block -> columns of `vectors`
+    converged: bool = True
 
     @property
     def k(self) -> int:
@@ -73,30 +75,37 @@ def lanczos_eigs(
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
     Stops when every wanted Ritz pair has residual ``|beta_m s_mj| <= tol * |lambda_1|`` or after
-    ``max_iter`` products (default ``min(dim, max(4k, k + 40))``). On breakdown (an invariant
+    ``max_iter`` products (default ``min(dim, max(6k, k + 60))``), then warns and sets
+    ``converged=False``. On breakdown (an invariant
     subspace, common for low-rank Fishers) it continues from a fresh random direction orthogonal
     to the basis, so zero eigenvalues are still returned with their vectors.
     """
     if k < 1 or k > dim:
         raise ValueError(f"k must be between 1 and the dimension {dim}, got {k}")
-    m_max = min(dim, max_iter or max(4 * k, k + 40))
+    m_max = min(dim, max_iter or max(6 * k, k + 60))
     gen = torch.Generator().manual_seed(seed)
-    basis = torch.zeros((m_max + 1, dim), dtype=torch.float64, device=device)
+    # empty, not zeros: untouched rows of a large allocation never become resident memory
+    basis = torch.empty((m_max + 1, dim), dtype=torch.float64, device=device)
     q = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
     basis[0] = q / q.norm()
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
     m = 0
+    converged = False
     for j in range(m_max):
         w = matvec(basis[j].to(op_dtype)).to(torch.float64)
         alpha = float(basis[j] @ w)
         alphas.append(alpha)
-        # Two passes of classical Gram-Schmidt against the whole basis keep it orthogonal to
-        # machine precision, which plain three-term Lanczos loses as soon as a Ritz value converges.
-        for _ in range(2):
-            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        # Full reorthogonalisation (classical Gram-Schmidt against the whole basis) keeps it
+        # orthogonal to machine precision, which three-term Lanczos loses as soon as a Ritz value
+        # converges. A second pass only when the first cancelled most of w (the DGKS criterion).
+        before = float(w.norm())
+        w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
         beta = float(w.norm())
+        if beta < 0.7071 * before:
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+            beta = float(w.norm())
         m = j + 1
         scale = max(scale, abs(alpha), beta)
         done = m == m_max
@@ -105,6 +114,7 @@ def lanczos_eigs(
             top = np.argsort(ritz)[::-1][:k]
             res = np.abs(beta * vecs[-1, top])
             if np.all(res <= tol * max(abs(ritz[top[0]]), 1e-300)):
+                converged = True
                 break
         if done:
             break
@@ -124,7 +134,15 @@ def lanczos_eigs(
     vectors = basis[:m].T @ coeffs
     vectors /= vectors.norm(dim=0, keepdim=True)
     residuals = torch.from_numpy(np.abs(beta * vecs[-1, top]))
-    return EigenResult(values.clamp_min(0.0), vectors, "lanczos", m, residuals)
+    if m == dim:
+        converged = True  # the whole space: the Ritz pairs are exact
+    if not converged:
+        warnings.warn(
+            f"Lanczos stopped after {m} products without reaching tol={tol:g} for the top {k} "
+            f"eigenpairs (largest residual {float(residuals.max()):.2e}); raise max_iter",
+            stacklevel=2,
+        )
+    return EigenResult(values.clamp_min(0.0), vectors, "lanczos", m, residuals, converged=converged)
 
 
 def _tridiag_eigs(alphas: Sequence[float], betas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
