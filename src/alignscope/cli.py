@@ -113,6 +113,74 @@ def _print_summary(results: dict) -> None:
     )
 
 
+DEMO_SETS = ("benign_affirmative", "benign_neutral")
+DEMO_MARKER = ".alignscope-demo"
+
+
+@app.command()
+def demo(
+    preset: str = typer.Option("demo", help="Organism preset: demo (minutes) or test (seconds)."),
+    seed: int = typer.Option(0, help="Seed of the organism and of the diagnosis."),
+    out: str = typer.Option("alignscope-out/demo", help="Where the reports go."),
+    threads: int = typer.Option(1, help="torch CPU threads (1 is fastest on small shared CPUs)."),
+) -> None:
+    """The whole story on the built-in organism: build (or reuse) it, show it, diagnose two
+    benign fine-tuning sets (one that collapses its refusals under AdamW, one that does not)."""
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from alignscope.diagnose import DiagnoseConfig, run_diagnose
+    from alignscope.organism import load_organism
+    from alignscope.organism.cli import show
+    from alignscope.report.diagnose_report import write_diagnose_outputs
+
+    root = Path(out)
+    if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).exists():
+        typer.secho(f"error: {root} holds other results; choose another --out", fg="red", err=True)
+        raise typer.Exit(2)
+    torch.set_num_threads(threads)
+    org = load_organism(preset, seed, threads=threads)
+    show(preset=preset, seed=seed, out=org.path, n=3, threads=threads)
+    proto = org.finetune_protocol
+    summary = Table(title=f"diagnose: AdamW lr {proto.lr:g}, batch {proto.batch_size}")
+    for col in ("benign set", "AIC", "|P g|/|g|", "kappa", "gamma", "SGD horizon"):
+        summary.add_column(col, no_wrap=True)
+    written = []
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text("written by `alignscope demo`; it replaces this folder\n")
+    for name in DEMO_SETS:
+        cfg = DiagnoseConfig(
+            model=str(org.aligned_path),
+            safety=str(org.datasets_path / "harmful_align.jsonl"),
+            data=str(org.datasets_path / f"{name}.jsonl"),
+            optimizer="adamw",
+            lr=proto.lr,
+            batch_size=proto.batch_size,
+            steps=proto.steps,
+            rank=20,
+            seed=seed,
+            threads=threads,
+        )
+        res = run_diagnose(cfg).to_json()
+        path = write_diagnose_outputs(res, root / name, overwrite=True)
+        a, sgd = res["aic"]["gradient"], res.get("forecast_sgd") or res["forecast"]
+        summary.add_row(
+            name.removeprefix("benign_"),
+            "holds" if res["verdict"]["aic_holds"] else f"fails ({res['verdict']['deciding']})",
+            f"{a['Pg_ratio']:.3f}",
+            f"{a['kappa']:.3g}",
+            f"{a['gamma']:.3g}",
+            f"{sgd['horizon_steps']} steps",
+        )
+        written.append(path / "report.html")
+    Console().print(summary)
+    for path in written:
+        typer.echo(f"report: {path}")
+
+
 def _register_subcommands() -> None:
     # Sub-apps live beside the code they drive; importing them here keeps `alignscope --help` whole.
     try:

@@ -1,0 +1,125 @@
+"""A small, generic fine-tuning loop on (prompt, response) pairs.
+
+Loss: the mean negative log-likelihood over all response tokens of a batch (prompt tokens are
+context only). Batches are right-padded (see :mod:`alignscope.data.encode`), so no attention mask
+is passed. Data order is a deterministic function of ``seed``: a stream of seeded permutations of
+the dataset, cut into batches, so every example is seen once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from alignscope.data.encode import EncodedPair, LMBatch, collate, encode_pairs
+
+# callback(step, loss): step 0 is called before any update with loss None; step k after the k-th
+# update with that update's minibatch loss. Returning True stops training.
+StepCallback = Callable[[int, float | None], bool | None]
+
+
+def as_pairs(rows: Sequence[Mapping[str, str] | tuple[str, str]]) -> list[tuple[str, str]]:
+    """Accept ``{"prompt", "response"}`` dicts or ``(prompt, response)`` tuples."""
+    out = []
+    for r in rows:
+        if isinstance(r, Mapping):
+            out.append((r["prompt"], r["response"]))
+        else:
+            p, resp = r
+            out.append((p, resp))
+    return out
+
+
+def response_nll(model: torch.nn.Module, batch: LMBatch) -> torch.Tensor:
+    """Mean NLL of the response tokens of ``batch`` (a scalar tensor with grad)."""
+    logits = model(input_ids=batch.input_ids).logits[:, :-1]
+    mask = batch.target_mask
+    return F.cross_entropy(logits[mask].float(), batch.targets[mask])
+
+
+def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """An endless deterministic stream of minibatch indices (epochs of seeded permutations)."""
+    gen = torch.Generator().manual_seed(seed)
+    buf: list[int] = []
+    while True:
+        while len(buf) < batch_size:
+            buf.extend(torch.randperm(n, generator=gen).tolist())
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate at (0-based) update ``step``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    raise ValueError(f"unknown schedule {schedule!r}: use 'constant' or 'cosine'")
+
+
+def finetune(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[Mapping[str, str] | tuple[str, str]] | None,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    *,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    warmup: int = 0,
+    schedule: str = "constant",
+    grad_clip: float | None = None,
+    max_length: int | None = None,
+    encoded: Sequence[EncodedPair] | None = None,
+    callback: StepCallback | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> list[float]:
+    """Fine-tune ``model`` in place with AdamW on ``pairs``; return the per-step losses.
+
+    ``encoded`` may be passed instead of ``pairs`` to skip tokenization. A custom ``optimizer``
+    replaces the default ``AdamW(lr, betas, weight_decay)``; its learning rate is still scaled by
+    the warmup/schedule factor relative to ``lr``.
+    """
+    if encoded is None:
+        if pairs is None:
+            raise ValueError("pass pairs or encoded examples")
+        encoded = encode_pairs(tokenizer, as_pairs(pairs), max_length=max_length)
+    if not encoded:
+        raise ValueError("cannot fine-tune on an empty dataset")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    try:
+        if callback is not None and callback(0, None):
+            return losses
+        stream = batch_indices(len(encoded), batch_size, seed)
+        for step in range(steps):
+            idx = next(stream)
+            batch = collate([encoded[i] for i in idx], pad_id=pad_id, max_length=max_length)
+            factor = lr_factor(step, steps, warmup, schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+            loss = response_nll(model, batch.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if callback is not None and callback(step + 1, losses[-1]):
+                break
+    finally:
+        model.train(was_training)
+    return losses
