@@ -55,6 +55,15 @@ def test_lanczos_matches_eigh_on_a_low_rank_matrix():
     assert res.n_products < dense.shape[0]  # it did not need the whole space
 
 
+def test_lanczos_on_a_float32_operator_keeps_float32_accuracy():
+    dense, _, _ = _spiked()
+    d32 = dense.float()
+    res = lanczos_eigs(lambda v: d32 @ v, 60, 5, op_dtype=torch.float32, tol=1e-6)
+    assert res.vectors.dtype == torch.float32
+    ref = np.linalg.eigvalsh(dense.numpy())[::-1][:5]
+    np.testing.assert_allclose(res.values.numpy(), ref, rtol=1e-5)
+
+
 def test_lanczos_handles_rank_deficiency_past_the_rank():
     dense, _, _ = _spiked(dim=30, rank=6)
     res = lanczos_eigs(lambda v: dense @ v, 30, 10, max_iter=30)
@@ -125,8 +134,8 @@ def test_trace_estimators_within_their_expected_error():
 def test_plan_prefers_exact_lanczos_and_falls_back_to_gram():
     plan = plan_spectrum(10_000, 20, 100, memory_budget=2**30)
     assert plan.method == "lanczos" and plan.iterations == 120
-    # a 121 x 2e6 float64 basis (1.8 GiB) does not fit 1 GiB; 50 float32 rows (+ a copy) do
-    assert plan_spectrum(2_000_000, 20, 50, memory_budget=2**30).method == "gram"
+    # a 121 x 3e6 float32 basis (1.35 GiB) does not fit 1 GiB; 30 float32 rows (+ a copy) do
+    assert plan_spectrum(3_000_000, 20, 30, memory_budget=2**30, itemsize=4).method == "gram"
     with pytest.raises(MemoryError, match="block-wise"):
         plan_spectrum(10**9, 20, 400, memory_budget=2**30)
 

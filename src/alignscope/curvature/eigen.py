@@ -84,9 +84,13 @@ def lanczos_eigs(
         raise ValueError(f"k must be between 1 and the dimension {dim}, got {k}")
     m_max = min(dim, max_iter or max(6 * k, k + 60))
     gen = torch.Generator().manual_seed(seed)
-    # empty, not zeros: untouched rows of a large allocation never become resident memory
-    basis = torch.empty((m_max + 1, dim), dtype=torch.float64, device=device)
-    q = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
+    # The basis is kept at the operator's precision (at least float32): products of a float32
+    # model carry float32 errors anyway, and reorthogonalisation against a float64 basis was
+    # 60% of Lanczos's time in bench/curvature.py. The tridiagonal problem stays float64.
+    # empty, not zeros: untouched rows of a large allocation never become resident memory.
+    bdtype = torch.float64 if op_dtype == torch.float64 else torch.float32
+    basis = torch.empty((m_max + 1, dim), dtype=bdtype, device=device)
+    q = torch.randn(dim, generator=gen, dtype=bdtype).to(device)
     basis[0] = q / q.norm()
     alphas: list[float] = []
     betas: list[float] = []
@@ -94,7 +98,7 @@ def lanczos_eigs(
     m = 0
     converged = False
     for j in range(m_max):
-        w = matvec(basis[j].to(op_dtype)).to(torch.float64)
+        w = matvec(basis[j].to(op_dtype)).to(bdtype)
         alpha = float(basis[j] @ w)
         alphas.append(alpha)
         # Full reorthogonalisation (classical Gram-Schmidt against the whole basis) keeps it
@@ -119,7 +123,7 @@ def lanczos_eigs(
         if done:
             break
         if beta <= 1e-12 * max(scale, 1e-300):
-            w = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
+            w = torch.randn(dim, generator=gen, dtype=bdtype).to(device)
             for _ in range(2):
                 w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
             beta_next, w = 0.0, w / w.norm()
@@ -130,7 +134,7 @@ def lanczos_eigs(
     ritz, vecs = _tridiag_eigs(alphas, betas[: m - 1])
     top = np.argsort(ritz)[::-1][:k]
     values = torch.from_numpy(ritz[top].copy()).to(device)
-    coeffs = torch.from_numpy(np.ascontiguousarray(vecs[:, top])).to(device)
+    coeffs = torch.from_numpy(np.ascontiguousarray(vecs[:, top])).to(device, bdtype)
     vectors = basis[:m].T @ coeffs
     vectors /= vectors.norm(dim=0, keepdim=True)
     residuals = torch.from_numpy(np.abs(beta * vecs[-1, top]))

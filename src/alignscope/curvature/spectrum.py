@@ -51,17 +51,17 @@ def plan_spectrum(
 ) -> SpectrumPlan:
     """Pick exact Lanczos when its basis fits the budget, else the Gram route, else raise.
 
-    Lanczos keeps its basis in float64: ``(iterations + 1) x P x 8`` bytes. The Monte-Carlo Gram
-    route is cheaper but its top eigenvalues are biased upward while the number of rows is far
-    below the Fisher's effective rank (bench/curvature.py: 1.6x too large at 384 rows on a 0.7 M
-    parameter block), so it is the fallback, or a deliberate choice. A request that fits neither
-    raises with the option that would fit.
+    Lanczos keeps its basis at the operator's precision: ``(iterations + 1) x P x itemsize``
+    bytes. The Monte-Carlo Gram route is cheaper but its top eigenvalues are biased upward
+    while the number of rows is far below the Fisher's effective rank (bench/curvature.py:
+    1.6x too large at 384 rows on a 0.7 M parameter block), so it is the fallback, or a
+    deliberate choice. A request that fits neither raises with the option that would fit.
     """
     if method not in ("auto", "gram", "lanczos"):
         raise ValueError(f"unknown eigensolver {method!r}; use auto, gram or lanczos")
     iterations = min(dim, max(6 * k, k + 60))
     gram_bytes = n_rows * dim * itemsize * 2 + n_rows * n_rows * 8
-    lanczos_bytes = (iterations + 1) * dim * 8
+    lanczos_bytes = (iterations + 1) * dim * max(itemsize, 4)  # basis at operator precision
     if method == "lanczos" or (method == "auto" and lanczos_bytes <= memory_budget):
         return SpectrumPlan("lanczos", blockwise, 0, iterations, lanczos_bytes)
     if method == "gram" or gram_bytes <= memory_budget:
