@@ -123,3 +123,12 @@ def test_fisher_forward_mode_falls_back_when_attention_lacks_it():
         fisher_module.jvp = original
     assert op.jvp_mode == "reverse"
     torch.testing.assert_close(out, exact)
+
+
+def test_fisher_switches_fused_attention_to_eager():
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    flm = FunctionalLM(model, select_params(model, "lm_head.weight"))
+    op = FisherOperator(flm, random_batch(2))
+    assert model.config._attn_implementation == "eager" and op.jvp_mode == "auto"

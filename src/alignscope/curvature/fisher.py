@@ -15,7 +15,11 @@ from collections.abc import Callable
 import torch
 from torch.func import jvp, vjp
 
-from alignscope.curvature.functional import FunctionalLM, response_weights
+from alignscope.curvature.functional import (
+    FunctionalLM,
+    ensure_eager_attention,
+    response_weights,
+)
 from alignscope.curvature.losses import ResponsePositions
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET, per_sample_grads
 from alignscope.data.encode import LMBatch
@@ -56,6 +60,8 @@ class FisherOperator:
         if jvp_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jvp_mode {jvp_mode!r}; use auto, forward or reverse")
         self.flm, self.batch = flm, batch
+        if jvp_mode != "reverse" and not ensure_eager_attention(flm.model):
+            jvp_mode = "reverse"  # fused attention kernels have no forward-mode AD
         self.theta = (flm.theta0 if theta is None else theta).detach()
         self.cache_vjp, self.jvp_mode = cache_vjp, jvp_mode
         size = chunk_size or batch.size
