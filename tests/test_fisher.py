@@ -64,6 +64,10 @@ def test_fisher_products_and_quadratic_forms_match_dense(setup, chunk_size, jvp_
     torch.testing.assert_close(op.quad(u), u @ dense @ u, rtol=1e-9, atol=1e-12)
     vs = torch.stack([u, w, u + 2 * w])
     torch.testing.assert_close(op.gram(vs), vs @ dense @ vs.T, rtol=1e-9, atol=1e-12)
+    expected = torch.einsum("mp,pq,mq->m", vs, dense, vs)
+    torch.testing.assert_close(op.quad_diag(vs), expected, rtol=1e-9, atol=1e-12)
+    # blocks of one tangent at a time give the same numbers
+    torch.testing.assert_close(op.quad_diag(vs, memory_budget=1), expected, rtol=1e-9, atol=1e-12)
 
 
 def test_fisher_away_from_reference_is_the_gauss_newton_there(setup):

@@ -180,5 +180,4 @@ def noise_trace(fisher: FisherOperator, per_sample: torch.Tensor) -> float:
     if m < 2:
         raise ValueError("the minibatch-noise term needs at least 2 fine-tuning examples")
     centred = per_sample - per_sample.mean(0, keepdim=True)
-    total = sum(float(fisher.quad(row)) for row in centred)
-    return total / (m - 1)
+    return float(fisher.quad_diag(centred).sum()) / (m - 1)

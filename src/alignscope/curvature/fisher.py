@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch.func import jvp, vjp
+from torch.func import jvp, vjp, vmap
 
 from alignscope.curvature.functional import (
     FunctionalLM,
@@ -134,6 +134,32 @@ class FisherOperator:
         return sum(
             (a * self._lambda(c, b)).sum() for c, a, b in zip(self.chunks, ju, jw, strict=True)
         )
+
+    def quad_diag(
+        self, vectors: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET
+    ) -> torch.Tensor:
+        """``[v_m^T F v_m for each row v_m]``: forward-mode products batched with vmap.
+
+        The tangents go through the model together in blocks sized so their output
+        perturbations ``[m, N_c, V]`` fit ``memory_budget``; falls back to one at a time when
+        vmap or forward mode cannot run the model.
+        """
+        vectors = vectors.to(self.theta.dtype)
+        out = torch.zeros(vectors.shape[0], dtype=self.theta.dtype, device=self.theta.device)
+        for chunk in self.chunks:
+            n, v = chunk.q.shape
+            block = max(1, memory_budget // max(1, 3 * n * v * self.theta.element_size()))
+            for start in range(0, vectors.shape[0], block):
+                part = vectors[start : start + block]
+                try:
+                    if self.jvp_mode == "reverse":
+                        raise NotImplementedError("forward mode disabled")
+                    jv = vmap(lambda t, c=chunk: jvp(c.fn, (self.theta,), (t,))[1])(part)
+                except (NotImplementedError, RuntimeError):
+                    jv = torch.stack([self._jvp_chunk(chunk, t) for t in part])
+                lam = self._lambda(chunk, jv)
+                out[start : start + part.shape[0]] += (jv * lam).sum(dim=(-1, -2))
+        return out
 
     def gram(self, vectors: torch.Tensor) -> torch.Tensor:
         """``V F V^T`` for the rows of ``vectors`` ``[k, P]``: all pairwise exact forms."""
