@@ -29,18 +29,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     org = load_organism(args.preset, args.seed, quiet=True, threads=args.threads)
-    proto = org.finetune_protocol
-    cfg = DiagnoseConfig(
-        model=str(org.aligned_path),
-        safety=str(org.datasets_path / "harmful_align.jsonl"),
-        data=str(org.datasets_path / f"{args.data}.jsonl"),
-        optimizer="adamw",
-        lr=proto.lr,
-        batch_size=proto.batch_size,
-        steps=proto.steps,
-        rank=args.rank,
-        seed=args.seed,
-        threads=args.threads,
+    cfg = DiagnoseConfig.for_organism(
+        org, args.data, rank=args.rank, seed=args.seed, threads=args.threads
     )
     start = time.perf_counter()
     result = run_diagnose(cfg, quiet=True)

@@ -14,17 +14,9 @@ FAST = dict(max_safety=12, max_data=24, noise_examples=8, rank=4, steps=60, thre
 
 
 def _cfg(org, **kw):
-    base = dict(
-        model=str(org.aligned_path),
-        safety=str(org.datasets_path / "harmful_align.jsonl"),
-        data=str(org.datasets_path / "benign_affirmative.jsonl"),
-        optimizer="sgd",
-        lr=1e-3,
-        batch_size=8,
-        **FAST,
+    return DiagnoseConfig.for_organism(
+        org, "benign_affirmative", **{"optimizer": "sgd", "lr": 1e-3, "batch_size": 8, **FAST, **kw}
     )
-    base.update(kw)
-    return DiagnoseConfig(**base)
 
 
 @pytest.fixture(scope="module")

@@ -152,18 +152,7 @@ def demo(
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("written by `alignscope demo`; it replaces this folder\n")
     for name in DEMO_SETS:
-        cfg = DiagnoseConfig(
-            model=str(org.aligned_path),
-            safety=str(org.datasets_path / "harmful_align.jsonl"),
-            data=str(org.datasets_path / f"{name}.jsonl"),
-            optimizer="adamw",
-            lr=proto.lr,
-            batch_size=proto.batch_size,
-            steps=proto.steps,
-            rank=20,
-            seed=seed,
-            threads=threads,
-        )
+        cfg = DiagnoseConfig.for_organism(org, name, rank=20, seed=seed, threads=threads)
         res = run_diagnose(cfg).to_json()
         path = write_diagnose_outputs(res, root / name, overwrite=True)
         a, sgd = res["aic"]["gradient"], res.get("forecast_sgd") or res["forecast"]

@@ -73,6 +73,22 @@ class DiagnoseConfig:
     adam_eps: float = 1e-8
     threads: int | None = None  # torch CPU threads; 1 is fastest on a busy 2-core machine
 
+    @classmethod
+    def for_organism(cls, org, dataset: str = "benign_affirmative", **overrides) -> DiagnoseConfig:
+        """The organism's aligned model and alignment prompts against one of its benign sets,
+        under its documented fine-tuning protocol (AdamW, lr, batch, steps)."""
+        proto = org.finetune_protocol
+        fields = dict(
+            model=str(org.aligned_path),
+            safety=str(org.datasets_path / "harmful_align.jsonl"),
+            data=str(org.datasets_path / f"{dataset}.jsonl"),
+            optimizer="adamw",
+            lr=proto.lr,
+            batch_size=proto.batch_size,
+            steps=proto.steps,
+        )
+        return cls(**{**fields, **overrides})
+
     def validate(self) -> None:
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"--optimizer {self.optimizer!r}: use sgd, adam or adamw")

@@ -119,24 +119,18 @@ def write_diagnose_outputs(results: dict[str, Any], out: str | Path, overwrite: 
     with OutputDir(out, overwrite=overwrite) as od:
         sub, fc = results["subspace"], results["forecast"]
         spectrum_plot(od.file("spectrum.png"), sub["eigenvalues"], sub["d"], sub["trace"])
-        forecast_plot(
-            od.file("forecast.png"),
-            fc["steps"],
-            fc["dL"],
-            fc.get("terms", {}),
-            fc.get("horizon_steps"),
-            results["config"]["threshold"],
-        )
+        plots = [("forecast.png", fc, "")]
         if results.get("forecast_sgd") is not None:
-            sgd = results["forecast_sgd"]
+            plots.append(("forecast_sgd.png", results["forecast_sgd"], "plain SGD"))
+        for name, curve, label in plots:
             forecast_plot(
-                od.file("forecast_sgd.png"),
-                sgd["steps"],
-                sgd["dL"],
-                sgd.get("terms", {}),
-                sgd.get("horizon_steps"),
+                od.file(name),
+                curve["steps"],
+                curve["dL"],
+                curve.get("terms", {}),
+                curve.get("horizon_steps"),
                 results["config"]["threshold"],
-                title="Alignment-loss forecast, plain SGD",
+                title="Alignment-loss forecast" + (f", {label}" if label else ""),
             )
         write_json_atomic(od.file("results.json"), results)
         rep = build_report(results)
