@@ -107,3 +107,15 @@ def test_nan_model_is_a_clear_error(organism_test):
         model.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite"):
         run_diagnose(_cfg(organism_test), model=model, tokenizer=tok, quiet=True)
+
+
+def test_adam_preconditioner_uses_the_minibatch_second_moment():
+    from alignscope.diagnose import adam_preconditioner
+
+    g = torch.tensor([2.0, -0.5, 0.0], dtype=torch.float64)
+    # no gradient noise: the first Adam step is sign(g) (up to eps)
+    d = adam_preconditioner(g, torch.zeros(3, dtype=torch.float64), 8, 0.0)
+    torch.testing.assert_close((d * g)[:2], torch.tensor([1.0, -1.0], dtype=torch.float64))
+    # a zero-mean coordinate is bounded by its minibatch noise, sqrt(b) / sigma, not 1 / eps
+    d = adam_preconditioner(g, torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64), 16, 1e-8)
+    assert float(d[2]) == pytest.approx(16**0.5 / 2.0, rel=1e-6)

@@ -151,13 +151,18 @@ def _check_finite(value: float, what: str) -> None:
         )
 
 
-def adam_preconditioner(g: torch.Tensor, eps: float) -> torch.Tensor:
-    """``D = 1 / (|g| + eps)``: Adam's bias-corrected first step divides by ``sqrt(v_1) = |g|``.
+def adam_preconditioner(
+    g: torch.Tensor, grad_var: torch.Tensor, batch_size: int, eps: float
+) -> torch.Tensor:
+    """``D = 1 / (sqrt(E[g_batch^2]) + eps)`` with ``E[g_batch^2] = g^2 + var / b``.
 
-    Approximate: later steps average ``g^2`` over a moving window; early on the gradient barely
-    changes, so ``D`` stays close to this.
+    Adam divides by the root of its second moment, which for minibatch gradients averages
+    ``g_i^2 + sigma_i^2 / b`` (``sigma_i^2`` the per-sample gradient variance of coordinate
+    ``i``), not ``g_i^2``: full-batch ``1/|g|`` would blow up on coordinates whose mean gradient
+    is tiny but whose minibatch gradient is not. Approximate: ``v`` is a moving average that
+    early on the gradient barely changes.
     """
-    return 1.0 / (g.abs() + eps)
+    return 1.0 / ((g.square() + grad_var / batch_size).sqrt() + eps)
 
 
 def verdict(aic: AIC, subspace_summary: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +325,8 @@ def run_diagnose(
         adam = None
         diag = None
         if cfg.optimizer in ("adam", "adamw"):
-            diag = adam_preconditioner(g, cfg.adam_eps)
+            grad_var = per_sample.var(dim=0) if per_sample.shape[0] > 1 else torch.zeros_like(g)
+            diag = adam_preconditioner(g, grad_var, cfg.batch_size, cfg.adam_eps)
             adam = measure_direction(fisher, hessian, subspace, g, d, diag=diag, alignment_grad=ga)
         tr_f_sigma = noise_trace(fisher, per_sample)
         if diag is not None:
