@@ -143,6 +143,14 @@ def _batch(tokenizer, rows: list[dict], max_length: int, what: str) -> LMBatch:
     return collate(enc, pad_id=pad, max_length=max_length)
 
 
+def _fisher_chunk(model, batch: LMBatch, budget: int) -> int:
+    """Examples per Fisher chunk: the cached graph holds a few ``T x V`` logit-sized tensors per
+    example (logits, log-softmax, tangents), so budget ~8 of them; bigger chunks are faster."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
+    per_example = 8 * batch.input_ids.shape[1] * vocab * 4
+    return int(max(1, min(batch.size, budget // per_example)))
+
+
 def _check_finite(value: float, what: str) -> None:
     if not math.isfinite(value):
         raise FloatingPointError(
@@ -277,7 +285,9 @@ def run_diagnose(
     _check_finite(ref_nll, "the refusal NLL")
     out["losses_at_theta0"] = {"finetune_nll": ft_loss, "refusal_nll": ref_nll}
 
-    fisher = FisherOperator(flm, safety_batch, chunk_size=16)
+    fisher = FisherOperator(
+        flm, safety_batch, chunk_size=_fisher_chunk(model, safety_batch, budget)
+    )
     k = cfg.rank if cfg.rank is not None else 40
     with stages.stage("subspace", f"top-{k} Fisher eigenpairs over {selection.size:,} params"):
         if cfg.fisher == "empirical":
