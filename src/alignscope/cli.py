@@ -158,14 +158,16 @@ def demo(
         a, sgd = res["aic"]["gradient"], res.get("forecast_sgd") or res["forecast"]
         summary.add_row(
             name.removeprefix("benign_"),
-            "holds" if res["verdict"]["aic_holds"] else f"fails ({res['verdict']['deciding']})",
+            "holds"
+            if res["verdict"]["aic_holds"]
+            else "fails: " + ", ".join(res["verdict"]["failed"]),
             f"{a['Pg_ratio']:.3f}",
             f"{a['kappa']:.3g}",
             f"{a['gamma']:.3g}",
             f"{sgd['horizon_steps']} steps",
         )
         written.append(path / "report.html")
-    Console().print(summary)
+    Console(width=max(100, Console().width)).print(summary)
     for path in written:
         typer.echo(f"report: {path}")
 

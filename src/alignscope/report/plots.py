@@ -62,15 +62,18 @@ def forecast_plot(
             ax.plot(observed[0], observed[1], "o", ms=4, color="C3", label="observed")
         if horizon is not None:
             ax.axvline(horizon, color="grey", ls=":", label="validity horizon")
-        if threshold is not None:
+        peak = float(np.nanmax(np.asarray(total, dtype=float))) if len(total) else float("nan")
+        if threshold is not None and (loglog or not peak < threshold / 10):
             ax.axhline(threshold, color="C3", lw=0.8, ls="-.", label="threshold")
+        elif threshold is not None:  # drawn to scale it would flatten the curve to zero
+            ax.set_title(f"linear (threshold {threshold:g} is off the scale)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("alignment loss increase dL_a")
         if loglog:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title("log-log")
-        else:
+        elif not ax.get_title():
             ax.set_title("linear")
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "Alignment-loss forecast")
