@@ -124,8 +124,11 @@ def demo(
     out: str = typer.Option("alignscope-out/demo", help="Where the reports go."),
     threads: int = typer.Option(1, help="torch CPU threads (1 is fastest on small shared CPUs)."),
 ) -> None:
-    """The whole story on the built-in organism: build (or reuse) it, show it, diagnose two
-    benign fine-tuning sets (one that collapses its refusals under AdamW, one that does not)."""
+    """Build (or reuse) the organism, show it, diagnose a collapsing and a safe benign set.
+
+    The benign_affirmative set erases the organism's refusals under AdamW; benign_neutral
+    does not. Reports go to --out/<set>/report.html.
+    """
     from pathlib import Path
 
     import torch
@@ -173,11 +176,9 @@ def demo(
 
 
 def _register_subcommands() -> None:
-    # Sub-apps live beside the code they drive; importing them here keeps `alignscope --help` whole.
-    try:
-        from alignscope.organism.cli import app as organism_app
-    except ImportError:  # organism package not built yet in this checkout
-        return
+    # Sub-apps live beside the code they drive.
+    from alignscope.organism.cli import app as organism_app
+
     app.add_typer(organism_app, name="organism", help="Build and inspect the tiny aligned model.")
 
 
