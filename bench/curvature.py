@@ -455,7 +455,7 @@ def _overlap(vectors: torch.Tensor, ref_vectors: torch.Tensor) -> float:
     if vectors.shape[1] < k:
         return float("nan")
     q, _ = torch.linalg.qr(vectors[:, :k].to(torch.float64))
-    return float((ref_vectors.T @ q).pow(2).sum() / k)
+    return float((ref_vectors.to(torch.float64).T @ q).pow(2).sum() / k)
 
 
 def _stage_setup(state_path: Path) -> tuple[dict[str, Any], FunctionalLM, LMBatch]:
@@ -496,7 +496,8 @@ def run_stage(stage: str, state_path: Path) -> dict[str, Any]:
                 tol=1e-10,
                 max_iter=cfg.ref_max_iter,
                 seed=seed + 1000,
-                op_dtype=flm.dtype,
+                # a float64 basis for the reference: float32 cannot reach tol=1e-10
+                op_dtype=torch.float64,
             )
             secs = time.perf_counter() - t0
         torch.save(res.vectors, state["ref_vectors"])
@@ -534,7 +535,7 @@ def run_stage(stage: str, state_path: Path) -> dict[str, Any]:
                     "products": res.n_products,
                     "matvec_s": mv.seconds,
                     "peak_rss": mem.peak,
-                    "stored_bytes": (res.n_products + 1) * dim * 8,
+                    "stored_bytes": (res.n_products + 1) * dim * 4,  # float32 basis
                 },
             )
             del op, res
@@ -886,7 +887,7 @@ def run_eigen(
     print(
         "  peak RSS + = growth of the subprocess's resident set during that run (Linux VmHWM reset "
         "before it, after gc + malloc_trim; includes the cached vjp graph, torch workspaces). "
-        "stored vecs = theoretical bytes of the vectors the method keeps (Lanczos float64 basis, "
+        "stored vecs = theoretical bytes of the vectors the method keeps (Lanczos float32 basis, "
         "power's k float64 vectors + 2 work, Gram's float32 rows + their float64 copy). "
         "subspace ovl = ||V_ref^T Q||_F^2 / k of the top-k subspaces (1 = identical; "
         "sensitive to near-ties at l_k)."
