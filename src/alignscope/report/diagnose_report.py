@@ -36,7 +36,7 @@ def build_report(results: dict[str, Any]) -> Report:
         + f". Deciding condition: {verdict['deciding']}. "
         + f"Forecast collapse step (dL_a > {cfg['threshold']:g}): "
         + _fmt_step(fc.get("collapse_step"), fc.get("horizon_steps"))
-        + f"; safe step budget: {fc.get('safe_steps')}."
+        + f"; steps the forecast can vouch for as safe: {fc.get('safe_steps')}."
     )
     rep.table(
         ["condition", "measured", "threshold", "margin", "holds", "what"],
