@@ -103,6 +103,137 @@ def diagnose(
     typer.echo(f"wrote {path}/results.json, report.md, report.html")
 
 
+@app.command()
+def verify(
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model directory."),
+    safety: str = typer.Option(
+        ..., "--safety", "-s", help="Harmful prompts (JSONL/CSV/TXT), optionally with responses."
+    ),
+    data: str = typer.Option(..., "--data", "-d", help="Fine-tuning set with prompt/response."),
+    params: list[str] = typer.Option(
+        ["all"], "--params", help="all | lora | glob over parameter names (repeatable)."
+    ),
+    group: str = typer.Option(
+        None, "--group", help="Block-wise subspaces: layer | module (default: one block)."
+    ),
+    optimizer: str = typer.Option("adamw", help="sgd | adam | adamw."),
+    lr: float = typer.Option(2e-5, help="Learning rate of the fine-tuning run."),
+    batch_size: int = typer.Option(8, help="Batch size of the fine-tuning run."),
+    steps: int = typer.Option(1000, help="Steps to fine-tune (and forecast)."),
+    rank: int = typer.Option(None, help="Subspace dimension d (default 20 unless --explained)."),
+    explained: float = typer.Option(None, help="Choose d to explain this fraction of tr F."),
+    threshold: float = typer.Option(0.1, help="dL_a (nats/token) that counts as collapse."),
+    fisher: str = typer.Option("ggn", help="ggn (true Fisher) | empirical (not recommended)."),
+    solver: str = typer.Option("auto", help="auto | gram | lanczos."),
+    alignment_loss: str = typer.Option("kl", help="kl (default) | nll (refusal NLL)."),
+    max_safety: int = typer.Option(64, help="Use at most this many safety prompts."),
+    max_data: int = typer.Option(256, help="Fine-tuning examples for the diagnosis/loss."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | float64."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
+    memory_gb: float = typer.Option(2.0, help="Memory budget for curvature work (GiB)."),
+    threads: int = typer.Option(None, help="torch CPU threads (1 is best on a busy 2-core box)."),
+    seed: int = typer.Option(0, help="Random seed (data order; recorded in results.json)."),
+    eval_prompts: str = typer.Option(
+        None, "--eval-prompts", "-e", help="Held-out harmful prompts for the refusal rate."
+    ),
+    max_eval: int = typer.Option(64, help="Use at most this many eval prompts."),
+    eval_every: str = typer.Option("auto", help="auto (log-spaced steps) | N (every N steps)."),
+    checkpoint_every: int = typer.Option(
+        4, help="Checkpoint into <out>.partial every N recorded steps (0: never)."
+    ),
+    diagnosis: str = typer.Option(
+        None, "--diagnosis", help="results.json (or its folder) of an earlier diagnose run."
+    ),
+    out: str = typer.Option("alignscope-out/verify", help="Output directory."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+) -> None:
+    """Fine-tune for real and score the diagnosis' forecast against what happens.
+
+    Records the alignment KL, refusal NLL, refusal rate, fine-tuning loss and the displacement
+    (total, in the alignment subspace, Fisher-weighted) at log-spaced steps. An interrupted run
+    resumes from <out>.partial when restarted with the same arguments.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from alignscope.report.output import OutputDir
+    from alignscope.report.verify_report import write_verify_outputs
+    from alignscope.verify import VerifyConfig, run_verify
+
+    if rank is None and explained is None:
+        rank = 20
+    cfg = VerifyConfig(
+        model=model,
+        safety=safety,
+        data=data,
+        params=list(params),
+        group=group,
+        optimizer=optimizer,
+        lr=lr,
+        batch_size=batch_size,
+        steps=steps,
+        rank=rank,
+        explained=explained,
+        threshold=threshold,
+        seed=seed,
+        fisher=fisher,
+        solver=solver,
+        alignment_loss=alignment_loss,
+        max_safety=max_safety,
+        max_data=max_data,
+        dtype=dtype,
+        device=device,
+        memory_budget_gb=memory_gb,
+        threads=threads,
+        eval_prompts=eval_prompts,
+        max_eval=max_eval,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+    )
+    partial = Path(out).with_name(Path(out).name + ".partial")
+    try:
+        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
+        diag, basis, values = None, None, None
+        if diagnosis is not None:
+            path = Path(diagnosis)
+            path = path / "results.json" if path.is_dir() else path
+            if not path.is_file():
+                raise FileNotFoundError(f"--diagnosis {diagnosis}: no results.json there")
+            diag = json.loads(path.read_text(encoding="utf-8"))
+            diag = diag.get("diagnosis", diag)  # a verify result holds its diagnosis
+            sub_file = path.parent / "subspace.pt"
+            if sub_file.is_file():
+                sub = torch.load(sub_file, weights_only=True)
+                basis, values = sub["basis"], sub["values"]
+        result = run_verify(
+            cfg,
+            diagnosis=diag,
+            subspace_basis=basis,
+            subspace_values=values,
+            partial_dir=partial,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    res = result.to_json()
+    written = write_verify_outputs(
+        res, out, overwrite=overwrite, subspace=(result.subspace_basis, result.subspace_values)
+    )
+    shutil.rmtree(partial, ignore_errors=True)
+    sc = res["scores"]
+    typer.echo(
+        f"forecast horizon {sc['horizon_steps']} steps; relative L2 error of dL_a in the window "
+        f"{sc['relative_l2_error']}; exponent observed {sc['exponent_observed']} vs forecast "
+        f"{sc['exponent_forecast_fit']}; collapse step predicted {sc['collapse_step_predicted']}"
+        f", observed {sc['collapse_step_observed']}; refusal rate {sc['refusal_rate_start']} -> "
+        f"{sc['refusal_rate_end']} (below half at step {sc['refusal_collapse_step']})"
+    )
+    typer.echo(f"wrote {written}/results.json, report.md, report.html")
+
+
 def _print_summary(results: dict) -> None:
     v, fc, a = results["verdict"], results["forecast"], results["aic"]["optimizer_step"]
     typer.echo(

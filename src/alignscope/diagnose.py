@@ -113,6 +113,10 @@ class DiagnoseResult:
     config: DiagnoseConfig
     data: dict[str, Any]
     timings: dict[str, float]
+    # The top-d alignment subspace ([P, d] orthonormal columns, [d] eigenvalues), kept for
+    # ``verify``; not part of results.json.
+    subspace_basis: torch.Tensor | None = field(default=None, repr=False)
+    subspace_values: torch.Tensor | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -353,7 +357,13 @@ def run_diagnose(
             out["forecast_sgd"] = _forecast(
                 DiagnoseConfig(**{**asdict(cfg), "optimizer": "sgd"}), sgd, tr_f_sigma
             )
-    return DiagnoseResult(cfg, out, stages.timings)
+    return DiagnoseResult(
+        cfg,
+        out,
+        stages.timings,
+        subspace_basis=subspace.basis(d).detach(),
+        subspace_values=subspace.values[:d].detach(),
+    )
 
 
 def _forecast(cfg: DiagnoseConfig, aic: AIC, tr_f_sigma: float) -> dict[str, Any]:

@@ -62,7 +62,9 @@ def forecast_plot(
             ax.plot(observed[0], observed[1], "o", ms=4, color="C3", label="observed")
         if horizon is not None:
             ax.axvline(horizon, color="grey", ls=":", label="validity horizon")
-        peak = float(np.nanmax(np.asarray(total, dtype=float))) if len(total) else float("nan")
+        shown = list(total) + (list(observed[1]) if observed is not None else [])
+        shown = np.asarray([np.nan if v is None else v for v in shown], dtype=float)
+        peak = float(np.nanmax(shown)) if np.isfinite(shown).any() else float("nan")
         if threshold is not None and (loglog or not peak < threshold / 10):
             ax.axhline(threshold, color="C3", lw=0.8, ls="-.", label="threshold")
         elif threshold is not None:  # drawn to scale it would flatten the curve to zero
@@ -77,6 +79,36 @@ def forecast_plot(
             ax.set_title("linear")
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "Alignment-loss forecast")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def series_plot(
+    path: Path,
+    steps: Sequence[float],
+    series: Mapping[str, Sequence[float | None]],
+    ylabel: str,
+    title: str,
+    hline: float | None = None,
+    hline_label: str = "",
+    ylim: tuple[float, float] | None = None,
+) -> Path:
+    """Measured quantities over optimizer steps (``None`` entries are skipped)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    k = np.asarray(steps, dtype=float)
+    for i, (name, values) in enumerate(series.items()):
+        v = np.asarray([np.nan if x is None else x for x in values], dtype=float)
+        ax.plot(k, v, "o-", ms=3, color=f"C{i}", label=name)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls="--", lw=0.8, label=hline_label or None)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -81,12 +81,17 @@ def finetune(
     encoded: Sequence[EncodedPair] | None = None,
     callback: StepCallback | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
 ) -> list[float]:
     """Fine-tune ``model`` in place with AdamW on ``pairs``; return the per-step losses.
 
     ``encoded`` may be passed instead of ``pairs`` to skip tokenization. A custom ``optimizer``
     replaces the default ``AdamW(lr, betas, weight_decay)``; its learning rate is still scaled by
     the warmup/schedule factor relative to ``lr``.
+
+    ``start_step`` resumes a run: the first ``start_step`` batches of the (seeded) stream are
+    skipped unseen, so the data order matches an uninterrupted run; the model and optimizer must
+    already hold that step's state, and the step-0 callback is not made.
     """
     if encoded is None:
         if pairs is None:
@@ -102,10 +107,12 @@ def finetune(
     model.train()
     losses: list[float] = []
     try:
-        if callback is not None and callback(0, None):
+        if start_step == 0 and callback is not None and callback(0, None):
             return losses
         stream = batch_indices(len(encoded), batch_size, seed)
-        for step in range(steps):
+        for _ in range(start_step):
+            next(stream)
+        for step in range(start_step, steps):
             idx = next(stream)
             batch = collate([encoded[i] for i in idx], pad_id=pad_id, max_length=max_length)
             factor = lr_factor(step, steps, warmup, schedule)

@@ -1,0 +1,143 @@
+"""results.json, report.md and report.html (with plots) for a verify run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignscope.report.document import Report
+from alignscope.report.output import OutputDir, write_json_atomic
+from alignscope.report.plots import forecast_plot, series_plot
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def build_report(results: dict[str, Any]) -> Report:
+    """The verify run as a :class:`Report` (figures referenced by file name)."""
+    cfg, sc, diag = results["config"], results["scores"], results["diagnosis"]
+    fc = diag["forecast"]
+    rep = Report("alignscope verify")
+    rep.text(
+        f"Model `{cfg['model']}` fine-tuned on `{cfg['data']}` with {cfg['optimizer']} at lr "
+        f"{cfg['lr']:g}, batch {cfg['batch_size']}, {sc['steps_run']} steps (weight decay 0); "
+        f"alignment set `{cfg['safety']}`; refusal judge {results['judge']} on "
+        f"`{cfg.get('eval_prompts') or cfg['safety']}`; seed {cfg['seed']}."
+        + (
+            f" Resumed from a checkpoint at step {results['resumed_from_step']}."
+            if results.get("resumed_from_step")
+            else ""
+        )
+    )
+    rep.heading("How the forecast held")
+    horizon = sc["horizon_steps"]
+    rep.text(
+        f"The forecast is valid up to step {horizon} ({fc.get('horizon_reason')}); "
+        f"{sc['window_points']} recorded step(s) fall inside that window. Relative L2 error of "
+        f"dL_a over the window: {_fmt(sc['relative_l2_error'])}. Predicted collapse step "
+        f"(dL_a >= {sc['threshold']:g}): {_fmt(sc['collapse_step_predicted'])} "
+        f"({sc['collapse_status_predicted']}); observed: {_fmt(sc['collapse_step_observed'])}"
+        + (
+            f" (first crossing in steps {sc['collapse_bracket_observed'][0]}.."
+            f"{sc['collapse_bracket_observed'][1]})"
+            if sc["collapse_bracket_observed"]
+            else ""
+        )
+        + f". Refusal rate {_fmt(sc['refusal_rate_start'])} -> {_fmt(sc['refusal_rate_end'])}; "
+        f"below half its start at step {_fmt(sc['refusal_collapse_step'])}."
+        + (
+            " The window is too short to fit a log-log exponent."
+            if sc["exponent_observed"] is None
+            else ""
+        )
+    )
+    rows = [
+        ["alignment loss", sc["alignment_loss"]],
+        ["forecast horizon (steps)", horizon],
+        ["recorded steps in window", sc["window_points"]],
+        ["relative L2 error of dL_a (window)", sc["relative_l2_error"]],
+        ["median relative error (window)", sc["median_relative_error"]],
+        ["max relative error (window)", sc["max_relative_error"]],
+        ["log-log exponent, observed (window)", sc["exponent_observed"]],
+        ["log-log exponent, forecast fit (window)", sc["exponent_forecast_fit"]],
+        ["log-log exponent, forecast local (median)", sc["exponent_forecast_local"]],
+        ["observed exponent, steps 1..8 (may pass horizon)", sc["exponent_observed_steps_1_8"]],
+        ["collapse step predicted", sc["collapse_step_predicted"]],
+        ["collapse step observed", sc["collapse_step_observed"]],
+        ["refusal rate start / end", f"{_fmt(sc['refusal_rate_start'])} / "
+         f"{_fmt(sc['refusal_rate_end'])}"],
+        ["refusal rate below half at step", sc["refusal_collapse_step"]],
+        ["mean in-subspace fraction |P delta|/|delta|", sc["subspace_fraction_mean"]],
+    ]  # fmt: skip
+    rep.table(["score", "value"], rows)
+    rep.image("dL_observed.png", "Predicted (line) vs observed (dots) dL_a, linear and log-log.")
+    rep.image("refusal_rate.png", "Refusal rate by greedy generation over fine-tuning steps.")
+    if sc["subspace_fraction"]:
+        rep.image("subspace_fraction.png", "Fraction of the displacement in the subspace.")
+    rep.heading("Trajectory")
+    keys = ["step", "kl", "refusal_nll", "finetune_loss", "refusal_rate", "displacement",
+            "subspace_fraction", "fisher_drift"]  # fmt: skip
+    rep.table(keys, [[r.get(k) for k in keys] for r in results["trajectory"]])
+    rep.heading("Per-step forecast vs observation")
+    rep.table(
+        ["step", "predicted dL_a", "observed dL_a", "relative error"],
+        [[r["step"], r["predicted"], r["observed"], r["rel_error"]] for r in sc["per_step"]],
+    )
+    rep.heading("Timings")
+    rep.table(["stage", "seconds"], [[k, v] for k, v in results["timings_s"].items()])
+    return rep
+
+
+def write_verify_outputs(
+    results: dict[str, Any],
+    out: str | Path,
+    overwrite: bool = False,
+    subspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Path:
+    """Write results.json, report.md/html, plots (and subspace.pt) atomically into ``out``."""
+    with OutputDir(out, overwrite=overwrite) as od:
+        sc, fc, traj = results["scores"], results["diagnosis"]["forecast"], results["trajectory"]
+        per = sc["per_step"]
+        forecast_plot(
+            od.file("dL_observed.png"),
+            fc["steps"],
+            fc["dL"],
+            {},
+            fc.get("horizon_steps"),
+            sc["threshold"],
+            observed=([r["step"] for r in per], [r["observed"] for r in per]),
+            title="Alignment-loss increase: forecast vs observed",
+        )
+        steps = [r["step"] for r in traj]
+        series_plot(
+            od.file("refusal_rate.png"),
+            steps,
+            {"refusal rate": [r.get("refusal_rate") for r in traj]},
+            "refusal rate",
+            "Refusal rate",
+            hline=(sc["refusal_rate_start"] or 0) / 2 if sc["refusal_rate_start"] else None,
+            hline_label="half the start",
+            ylim=(-0.02, 1.02),
+        )
+        if sc["subspace_fraction"]:
+            series_plot(
+                od.file("subspace_fraction.png"),
+                sc["subspace_fraction_steps"],
+                {"|P delta| / |delta|": sc["subspace_fraction"]},
+                "in-subspace fraction",
+                "Displacement in the alignment subspace",
+            )
+        if subspace is not None and subspace[0] is not None:
+            torch.save({"basis": subspace[0], "values": subspace[1]}, od.file("subspace.pt"))
+        write_json_atomic(od.file("results.json"), results)
+        rep = build_report(results)
+        od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
+        od.file("report.html").write_text(rep.html(), encoding="utf-8")
+    return Path(out)

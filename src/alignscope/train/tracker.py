@@ -1,0 +1,140 @@
+"""Alignment measurements of a model during fine-tuning, one step at a time.
+
+:class:`AlignmentTracker` is built once on the aligned model (theta0) and then called at any
+step of a fine-tuning run (from ``finetune``'s callback, or later from a TrainerCallback). Each
+call returns a JSON-ready record (DESIGN.md section 2):
+
+- ``kl``: mean per-token ``KL(pi_theta0 || pi_theta)`` over the alignment set's responses (the
+  default alignment loss, exactly :class:`~alignscope.curvature.losses.AlignmentKL`);
+- ``refusal_nll``: mean token NLL of the alignment set's reference responses;
+- ``eval_kl`` / ``eval_nll``: the same on a held-out harmful set, when one is given;
+- ``refusal_rate``: greedy generation on ``eval_prompts`` (None without them), judged by a
+  pluggable judge (default: :class:`~alignscope.evaluate.KeywordRefusalJudge`);
+- ``finetune_loss``: mean response NLL on a fixed fine-tuning batch;
+- ``displacement`` ``|theta - theta0|``, ``subspace_displacement`` ``|P delta|``,
+  ``subspace_fraction`` ``|P delta| / |delta|`` and ``fisher_drift``
+  ``|F^1/2 P delta| = sqrt(sum_j lambda_j (v_j . delta)^2)`` when a subspace basis is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.curvature.losses import AlignmentKL
+from alignscope.data.encode import LMBatch
+from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, judge_prompts
+from alignscope.params import ParamSelection
+
+
+class AlignmentTracker:
+    """Measures alignment drift of ``model`` (mutated in place by training) against theta0.
+
+    ``basis`` ``[P, d]`` (orthonormal columns) and ``eigenvalues`` ``[d]`` describe the alignment
+    subspace from ``diagnose``; without them the subspace entries of a record are ``None``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        selection: ParamSelection,
+        safety_batch: LMBatch,
+        *,
+        eval_prompts: Sequence[str] | None = None,
+        eval_batch: LMBatch | None = None,
+        finetune_batch: LMBatch | None = None,
+        basis: torch.Tensor | None = None,
+        eigenvalues: torch.Tensor | None = None,
+        judge: RefusalJudge | None = None,
+        max_new_tokens: int = 48,
+        generate_refusals: bool = True,
+    ) -> None:
+        was_training = model.training
+        self.model = model
+        self.tokenizer = tokenizer
+        self.selection = selection
+        self.flm = FunctionalLM(model, selection)  # theta0 = the parameters right now
+        model.train(was_training)
+        self.theta0 = self.flm.theta0
+        self.safety_batch = safety_batch
+        self.kl = AlignmentKL(self.flm, safety_batch)
+        self.eval_batch = eval_batch
+        self.eval_kl = AlignmentKL(self.flm, eval_batch) if eval_batch is not None else None
+        self.finetune_batch = finetune_batch
+        self.prompts = list(eval_prompts) if eval_prompts is not None else None
+        if basis is not None:
+            if basis.shape[0] != self.flm.dim:
+                raise ValueError(
+                    f"subspace basis has {basis.shape[0]} rows, the selection {self.flm.dim}"
+                )
+            if eigenvalues is None or eigenvalues.numel() != basis.shape[1]:
+                raise ValueError("pass one eigenvalue per basis column")
+        self.basis = basis
+        self.eigenvalues = eigenvalues
+        self.judge = judge or KeywordRefusalJudge()
+        self.max_new_tokens = max_new_tokens
+        self.generate_refusals = generate_refusals
+
+    def current_theta(self) -> torch.Tensor:
+        """The selected parameters of the live model, flattened (a detached copy)."""
+        return self.selection.flatten(self.selection.tensors(self.model)).detach().clone()
+
+    def subspace_stats(self, delta: torch.Tensor) -> dict[str, float | None]:
+        """``|delta|``, ``|P delta|``, their ratio and ``|F^1/2 P delta|``."""
+        norm = float(delta.double().norm())
+        out: dict[str, float | None] = {
+            "displacement": norm,
+            "subspace_displacement": None,
+            "subspace_fraction": None,
+            "fisher_drift": None,
+        }
+        if self.basis is None:
+            return out
+        coeff = (self.basis.T.double() @ delta.double().to(self.basis.device)).cpu()
+        proj = float(coeff.norm())
+        lam = self.eigenvalues.double().cpu().clamp_min(0.0)
+        out["subspace_displacement"] = proj
+        out["subspace_fraction"] = proj / norm if norm > 0 else None
+        out["fisher_drift"] = math.sqrt(float((lam * coeff.square()).sum()))
+        return out
+
+    @torch.no_grad()
+    def measure(
+        self, step: int, minibatch_loss: float | None = None, *, refusals: bool | None = None
+    ) -> dict[str, Any]:
+        """One record at ``step`` (the model's current parameters)."""
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the measurements
+        try:
+            theta = self.current_theta()
+            rec: dict[str, Any] = {"step": int(step), "minibatch_loss": minibatch_loss}
+            rec["kl"] = float(self.kl(theta))
+            rec["refusal_nll"] = float(self.flm.mean_nll(theta, self.safety_batch))
+            if self.eval_kl is not None:
+                rec["eval_kl"] = float(self.eval_kl(theta))
+                rec["eval_nll"] = float(self.flm.mean_nll(theta, self.eval_batch))
+            if self.finetune_batch is not None:
+                rec["finetune_loss"] = float(self.flm.mean_nll(theta, self.finetune_batch))
+            rec.update(self.subspace_stats(theta - self.theta0))
+            do_gen = self.generate_refusals if refusals is None else refusals
+            rec["refusal_rate"] = None
+            if do_gen and self.prompts:
+                report = judge_prompts(
+                    self.model,
+                    self.tokenizer,
+                    self.prompts,
+                    judge=self.judge,
+                    max_new_tokens=self.max_new_tokens,
+                )
+                rec["refusal_rate"] = report.rate
+        finally:
+            self.model.train(was_training)
+        rec["seconds"] = time.perf_counter() - start
+        return rec
