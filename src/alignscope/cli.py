@@ -29,110 +29,123 @@ def main(
     """alignscope: geometry of alignment collapse, measured on your model and data."""
 
 
+# Options shared by diagnose and verify (one place for their names, defaults and help).
+MODEL = typer.Option(..., "--model", "-m", help="Hugging Face model directory.")
+SAFETY = typer.Option(
+    ..., "--safety", "-s", help="Harmful prompts (JSONL/CSV/TXT), optionally with responses."
+)
+DATA = typer.Option(..., "--data", "-d", help="Fine-tuning set with prompt/response.")
+PARAMS = typer.Option(
+    ["all"], "--params", help="all | lora | glob over parameter names (repeatable)."
+)
+GROUP = typer.Option(
+    None, "--group", help="Block-wise subspaces: layer | module (default: one block)."
+)
+OPTIMIZER = typer.Option("adamw", help="sgd | adam | adamw.")
+LR = typer.Option(2e-5, help="Learning rate of the fine-tuning.")
+BATCH_SIZE = typer.Option(8, help="Batch size of the fine-tuning.")
+STEPS = typer.Option(1000, help="Optimizer steps to forecast (verify: to run).")
+RANK = typer.Option(None, help="Subspace dimension d (default 20 unless --explained).")
+EXPLAINED = typer.Option(None, help="Choose d to explain this fraction of tr F.")
+THRESHOLD = typer.Option(0.1, help="dL_a (nats/token) that counts as collapse.")
+FISHER = typer.Option("ggn", help="ggn (true Fisher) | empirical (not recommended).")
+SOLVER = typer.Option("auto", help="auto | gram | lanczos.")
+ALIGNMENT_LOSS = typer.Option("kl", help="kl (default) | nll (refusal NLL).")
+MAX_SAFETY = typer.Option(64, help="Use at most this many safety prompts.")
+MAX_DATA = typer.Option(256, help="Fine-tuning examples used for curvature and loss tracking.")
+DTYPE = typer.Option("float32", help="float32 | bfloat16 | float16 | float64.")
+DEVICE = typer.Option("cpu", help="cpu | cuda | auto.")
+MEMORY_GB = typer.Option(2.0, help="Memory budget for curvature work (GiB).")
+THREADS = typer.Option(None, help="torch CPU threads (1 is best on a busy 2-core box).")
+SEED = typer.Option(0, help="Random seed (recorded in results.json).")
+OVERWRITE = typer.Option(False, help="Replace an existing output directory.")
+ERRORS = (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError)
+
+
+def _config_fields(options: dict) -> dict:
+    """DiagnoseConfig fields from the shared CLI options (names as the config spells them)."""
+    fields = {k: options[k] for k in (
+        "model", "safety", "data", "group", "optimizer", "lr", "batch_size", "steps", "rank",
+        "explained", "threshold", "fisher", "solver", "alignment_loss", "max_safety",
+        "max_data", "dtype", "device", "threads", "seed")}  # fmt: skip
+    fields["params"] = list(options["params"])
+    fields["memory_budget_gb"] = options["memory_gb"]
+    if fields["rank"] is None and fields["explained"] is None:
+        fields["rank"] = 20
+    return fields
+
+
 @app.command()
 def diagnose(
-    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model directory."),
-    safety: str = typer.Option(
-        ..., "--safety", "-s", help="Harmful prompts (JSONL/CSV/TXT), optionally with responses."
-    ),
-    data: str = typer.Option(..., "--data", "-d", help="Fine-tuning set with prompt/response."),
-    params: list[str] = typer.Option(
-        ["all"], "--params", help="all | lora | glob over parameter names (repeatable)."
-    ),
-    group: str = typer.Option(
-        None, "--group", help="Block-wise subspaces: layer | module (default: one block)."
-    ),
-    optimizer: str = typer.Option("adamw", help="sgd | adam | adamw."),
-    lr: float = typer.Option(2e-5, help="Learning rate of the planned fine-tuning."),
-    batch_size: int = typer.Option(8, help="Batch size of the planned fine-tuning."),
-    steps: int = typer.Option(1000, help="Steps to forecast."),
-    rank: int = typer.Option(None, help="Subspace dimension d (default 20 unless --explained)."),
-    explained: float = typer.Option(None, help="Choose d to explain this fraction of tr F."),
-    threshold: float = typer.Option(0.1, help="dL_a (nats/token) that counts as collapse."),
-    fisher: str = typer.Option("ggn", help="ggn (true Fisher) | empirical (not recommended)."),
-    solver: str = typer.Option("auto", help="auto | gram | lanczos."),
-    alignment_loss: str = typer.Option("kl", help="kl (default) | nll (refusal NLL)."),
-    max_safety: int = typer.Option(64, help="Use at most this many safety prompts."),
-    max_data: int = typer.Option(256, help="Use at most this many fine-tuning examples."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | float64."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
-    memory_gb: float = typer.Option(2.0, help="Memory budget for curvature work (GiB)."),
-    threads: int = typer.Option(None, help="torch CPU threads (1 is best on a busy 2-core box)."),
-    seed: int = typer.Option(0, help="Random seed (recorded in results.json)."),
+    model: str = MODEL,
+    safety: str = SAFETY,
+    data: str = DATA,
+    params: list[str] = PARAMS,
+    group: str = GROUP,
+    optimizer: str = OPTIMIZER,
+    lr: float = LR,
+    batch_size: int = BATCH_SIZE,
+    steps: int = STEPS,
+    rank: int = RANK,
+    explained: float = EXPLAINED,
+    threshold: float = THRESHOLD,
+    fisher: str = FISHER,
+    solver: str = SOLVER,
+    alignment_loss: str = ALIGNMENT_LOSS,
+    max_safety: int = MAX_SAFETY,
+    max_data: int = MAX_DATA,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    memory_gb: float = MEMORY_GB,
+    threads: int = THREADS,
+    seed: int = SEED,
     out: str = typer.Option("alignscope-out/diagnose", help="Output directory."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Measure the AIC and forecast the alignment-loss increase over fine-tuning steps."""
     from alignscope.diagnose import DiagnoseConfig, run_diagnose
     from alignscope.report.diagnose_report import write_diagnose_outputs
     from alignscope.report.output import OutputDir
 
-    if rank is None and explained is None:
-        rank = 20
-    cfg = DiagnoseConfig(
-        model=model,
-        safety=safety,
-        data=data,
-        params=list(params),
-        group=group,
-        optimizer=optimizer,
-        lr=lr,
-        batch_size=batch_size,
-        steps=steps,
-        rank=rank,
-        explained=explained,
-        threshold=threshold,
-        seed=seed,
-        fisher=fisher,
-        solver=solver,
-        alignment_loss=alignment_loss,
-        max_safety=max_safety,
-        max_data=max_data,
-        dtype=dtype,
-        device=device,
-        memory_budget_gb=memory_gb,
-    )
+    cfg = DiagnoseConfig(**_config_fields(locals()))
     try:
         OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
         result = run_diagnose(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as err:
+    except ERRORS as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from None
-    path = write_diagnose_outputs(result.to_json(), out, overwrite=overwrite)
-    _print_summary(result.to_json())
+    res = result.to_json()
+    path = write_diagnose_outputs(
+        res, out, overwrite=overwrite, subspace=(result.subspace_basis, result.subspace_values)
+    )
+    _print_summary(res)
     typer.echo(f"wrote {path}/results.json, report.md, report.html")
 
 
 @app.command()
 def verify(
-    model: str = typer.Option(..., "--model", "-m", help="Hugging Face model directory."),
-    safety: str = typer.Option(
-        ..., "--safety", "-s", help="Harmful prompts (JSONL/CSV/TXT), optionally with responses."
-    ),
-    data: str = typer.Option(..., "--data", "-d", help="Fine-tuning set with prompt/response."),
-    params: list[str] = typer.Option(
-        ["all"], "--params", help="all | lora | glob over parameter names (repeatable)."
-    ),
-    group: str = typer.Option(
-        None, "--group", help="Block-wise subspaces: layer | module (default: one block)."
-    ),
-    optimizer: str = typer.Option("adamw", help="sgd | adam | adamw."),
-    lr: float = typer.Option(2e-5, help="Learning rate of the fine-tuning run."),
-    batch_size: int = typer.Option(8, help="Batch size of the fine-tuning run."),
-    steps: int = typer.Option(1000, help="Steps to fine-tune (and forecast)."),
-    rank: int = typer.Option(None, help="Subspace dimension d (default 20 unless --explained)."),
-    explained: float = typer.Option(None, help="Choose d to explain this fraction of tr F."),
-    threshold: float = typer.Option(0.1, help="dL_a (nats/token) that counts as collapse."),
-    fisher: str = typer.Option("ggn", help="ggn (true Fisher) | empirical (not recommended)."),
-    solver: str = typer.Option("auto", help="auto | gram | lanczos."),
-    alignment_loss: str = typer.Option("kl", help="kl (default) | nll (refusal NLL)."),
-    max_safety: int = typer.Option(64, help="Use at most this many safety prompts."),
-    max_data: int = typer.Option(256, help="Fine-tuning examples for the diagnosis/loss."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 | float64."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
-    memory_gb: float = typer.Option(2.0, help="Memory budget for curvature work (GiB)."),
-    threads: int = typer.Option(None, help="torch CPU threads (1 is best on a busy 2-core box)."),
-    seed: int = typer.Option(0, help="Random seed (data order; recorded in results.json)."),
+    model: str = MODEL,
+    safety: str = SAFETY,
+    data: str = DATA,
+    params: list[str] = PARAMS,
+    group: str = GROUP,
+    optimizer: str = OPTIMIZER,
+    lr: float = LR,
+    batch_size: int = BATCH_SIZE,
+    steps: int = STEPS,
+    rank: int = RANK,
+    explained: float = EXPLAINED,
+    threshold: float = THRESHOLD,
+    fisher: str = FISHER,
+    solver: str = SOLVER,
+    alignment_loss: str = ALIGNMENT_LOSS,
+    max_safety: int = MAX_SAFETY,
+    max_data: int = MAX_DATA,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    memory_gb: float = MEMORY_GB,
+    threads: int = THREADS,
+    seed: int = SEED,
     eval_prompts: str = typer.Option(
         None, "--eval-prompts", "-e", help="Held-out harmful prompts for the refusal rate."
     ),
@@ -145,7 +158,7 @@ def verify(
         None, "--diagnosis", help="results.json (or its folder) of an earlier diagnose run."
     ),
     out: str = typer.Option("alignscope-out/verify", help="Output directory."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Fine-tune for real and score the diagnosis' forecast against what happens.
 
@@ -163,36 +176,9 @@ def verify(
     from alignscope.report.verify_report import write_verify_outputs
     from alignscope.verify import VerifyConfig, run_verify
 
-    if rank is None and explained is None:
-        rank = 20
-    cfg = VerifyConfig(
-        model=model,
-        safety=safety,
-        data=data,
-        params=list(params),
-        group=group,
-        optimizer=optimizer,
-        lr=lr,
-        batch_size=batch_size,
-        steps=steps,
-        rank=rank,
-        explained=explained,
-        threshold=threshold,
-        seed=seed,
-        fisher=fisher,
-        solver=solver,
-        alignment_loss=alignment_loss,
-        max_safety=max_safety,
-        max_data=max_data,
-        dtype=dtype,
-        device=device,
-        memory_budget_gb=memory_gb,
-        threads=threads,
-        eval_prompts=eval_prompts,
-        max_eval=max_eval,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-    )
+    extra = {"eval_prompts": eval_prompts, "max_eval": max_eval, "eval_every": eval_every,
+             "checkpoint_every": checkpoint_every}  # fmt: skip
+    cfg = VerifyConfig(**_config_fields(locals()), **extra)
     partial = Path(out).with_name(Path(out).name + ".partial")
     try:
         OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
@@ -215,7 +201,7 @@ def verify(
             subspace_values=values,
             partial_dir=partial,
         )
-    except (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError) as err:
+    except ERRORS as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from None
     res = result.to_json()
@@ -251,14 +237,15 @@ DEMO_MARKER = ".alignscope-demo"
 @app.command()
 def demo(
     preset: str = typer.Option("demo", help="Organism preset: demo (minutes) or test (seconds)."),
-    seed: int = typer.Option(0, help="Seed of the organism and of the diagnosis."),
+    seed: int = typer.Option(0, help="Seed of the organism, the diagnosis and the fine-tuning."),
     out: str = typer.Option("alignscope-out/demo", help="Where the reports go."),
     threads: int = typer.Option(1, help="torch CPU threads (1 is fastest on small shared CPUs)."),
 ) -> None:
-    """Build (or reuse) the organism, show it, diagnose a collapsing and a safe benign set.
+    """Build (or reuse) the organism, then diagnose and verify a collapsing and a safe set.
 
-    The benign_affirmative set erases the organism's refusals under AdamW; benign_neutral
-    does not. Reports go to --out/<set>/report.html.
+    benign_affirmative erases the organism's refusals under AdamW; benign_neutral does not.
+    For each: diagnose (AIC + forecast), then a real AdamW fine-tuning run that scores the
+    forecast. Reports go to --out/<set>/diagnose/ and --out/<set>/verify/.
     """
     from pathlib import Path
 
@@ -266,10 +253,12 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from alignscope.diagnose import DiagnoseConfig, run_diagnose
+    from alignscope.diagnose import run_diagnose
     from alignscope.organism import load_organism
     from alignscope.organism.cli import show
     from alignscope.report.diagnose_report import write_diagnose_outputs
+    from alignscope.report.verify_report import write_verify_outputs
+    from alignscope.verify import VerifyConfig, run_verify
 
     root = Path(out)
     if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).exists():
@@ -279,27 +268,40 @@ def demo(
     org = load_organism(preset, seed, threads=threads)
     show(preset=preset, seed=seed, out=org.path, n=3, threads=threads)
     proto = org.finetune_protocol
-    summary = Table(title=f"diagnose: AdamW lr {proto.lr:g}, batch {proto.batch_size}")
-    for col in ("benign set", "AIC", "|P g|/|g|", "kappa", "gamma", "SGD horizon"):
+    summary = Table(title=f"AdamW lr {proto.lr:g}, batch {proto.batch_size}, {proto.steps} steps")
+    cols = ("benign set", "|P g|/|g|", "kappa", "gamma", "horizon", "refusal", "KL>0.1 at")
+    for col in cols:
         summary.add_column(col, no_wrap=True)
     written = []
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("written by `alignscope demo`; it replaces this folder\n")
     for name in DEMO_SETS:
-        cfg = DiagnoseConfig.for_organism(org, name, rank=20, seed=seed, threads=threads)
-        res = run_diagnose(cfg).to_json()
-        path = write_diagnose_outputs(res, root / name, overwrite=True)
-        a, sgd = res["aic"]["gradient"], res.get("forecast_sgd") or res["forecast"]
+        cfg = VerifyConfig.for_organism(
+            org,
+            name,
+            rank=20,
+            seed=seed,
+            threads=threads,
+            eval_prompts=str(org.datasets_path / "harmful_eval.jsonl"),
+        )
+        diagnosis = run_diagnose(cfg.diagnose_config())
+        res = diagnosis.to_json()
+        sub = (diagnosis.subspace_basis, diagnosis.subspace_values)
+        write_diagnose_outputs(res, root / name / "diagnose", overwrite=True, subspace=sub)
+        verified = run_verify(cfg, diagnosis=diagnosis)
+        ver = verified.to_json()
+        path = write_verify_outputs(ver, root / name / "verify", overwrite=True, subspace=sub)
+        a, fc, sc = res["aic"]["gradient"], res["forecast"], ver["scores"]
         summary.add_row(
             name.removeprefix("benign_"),
-            "holds"
-            if res["verdict"]["aic_holds"]
-            else "fails: " + ", ".join(res["verdict"]["failed"]),
             f"{a['Pg_ratio']:.3f}",
             f"{a['kappa']:.3g}",
             f"{a['gamma']:.3g}",
-            f"{sgd['horizon_steps']} steps",
+            f"{fc['horizon_steps']} steps",
+            f"{sc['refusal_rate_start']:.0%} -> {sc['refusal_rate_end']:.0%}",
+            str(sc["collapse_step_observed"] or "never"),
         )
+        written.append(root / name / "diagnose" / "report.html")
         written.append(path / "report.html")
     Console(width=max(100, Console().width)).print(summary)
     for path in written:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alignscope.report.document import Report
 from alignscope.report.output import OutputDir, write_json_atomic
 from alignscope.report.plots import forecast_plot, spectrum_plot
@@ -114,9 +116,20 @@ def build_report(results: dict[str, Any]) -> Report:
     return rep
 
 
-def write_diagnose_outputs(results: dict[str, Any], out: str | Path, overwrite: bool = False):
-    """Write results.json, report.md, report.html and the plots atomically into ``out``."""
+def write_diagnose_outputs(
+    results: dict[str, Any],
+    out: str | Path,
+    overwrite: bool = False,
+    subspace: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> Path:
+    """Write results.json, report.md/html, the plots and (given) subspace.pt atomically.
+
+    ``subspace.pt`` holds the top-d basis and eigenvalues so ``verify --diagnosis`` can measure
+    the drift into the subspace without recomputing it.
+    """
     with OutputDir(out, overwrite=overwrite) as od:
+        if subspace is not None and subspace[0] is not None:
+            torch.save({"basis": subspace[0], "values": subspace[1]}, od.file("subspace.pt"))
         sub, fc = results["subspace"], results["forecast"]
         spectrum_plot(od.file("spectrum.png"), sub["eigenvalues"], sub["d"], sub["trace"])
         plots = [("forecast.png", fc, "")]
