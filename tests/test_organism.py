@@ -236,3 +236,22 @@ def test_commit_is_atomic_and_never_clobbers_a_different_build(tmp_path):
     _commit(tmp_path / "t3", out, "j", force=True)
     assert json.loads((out / "manifest.json").read_text())["key"] == "j"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_example_weighted_loss_is_the_diagnosis_fine_tuning_loss(organism_test):
+    from alignscope.curvature import FunctionalLM
+    from alignscope.data.encode import collate, encode_pairs
+    from alignscope.params import select_params
+    from alignscope.train.loop import response_nll
+
+    model, tok = organism_test.aligned_model(), organism_test.tokenizer()
+    rows = organism_test.dataset("benign_strings")[:6]
+    batch = collate(encode_pairs(tok, [(r["prompt"], r["response"]) for r in rows]))
+    assert len(set(batch.n_response_tokens.tolist())) > 1  # lengths differ: weightings differ
+    flm = FunctionalLM(model, select_params(model))
+    with torch.no_grad():
+        expected = float(flm.mean_nll(flm.theta0, batch))
+        token = float(response_nll(model, batch, "token"))
+        example = float(response_nll(model, batch, "example"))
+    assert example == pytest.approx(expected, rel=1e-5)
+    assert abs(token - example) > 1e-6 * max(1.0, abs(example))

@@ -451,6 +451,7 @@ def run_verify(
             callback=callback,
             optimizer=opt,
             start_step=start,
+            loss_weighting="example",  # the L_f of the diagnosis
         )
     timings.update(stages.timings)
     scores = score(diag, records, cfg.threshold, cfg.alignment_loss)

@@ -33,11 +33,25 @@ def as_pairs(rows: Sequence[Mapping[str, str] | tuple[str, str]]) -> list[tuple[
     return out
 
 
-def response_nll(model: torch.nn.Module, batch: LMBatch) -> torch.Tensor:
-    """Mean NLL of the response tokens of ``batch`` (a scalar tensor with grad)."""
+def response_nll(model: torch.nn.Module, batch: LMBatch, weighting: str = "token") -> torch.Tensor:
+    """Mean NLL of the response tokens of ``batch`` (a scalar tensor with grad).
+
+    ``weighting="token"``: the mean over all response tokens of the batch (what Trainer does);
+    ``"example"``: the mean over examples of each example's token mean, the fine-tuning loss
+    ``L_f`` that diagnose differentiates (``FunctionalLM.mean_nll``), so that verify runs the
+    flow the forecast describes.
+    """
     logits = model(input_ids=batch.input_ids).logits[:, :-1]
     mask = batch.target_mask
-    return F.cross_entropy(logits[mask].float(), batch.targets[mask])
+    if weighting == "token":
+        return F.cross_entropy(logits[mask].float(), batch.targets[mask])
+    if weighting != "example":
+        raise ValueError(f"unknown loss weighting {weighting!r}; use token or example")
+    nll = F.cross_entropy(
+        logits.float().transpose(1, 2), batch.targets, reduction="none"
+    )  # [B, T-1]
+    weights = mask.float() / mask.sum(dim=1, keepdim=True).clamp_min(1)
+    return (nll * weights).sum(dim=1).mean()
 
 
 def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -82,6 +96,7 @@ def finetune(
     callback: StepCallback | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
+    loss_weighting: str = "token",
 ) -> list[float]:
     """Fine-tune ``model`` in place with AdamW on ``pairs``; return the per-step losses.
 
@@ -92,6 +107,7 @@ def finetune(
     ``start_step`` resumes a run: the first ``start_step`` batches of the (seeded) stream are
     skipped unseen, so the data order matches an uninterrupted run; the model and optimizer must
     already hold that step's state, and the step-0 callback is not made.
+    ``loss_weighting``: see :func:`response_nll`.
     """
     if encoded is None:
         if pairs is None:
@@ -118,7 +134,7 @@ def finetune(
             factor = lr_factor(step, steps, warmup, schedule)
             for group in opt.param_groups:
                 group["lr"] = lr * factor
-            loss = response_nll(model, batch.to(device))
+            loss = response_nll(model, batch.to(device), loss_weighting)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
