@@ -79,9 +79,21 @@ class OutputDir:
         return self.staging / name
 
     def commit(self) -> Path:
+        """Move the staged results into place; an old folder is kept until the move succeeds."""
+        backup = None
         if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.staging, self.path)
+            backup = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, backup)
+        try:
+            os.replace(self.staging, self.path)
+        except OSError as err:
+            if backup is not None:
+                os.replace(backup, self.path)
+            raise OSError(
+                f"could not move the results into {self.path} ({err}); they are in {self.staging}"
+            ) from err
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
         return self.path
 
     def abort(self) -> None:
