@@ -64,6 +64,17 @@ def test_lanczos_on_a_float32_operator_keeps_float32_accuracy():
     np.testing.assert_allclose(res.values.numpy(), ref, rtol=1e-5)
 
 
+def test_lanczos_finds_both_copies_of_a_repeated_eigenvalue():
+    gen = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(50, 50, generator=gen, dtype=torch.float64))
+    vals = torch.zeros(50, dtype=torch.float64)
+    vals[:3] = torch.tensor([5.0, 5.0, 1.0])
+    dense = q @ torch.diag(vals) @ q.T
+    res = lanczos_eigs(lambda v: dense @ v, 50, 2)
+    np.testing.assert_allclose(res.values.numpy(), [5.0, 5.0], rtol=1e-8)
+    assert res.converged
+
+
 def test_lanczos_handles_rank_deficiency_past_the_rank():
     dense, _, _ = _spiked(dim=30, rank=6)
     res = lanczos_eigs(lambda v: dense @ v, 30, 10, max_iter=30)

@@ -1,5 +1,6 @@
 """verify: the tracker's numbers, the scores, resume, and the command end to end."""
 
+import dataclasses
 import json
 import math
 
@@ -186,6 +187,9 @@ def test_resume_matches_an_uninterrupted_run(organism_test, tmp_path):
     with pytest.raises(Crash):
         run_verify(cfg, diagnosis=diag, judge=CrashingJudge(), partial_dir=partial, quiet=True)
     assert (partial / "checkpoint.pt").exists()
+    other_diag = run_diagnose(dataclasses.replace(cfg.diagnose_config(), rank=3), quiet=True)
+    with pytest.raises(ValueError, match="another diagnosis"):
+        run_verify(cfg, diagnosis=other_diag, partial_dir=partial, quiet=True)
     resumed = run_verify(cfg, partial_dir=partial, quiet=True)  # diagnosis read from partial
     # checkpoints at every 2nd recorded step after step 0: records 1, 3, 5 (0-based)
     assert resumed.resumed_from == full.trajectory[5]["step"]

@@ -179,7 +179,8 @@ def verify(
     extra = {"eval_prompts": eval_prompts, "max_eval": max_eval, "eval_every": eval_every,
              "checkpoint_every": checkpoint_every}  # fmt: skip
     cfg = VerifyConfig(**_config_fields(locals()), **extra)
-    partial = Path(out).with_name(Path(out).name + ".partial")
+    resolved = Path(out).resolve()  # "--out ." has no name to suffix before resolving
+    partial = resolved.with_name(resolved.name + ".partial")
     try:
         OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
         diag, basis, values = None, None, None

@@ -100,6 +100,10 @@ class DiagnoseConfig:
             raise ValueError("--rank must be at least 1")
         if self.explained is not None and not 0 < self.explained <= 1:
             raise ValueError("--explained must be in (0, 1]")
+        if self.noise_examples < 2:
+            raise ValueError("noise_examples must be at least 2 (the gradient covariance)")
+        if self.fisher == "empirical" and self.group is not None:
+            raise ValueError("--fisher empirical has no block-wise variant; drop --group")
         if self.fisher not in ("ggn", "empirical"):
             raise ValueError("--fisher must be ggn or empirical")
         if self.alignment_loss not in ("kl", "nll"):
@@ -317,7 +321,13 @@ def run_diagnose(
         subspace = make_subspace(eig, trace, trace_err)
         d = cfg.rank if cfg.rank is not None else subspace.rank_for(cfg.explained or 0.9)
         d = min(d, subspace.k)
-        out["subspace"] = {**subspace.summary(d), "plan": plan_text, "fisher": cfg.fisher}
+        out["subspace"] = {
+            **subspace.summary(d),
+            "plan": plan_text,
+            "fisher": cfg.fisher,
+            "converged": eig.converged,
+            "max_residual": None if eig.residuals is None else float(eig.residuals.max()),
+        }
 
     with stages.stage("gradients", f"{data_batch.size} fine-tuning examples"):
         g = finetune_gradient(flm, data_batch)
@@ -347,6 +357,8 @@ def run_diagnose(
             tr_f_sigma_adam = noise_trace(fisher, per_sample * diag)
     out["aic"] = {"gradient": sgd.to_dict(), "optimizer_step": (adam or sgd).to_dict()}
     out["aic"]["noise_trace_F_Sigma"] = tr_f_sigma
+    if diag is not None:  # tr(F D Sigma D): the noise term of the Adam forecast
+        out["aic"]["noise_trace_F_Sigma_preconditioned"] = tr_f_sigma_adam
     out["verdict"] = verdict(adam or sgd, out["subspace"])
 
     with stages.stage("forecast"):

@@ -257,10 +257,20 @@ class _Partial:
         return (self.path / "diagnosis.json").exists()
 
     def start(self, diagnosis: dict, basis, values) -> None:
+        """Store the diagnosis; refuse one that differs from the diagnosis of a stored run."""
+        if self.has_diagnosis:
+            stored, _, _ = self.diagnosis()
+            if _diagnosis_digest(stored) != _diagnosis_digest(diagnosis):
+                raise ValueError(
+                    f"{self.path} holds a partial run made with another diagnosis; delete it "
+                    "or rerun with the same diagnosis"
+                )
+            return
         self.path.mkdir(parents=True, exist_ok=True)
+        # config first: a crash after it still lets the next run check its arguments
+        _atomic_text(self.path / "config.json", self.key)
         _atomic_torch(self.path / "subspace.pt", {"basis": basis, "values": values})
         write_json_atomic(self.path / "diagnosis.json", diagnosis)
-        _atomic_text(self.path / "config.json", self.key)
 
     def diagnosis(self) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
         diag = json.loads((self.path / "diagnosis.json").read_text(encoding="utf-8"))
@@ -277,6 +287,7 @@ class _Partial:
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         _atomic_torch(self.path / "checkpoint.pt", state)
 
@@ -291,6 +302,12 @@ class _Partial:
 
 
 # --- the run ---------------------------------------------------------------------------------
+
+
+def _diagnosis_digest(diag: dict) -> str:
+    """What identifies a diagnosis for resuming (timings and environment may differ)."""
+    keep = {k: diag.get(k) for k in ("config", "alignment", "subspace", "forecast")}
+    return json.dumps(_jsonable(keep), sort_keys=True)
 
 
 def _diagnosis_parts(diagnosis, basis, values):
@@ -415,12 +432,17 @@ def run_verify(
     )
     records: list[dict[str, Any]] = []
     start = 0
+    # A fresh run starts from the seed whether or not the diagnosis ran in this process, so a
+    # run that dies before its first checkpoint reruns identically (dropout draws included).
+    torch.manual_seed(cfg.seed)
     if partial is not None:
         ckpt, records = partial.resume()
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"])
+            if torch.cuda.is_available() and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
             start = int(ckpt["step"])
     resumed_from = start or None
     since_ckpt = 0

@@ -97,6 +97,7 @@ def lanczos_eigs(
     scale = 0.0
     m = 0
     converged = False
+    block_start = 0  # where the current Krylov block began (after the last restart)
     for j in range(m_max):
         w = matvec(basis[j].to(op_dtype)).to(bdtype)
         alpha = float(basis[j] @ w)
@@ -113,7 +114,12 @@ def lanczos_eigs(
         m = j + 1
         scale = max(scale, abs(alpha), beta)
         done = m == m_max
-        if m >= k and (m % check_every == 0 or done or beta <= 1e-12 * scale):
+        breakdown = beta <= 1e-12 * max(scale, 1e-300)
+        # At a breakdown every residual is ~0, but the Krylov space holds one vector per distinct
+        # eigenvalue: a repeated one is still missing. Only accept convergence once the block
+        # since the last restart has had k steps to find such copies.
+        fresh = m - block_start >= k
+        if m >= k and fresh and not breakdown and (m % check_every == 0 or done):
             ritz, vecs = _tridiag_eigs(alphas, betas)
             top = np.argsort(ritz)[::-1][:k]
             res = np.abs(beta * vecs[-1, top])
@@ -122,7 +128,8 @@ def lanczos_eigs(
                 break
         if done:
             break
-        if beta <= 1e-12 * max(scale, 1e-300):
+        if breakdown:
+            block_start = m
             w = torch.randn(dim, generator=gen, dtype=bdtype).to(device)
             for _ in range(2):
                 w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
@@ -169,8 +176,18 @@ def _merge_blocks(parts: dict[str, tuple[EigenResult, torch.Tensor]], dim: int, 
     order = torch.argsort(vals, descending=True)
     where = {int(old): new for new, old in enumerate(order)}
     blocks = {b: sorted(where[c] for c in cols) for b, cols in blocks.items()}
+    results = [r for r, _ in parts.values()]
+    residuals = None
+    if all(r.residuals is not None for r in results):
+        residuals = torch.cat([r.residuals.to(torch.float64) for r in results])[order]
     return EigenResult(
-        vals[order], torch.cat(columns, dim=1)[:, order], method, products, None, blocks
+        vals[order],
+        torch.cat(columns, dim=1)[:, order],
+        method,
+        products,
+        residuals,
+        blocks,
+        converged=all(r.converged for r in results),
     )
 
 
