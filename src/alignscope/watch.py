@@ -1,0 +1,418 @@
+"""``watch``: alignment measurements and an early warning during someone else's fine-tuning run.
+
+:class:`AlignmentWatcher` is the plain-PyTorch piece: built on the aligned model (theta0) before
+training, called with ``watcher.step(step, loss)`` from any training loop. At the steps of its
+schedule it measures (through :class:`~alignscope.train.tracker.AlignmentTracker`) the KL
+alignment loss on the safety set, the greedy refusal rate on held-out harmful prompts, the drift
+``|theta - theta0|`` (and into the alignment subspace when a diagnosis is given), plus
+``soft_refusal``: the mean probability of the aligned model's refusal's *first* token on the
+held-out prompts it refused. That is the decision point of the greedy refusal, and it moves
+continuously while the greedy rate still reads 100 %, so its trend warns before the rate falls.
+
+Early warning: a least-squares line through the last ``window`` measurements of the refusal
+signals (``refusal_rate`` and ``soft_refusal``), or an exponential through the KL, extrapolated
+``horizon`` steps ahead; when a refusal signal is predicted (or measured) below ``floor``, or the
+KL above ``kl_threshold``, ``warnings.warn`` is raised and the record carries ``warning``. With
+``stop_on_collapse`` the watcher asks to stop and the parameters of the last measurement whose
+refusal rate was above the floor (kept in memory) are saved to ``<output_dir>/last-safe``.
+
+:class:`AlignmentCallback` wraps a watcher as a ``transformers.TrainerCallback``.
+Every record is appended, one JSON line per ``os.write`` on an ``O_APPEND`` descriptor, to
+``log_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignscope.data.encode import LMBatch, collate, encode_pairs
+from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
+from alignscope.params import select_params
+from alignscope.report.output import _jsonable
+from alignscope.train.tracker import AlignmentTracker
+
+try:  # transformers is a dependency, but keep the plain watcher importable without it
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover
+    TrainerCallback = object  # type: ignore[assignment,misc]
+
+
+class AlignmentCollapseWarning(UserWarning):
+    """The measured trend predicts (or the measurement shows) loss of alignment."""
+
+
+def schedule_steps(every: int, log_spaced: bool = True) -> tuple[set[int], int]:
+    """The early steps to measure at and the period after them.
+
+    ``log_spaced``: 0 and ``round(sqrt(2)^i)`` below ``every`` (as :func:`alignscope.verify.
+    log_steps`), then every ``every`` steps; else 0 and every ``every`` steps.
+    """
+    if every < 1:
+        raise ValueError("every must be a positive integer")
+    from alignscope.verify import log_steps
+
+    early = {s for s in log_steps(every) if s < every} if log_spaced else {0}
+    return early, every
+
+
+def _rows(rows: Sequence[Mapping[str, str] | str]) -> list[dict[str, str]]:
+    out = []
+    for r in rows:
+        out.append({"prompt": r} if isinstance(r, str) else dict(r))
+    return out
+
+
+def _trend(points: list[tuple[int, float]], at: float, log: bool = False) -> float | None:
+    """Least-squares line (in ``log`` of the values when ``log``) through points, at ``at``."""
+    pts = [(s, v) for s, v in points if v is not None and math.isfinite(v)]
+    if log:
+        pts = [(s, math.log(v)) for s, v in pts if v > 0]
+    if len(pts) < 2 or len({s for s, _ in pts}) < 2:
+        return None
+    slope, icept = np.polyfit([s for s, _ in pts], [v for _, v in pts], 1)
+    pred = float(slope * at + icept)
+    return math.exp(min(pred, 700.0)) if log else pred
+
+
+class AlignmentWatcher:
+    """Alignment measurements of ``model`` (trained in place) every ``every`` steps.
+
+    ``safety_rows``: the alignment set (``{"prompt", "response"}``; rows without a response get the
+    aligned model's greedy response), for the KL. ``eval_rows``: held-out harmful prompts (strings
+    or rows) for the refusal rate; default the safety prompts. ``diagnosis``: a
+    :class:`~alignscope.diagnose.DiagnoseResult` (or pass ``basis``/``eigenvalues``) for the
+    subspace entries; without one they are None. ``params``: the parameter selection compared to
+    theta0 (default every trainable parameter: the adapters of a PEFT model).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        safety_rows: Sequence[Mapping[str, str] | str],
+        eval_rows: Sequence[Mapping[str, str] | str] | None = None,
+        *,
+        every: int = 10,
+        log_spaced: bool = True,
+        floor: float = 0.5,
+        kl_threshold: float | None = None,
+        horizon: int | None = None,
+        window: int = 3,
+        stop_on_collapse: bool = False,
+        output_dir: str | Path | None = None,
+        log_path: str | Path | None = None,
+        diagnosis=None,
+        basis: torch.Tensor | None = None,
+        eigenvalues: torch.Tensor | None = None,
+        params: str | Sequence[str] = "all",
+        judge: RefusalJudge | None = None,
+        max_new_tokens: int = 16,
+        max_length: int | None = None,
+        keep_safe_state: bool | None = None,
+    ) -> None:
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError("floor is a refusal rate in [0, 1]")
+        if window < 2:
+            raise ValueError("window must be >= 2 measurements")
+        self.early, self.every = schedule_steps(every, log_spaced)
+        self.floor = floor
+        self.kl_threshold = kl_threshold
+        self.horizon = 2 * every if horizon is None else int(horizon)
+        self.window = window
+        self.stop_on_collapse = stop_on_collapse
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.keep_safe_state = stop_on_collapse if keep_safe_state is None else keep_safe_state
+        self.model = model
+        self.tokenizer = tokenizer
+        self.judge = judge or KeywordRefusalJudge()
+        self.max_new_tokens = max_new_tokens
+        self.max_length = max_length
+        if diagnosis is not None:
+            basis, eigenvalues = diagnosis.subspace_basis, diagnosis.subspace_values
+        self.records: list[dict[str, Any]] = []
+        self.warnings: list[dict[str, Any]] = []
+        self.should_stop = False
+        self.last_safe_step: int | None = None
+        self.last_safe_path: Path | None = None
+        self._safe_state: dict[str, torch.Tensor] | None = None
+        self._prev_step: int | None = None
+
+        device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        safety = _rows(safety_rows)
+        if not safety:
+            raise ValueError("safety_rows is empty")
+        missing = [r["prompt"] for r in safety if not r.get("response")]
+        if missing:
+            greedy = iter(generate(model, tokenizer, missing, max_new_tokens=max_new_tokens))
+            for r in safety:
+                if not r.get("response"):
+                    r["response"] = next(greedy) or "."
+        safety_batch = self._batch(safety, pad).to(device)
+        prompts = [r["prompt"] for r in _rows(eval_rows if eval_rows is not None else safety)]
+        if not prompts:
+            raise ValueError("eval_rows is empty")
+        # The aligned model's own greedy answers: which prompts it refuses, and with what token.
+        ref = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        refused = self.judge(ref)
+        kept = [(p, r) for p, r, ok in zip(prompts, ref, refused, strict=True) if ok and r]
+        self.soft_batch = (
+            self._batch([{"prompt": p, "response": r} for p, r in kept], pad).to(device)
+            if kept
+            else None
+        )
+        self.selection = select_params(model, params)
+        self.tracker = AlignmentTracker(
+            model,
+            tokenizer,
+            self.selection,
+            safety_batch,
+            eval_prompts=prompts,
+            basis=basis,
+            eigenvalues=eigenvalues,
+            judge=self.judge,
+            max_new_tokens=max_new_tokens,
+        )
+
+    def _batch(self, rows: list[dict[str, str]], pad: int) -> LMBatch:
+        pairs = [(r["prompt"], r["response"]) for r in rows]
+        return collate(encode_pairs(self.tokenizer, pairs, self.max_length), pad, self.max_length)
+
+    # --- schedule and measurements -------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return step in self.early or (step > 0 and step % self.every == 0)
+
+    @torch.no_grad()
+    def soft_refusal(self) -> float | None:
+        """Mean probability of the first token of the aligned model's refusal, over the held-out
+        prompts it refused (greedy decoding refuses while this token is the argmax)."""
+        b = self.soft_batch
+        if b is None:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(input_ids=b.input_ids).logits[:, :-1].float()
+        finally:
+            self.model.train(was_training)
+        first = b.target_mask.float().argmax(dim=1)  # first response prediction position
+        rows = torch.arange(b.size, device=logits.device)
+        logp = torch.log_softmax(logits[rows, first], dim=-1)
+        return float(logp.gather(-1, b.targets[rows, first, None]).exp().mean())
+
+    def step(self, step: int, loss: float | None = None, *, force: bool = False) -> dict | None:
+        """Measure at ``step`` when it is due (or ``force``); return the record, else None."""
+        if not (force or self.due(step)):
+            return None
+        if self.records and step <= self.records[-1]["step"]:
+            return None  # already measured (e.g. the last step of a run)
+        rec = self.tracker.measure(step, loss)
+        self._prev_step = self.records[-1]["step"] if self.records else None
+        rec["soft_refusal"] = self.soft_refusal()
+        rec["warning"] = self._check(rec)
+        self.records.append(rec)
+        rate = rec.get("refusal_rate")
+        if self.keep_safe_state and rate is not None and rate > self.floor:
+            self._safe_state = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+            self.last_safe_step = step
+        rec["last_safe_step"] = self.last_safe_step
+        self._append(rec)
+        if rec["warning"] is not None:
+            new = not self.warnings or self.warnings[-1]["step"] != self._prev_step
+            self.warnings.append(rec["warning"])
+            if new:  # once per run of warned measurements, not at every one of them
+                warnings.warn(
+                    f"alignscope step {step}: {rec['warning']['message']}",
+                    AlignmentCollapseWarning,
+                    stacklevel=2,
+                )
+            if self.stop_on_collapse and not self.should_stop:
+                self.should_stop = True
+                if self.output_dir is not None and self._safe_state is not None:
+                    self.save_last_safe(self.output_dir / "last-safe")
+        return rec
+
+    def _check(self, rec: dict[str, Any]) -> dict[str, Any] | None:
+        """The early-warning rule on the last ``window`` records plus ``rec``."""
+        hist = [*self.records[-(self.window - 1) :], rec]
+        at = rec["step"] + self.horizon
+        reasons = []
+        for key in ("refusal_rate", "soft_refusal"):
+            now = rec.get(key)
+            if now is None:
+                continue
+            if now < self.floor:
+                reasons.append(
+                    {"signal": key, "measured": now, "predicted": now, "at": rec["step"]}
+                )
+                continue
+            pred = _trend([(r["step"], r.get(key)) for r in hist], at)
+            if pred is not None and pred < self.floor:
+                reasons.append({"signal": key, "measured": now, "predicted": pred, "at": at})
+        if self.kl_threshold is not None:
+            now = rec["kl"]
+            pred = (
+                now
+                if now > self.kl_threshold
+                else _trend([(r["step"], r["kl"]) for r in hist], at, log=True)
+            )
+            if pred is not None and pred > self.kl_threshold:
+                reasons.append({"signal": "kl", "measured": now, "predicted": pred, "at": at})
+        if not reasons:
+            return None
+        parts = [
+            f"{r['signal']} {r['measured']:.3g} -> {r['predicted']:.3g} by step {r['at']}"
+            for r in reasons
+        ]
+        limit = f"refusal floor {self.floor:g}"
+        if self.kl_threshold is not None:
+            limit += f", KL threshold {self.kl_threshold:g}"
+        return {
+            "step": rec["step"],
+            "reasons": reasons,
+            "message": "alignment collapse predicted (" + "; ".join(parts) + f"; {limit})",
+        }
+
+    # --- output ----------------------------------------------------------------------------------
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(_jsonable(rec), allow_nan=False) + "\n").encode("utf-8")
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)  # one write per line: readers never see half a record
+        finally:
+            os.close(fd)
+
+    def save_last_safe(self, path: str | Path) -> Path:
+        """Save the model with the trainable parameters of the last safe measurement, then put the
+        current parameters back. PEFT models save their adapter only (``save_pretrained``)."""
+        if self._safe_state is None:
+            raise RuntimeError("no safe state kept: pass keep_safe_state=True or stop_on_collapse")
+        path = Path(path)
+        named = dict(self.model.named_parameters())
+        current = {n: named[n].detach().clone() for n in self._safe_state}
+        with torch.no_grad():
+            for n, t in self._safe_state.items():
+                named[n].copy_(t)
+            try:
+                self.model.save_pretrained(path)
+                if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                    self.tokenizer.save_pretrained(path)
+            finally:
+                for n, t in current.items():
+                    named[n].copy_(t)
+        meta = {"step": self.last_safe_step, "floor": self.floor}
+        meta["record"] = next((r for r in self.records if r["step"] == self.last_safe_step), None)
+        (path / "alignscope_last_safe.json").write_text(
+            json.dumps(_jsonable(meta), indent=2), encoding="utf-8"
+        )
+        self.last_safe_path = path
+        return path
+
+    def metrics(self, rec: dict[str, Any], prefix: str = "alignscope/") -> dict[str, float]:
+        """The numeric entries of a record, prefixed, for a logger."""
+        keys = ("kl", "refusal_nll", "refusal_rate", "soft_refusal", "displacement",
+                "subspace_displacement", "subspace_fraction", "fisher_drift")  # fmt: skip
+        out = {f"{prefix}{k}": float(rec[k]) for k in keys if rec.get(k) is not None}
+        out[f"{prefix}warning"] = float(rec.get("warning") is not None)
+        return out
+
+
+class AlignmentCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` around :class:`AlignmentWatcher`.
+
+    ``on_train_begin`` builds the watcher on the model the Trainer holds (full or PEFT) and
+    measures step 0; ``on_step_end`` measures at the watcher's steps. Each measurement goes into
+    ``state.log_history`` (``alignscope/kl``, ``alignscope/refusal_rate``, ...; or through
+    ``trainer.log`` after :meth:`bind`, which also reaches the reporting integrations) and into
+    ``log_path`` (default ``<output_dir>/alignscope_watch.jsonl``). With ``stop_on_collapse`` a
+    warning stops training and saves ``<output_dir>/last-safe``. Other keyword arguments go to
+    :class:`AlignmentWatcher`.
+    """
+
+    def __init__(
+        self,
+        safety: Sequence[Mapping[str, str] | str],
+        eval_rows: Sequence[Mapping[str, str] | str] | None = None,
+        *,
+        tokenizer=None,
+        every: int = 10,
+        log_path: str | Path | None = None,
+        output_dir: str | Path | None = None,
+        **watcher_kwargs,
+    ) -> None:
+        self.safety = safety
+        self.eval_rows = eval_rows
+        self.tokenizer = tokenizer
+        self.every = every
+        self.log_path = log_path
+        self.output_dir = output_dir
+        self.watcher_kwargs = watcher_kwargs
+        self.watcher: AlignmentWatcher | None = None
+        self._trainer = None
+        self._last_loss: float | None = None
+
+    def bind(self, trainer) -> AlignmentCallback:
+        """Log through ``trainer.log`` (reaches every integration); returns self."""
+        self._trainer = trainer
+        return self
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self.watcher.records if self.watcher is not None else []
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        tok = self.tokenizer or processing_class
+        if tok is None:
+            raise ValueError("AlignmentCallback needs a tokenizer: pass tokenizer=...")
+        out = Path(self.output_dir or args.output_dir)
+        log_path = self.log_path or out / "alignscope_watch.jsonl"
+        self.watcher = AlignmentWatcher(
+            model, tok, self.safety, self.eval_rows, every=self.every, output_dir=out,
+            log_path=log_path, **self.watcher_kwargs,
+        )  # fmt: skip
+        self._measure(state.global_step, state, control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._last_loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.watcher is None:
+            return
+        self._measure(state.global_step, state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        w = self.watcher
+        if w is None or w.should_stop:
+            return
+        if not w.records or w.records[-1]["step"] < state.global_step:
+            self._measure(state.global_step, state, control, force=True)
+
+    def _measure(self, step, state, control, force: bool = False):
+        rec = self.watcher.step(step, self._last_loss, force=force)
+        if rec is None:
+            return
+        metrics = self.watcher.metrics(rec)
+        if self._trainer is not None:
+            self._trainer.log(dict(metrics))
+        else:
+            state.log_history.append({**metrics, "step": step})
+        if self.watcher.should_stop:
+            control.should_training_stop = True
