@@ -30,7 +30,7 @@ from alignscope.diagnose import DiagnoseConfig, DiagnoseResult, _batch, _subsamp
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
 from alignscope.progress import Stages
-from alignscope.report.output import _jsonable, environment, write_json_atomic
+from alignscope.report.output import environment, jsonable, write_json_atomic
 from alignscope.train.loop import finetune
 from alignscope.train.tracker import AlignmentTracker
 
@@ -236,7 +236,7 @@ def _atomic_torch(path: Path, obj: Any) -> None:
 
 
 def _config_key(cfg: VerifyConfig) -> str:
-    return json.dumps(_jsonable(asdict(cfg)), sort_keys=True)
+    return json.dumps(jsonable(asdict(cfg)), sort_keys=True)
 
 
 class _Partial:
@@ -278,7 +278,7 @@ class _Partial:
         return diag, sub["basis"], sub["values"]
 
     def write_trajectory(self, records: list[dict]) -> None:
-        lines = "".join(json.dumps(_jsonable(r), allow_nan=False) + "\n" for r in records)
+        lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records)
         _atomic_text(self.path / "trajectory.jsonl", lines)
 
     def checkpoint(self, step: int, model, opt) -> None:
@@ -307,7 +307,7 @@ class _Partial:
 def _diagnosis_digest(diag: dict) -> str:
     """What identifies a diagnosis for resuming (timings and environment may differ)."""
     keep = {k: diag.get(k) for k in ("config", "alignment", "subspace", "forecast")}
-    return json.dumps(_jsonable(keep), sort_keys=True)
+    return json.dumps(jsonable(keep), sort_keys=True)
 
 
 def _diagnosis_parts(diagnosis, basis, values):
@@ -320,7 +320,7 @@ def _check_diagnosis(diag: dict, cfg: VerifyConfig) -> None:
     dc = diag.get("config", {})
     if "forecast" not in diag or "alignment" not in diag:
         raise ValueError("the diagnosis has no forecast/alignment section: not a diagnose result")
-    bad = [k for k in _MUST_MATCH if k in dc and dc[k] != _jsonable(getattr(cfg, k))]
+    bad = [k for k in _MUST_MATCH if k in dc and dc[k] != jsonable(getattr(cfg, k))]
     if bad:
         raise ValueError(
             "the diagnosis was made for other settings ("
@@ -369,7 +369,7 @@ def run_verify(
                 cfg.diagnose_config(), model=model, tokenizer=tokenizer, quiet=quiet
             )
         diag, basis, values = _diagnosis_parts(diagnosis, subspace_basis, subspace_values)
-        diag = _jsonable(diag)
+        diag = jsonable(diag)
         _check_diagnosis(diag, cfg)
         if partial is not None:
             partial.start(diag, basis, values)

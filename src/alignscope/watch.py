@@ -37,7 +37,7 @@ import torch
 from alignscope.data.encode import LMBatch, collate, encode_pairs
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
-from alignscope.report.output import _jsonable
+from alignscope.report.output import jsonable
 from alignscope.train.tracker import AlignmentTracker
 
 try:  # transformers is a dependency, but keep the plain watcher importable without it
@@ -292,7 +292,7 @@ class AlignmentWatcher:
         if self.log_path is None:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(_jsonable(rec), allow_nan=False) + "\n").encode("utf-8")
+        line = (json.dumps(jsonable(rec), allow_nan=False) + "\n").encode("utf-8")
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line)  # one write per line: readers never see half a record
@@ -320,7 +320,7 @@ class AlignmentWatcher:
         meta = {"step": self.last_safe_step, "floor": self.floor}
         meta["record"] = next((r for r in self.records if r["step"] == self.last_safe_step), None)
         (path / "alignscope_last_safe.json").write_text(
-            json.dumps(_jsonable(meta), indent=2), encoding="utf-8"
+            json.dumps(jsonable(meta), indent=2), encoding="utf-8"
         )
         self.last_safe_path = path
         return path

@@ -31,15 +31,16 @@ def environment() -> dict[str, str]:
     }
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Tensors, arrays and paths to JSON types; NaN and inf to None (JSON has neither)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.ndarray | np.generic):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
         return None  # JSON has no NaN/inf; None reads as "not available"
     if isinstance(obj, Path):
@@ -53,7 +54,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(data), f, indent=2, allow_nan=False)
+        json.dump(jsonable(data), f, indent=2, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
