@@ -221,6 +221,24 @@ def verify(
     typer.echo(f"wrote {written}/results.json, report.md, report.html")
 
 
+@app.command()
+def report(
+    log: str = typer.Argument(..., help="JSONL log written by alignscope.watch."),
+    out: str = typer.Option(None, help="Output directory [default: <log>-report]."),
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Render a watch log (JSONL) as plots and a report, like verify's."""
+    from alignscope.report.watch_report import write_watch_report
+
+    target = out or str(log).removesuffix(".jsonl") + "-report"
+    try:
+        path = write_watch_report(log, target, overwrite=overwrite)
+    except ERRORS as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}/report.md, report.html")
+
+
 def _print_summary(results: dict) -> None:
     v, fc, a = results["verdict"], results["forecast"], results["aic"]["optimizer_step"]
     typer.echo(

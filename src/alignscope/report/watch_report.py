@@ -1,0 +1,75 @@
+"""``alignscope report LOG.jsonl``: the verify-style plots and a table from a watch log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from alignscope.report.document import Report
+from alignscope.report.output import OutputDir
+from alignscope.report.plots import series_plot
+
+# (record key, plot file, y label, title) for the series a watch log may hold
+_SERIES = (
+    ("kl", "kl.png", "KL alignment loss (nats/token)", "Alignment loss over steps"),
+    ("refusal_rate", "refusal_rate.png", "refusal rate", "Refusal rate (greedy, judged)"),
+    (
+        "subspace_fraction",
+        "subspace_fraction.png",
+        "|P delta| / |delta|",
+        "Drift into the subspace",
+    ),
+)
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a watch JSONL log, in step order; a clear error for anything else."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such log file")
+    records = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{p}:{i}: not JSON ({err.msg})") from None
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise ValueError(f"{p}:{i}: not an alignscope watch record (no 'step')")
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{p}: the log is empty")
+    return sorted(records, key=lambda r: r["step"])
+
+
+def write_watch_report(log: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Plots (KL, refusal rate, subspace drift), report.md and report.html from a watch log."""
+    records = read_log(log)
+    steps = [r["step"] for r in records]
+    warnings = [r for r in records if r.get("warning")]
+    rep = Report("alignscope watch")
+    rep.text(f"{len(records)} measurements from `{log}`, steps {steps[0]}..{steps[-1]}.")
+    if warnings:
+        first = warnings[0]
+        rep.text(f"First early warning at step {first['step']}: {first['warning']}.")
+    else:
+        rep.text("No early warning was raised.")
+    with OutputDir(out, overwrite=overwrite) as od:
+        for key, name, ylabel, title in _SERIES:
+            values = [r.get(key) for r in records]
+            if all(v is None for v in values):
+                continue
+            series_plot(od.file(name), steps, {key: values}, ylabel, title)
+            rep.image(name, title)
+        cols = [c for c in ("kl", "refusal_rate", "soft_refusal", "subspace_fraction")
+                if any(r.get(c) is not None for r in records)]  # fmt: skip
+        rep.heading("Measurements")
+        rep.table(
+            ["step", *cols, "warning"],
+            [[r["step"], *(r.get(c) for c in cols), r.get("warning") or ""] for r in records],
+        )
+        od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
+        od.file("report.html").write_text(rep.html(), encoding="utf-8")
+    return Path(out)
