@@ -170,9 +170,7 @@ def verify(
     import shutil
     from pathlib import Path
 
-    import torch
-
-    from alignscope.report.output import OutputDir
+    from alignscope.report.output import SUBSPACE_FILE, OutputDir, load_subspace
     from alignscope.report.verify_report import write_verify_outputs
     from alignscope.verify import VerifyConfig, run_verify
 
@@ -191,10 +189,9 @@ def verify(
                 raise FileNotFoundError(f"--diagnosis {diagnosis}: no results.json there")
             diag = json.loads(path.read_text(encoding="utf-8"))
             diag = diag.get("diagnosis", diag)  # a verify result holds its diagnosis
-            sub_file = path.parent / "subspace.pt"
+            sub_file = path.parent / SUBSPACE_FILE
             if sub_file.is_file():
-                sub = torch.load(sub_file, weights_only=True)
-                basis, values = sub["basis"], sub["values"]
+                basis, values = load_subspace(sub_file)
         result = run_verify(
             cfg,
             diagnosis=diag,

@@ -36,7 +36,7 @@ from alignscope.geometry import (
 )
 from alignscope.params import select_params
 from alignscope.progress import Stages
-from alignscope.report.output import environment
+from alignscope.report.output import results_header
 
 SCHEMA = "alignscope.diagnose/1"
 
@@ -124,10 +124,7 @@ class DiagnoseResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "config": asdict(self.config),
-            "seed": self.config.seed,
-            "environment": environment(),
+            **results_header(SCHEMA, self.config),
             **self.data,
             "timings_s": self.timings,
         }

@@ -47,11 +47,6 @@ class Subspace:
             raise ValueError(f"rank d={d} outside 1..{self.k} (the computed eigenpairs)")
         return self.vectors[:, :d]
 
-    def project(self, v: torch.Tensor, d: int) -> torch.Tensor:
-        """``P_d v``."""
-        b = self.basis(d).to(v.dtype)
-        return b @ (b.T @ v)
-
     def summary(self, d: int) -> dict[str, float | int | list[float]]:
         vals = self.values.tolist()
         top = float(sum(vals[:d]))

@@ -17,8 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,16 @@ from alignscope.diagnose import DiagnoseConfig, DiagnoseResult, _batch, _subsamp
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
 from alignscope.progress import Stages
-from alignscope.report.output import environment, jsonable, write_json_atomic
+from alignscope.report.output import (
+    SUBSPACE_FILE,
+    jsonable,
+    load_subspace,
+    results_header,
+    save_subspace,
+    save_torch_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from alignscope.train.loop import finetune
 from alignscope.train.tracker import AlignmentTracker
 
@@ -79,10 +86,7 @@ class VerifyResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "config": asdict(self.config),
-            "seed": self.config.seed,
-            "environment": environment(),
+            **results_header(SCHEMA, self.config),
             "judge": self.judge,
             "resumed_from_step": self.resumed_from,
             "diagnosis": self.diagnosis,
@@ -221,20 +225,6 @@ def score(
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _atomic_torch(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _config_key(cfg: VerifyConfig) -> str:
     return json.dumps(jsonable(asdict(cfg)), sort_keys=True)
 
@@ -268,18 +258,17 @@ class _Partial:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         # config first: a crash after it still lets the next run check its arguments
-        _atomic_text(self.path / "config.json", self.key)
-        _atomic_torch(self.path / "subspace.pt", {"basis": basis, "values": values})
+        write_text_atomic(self.path / "config.json", self.key)
+        save_subspace(self.path / SUBSPACE_FILE, basis, values)
         write_json_atomic(self.path / "diagnosis.json", diagnosis)
 
     def diagnosis(self) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
         diag = json.loads((self.path / "diagnosis.json").read_text(encoding="utf-8"))
-        sub = torch.load(self.path / "subspace.pt", weights_only=True)
-        return diag, sub["basis"], sub["values"]
+        return (diag, *load_subspace(self.path / SUBSPACE_FILE))
 
     def write_trajectory(self, records: list[dict]) -> None:
         lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records)
-        _atomic_text(self.path / "trajectory.jsonl", lines)
+        write_text_atomic(self.path / "trajectory.jsonl", lines)
 
     def checkpoint(self, step: int, model, opt) -> None:
         state = {
@@ -289,7 +278,7 @@ class _Partial:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        _atomic_torch(self.path / "checkpoint.pt", state)
+        save_torch_atomic(self.path / "checkpoint.pt", state)
 
     def resume(self) -> tuple[dict | None, list[dict]]:
         ckpt_file = self.path / "checkpoint.pt"

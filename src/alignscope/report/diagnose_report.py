@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from alignscope.report.document import Report
-from alignscope.report.output import OutputDir, write_json_atomic
+from alignscope.report.output import SUBSPACE_FILE, OutputDir, save_subspace, write_json_atomic
 from alignscope.report.plots import forecast_plot, spectrum_plot
 
 
@@ -129,7 +129,7 @@ def write_diagnose_outputs(
     """
     with OutputDir(out, overwrite=overwrite) as od:
         if subspace is not None and subspace[0] is not None:
-            torch.save({"basis": subspace[0], "values": subspace[1]}, od.file("subspace.pt"))
+            save_subspace(od.file(SUBSPACE_FILE), *subspace)
         sub, fc = results["subspace"], results["forecast"]
         spectrum_plot(od.file("spectrum.png"), sub["eigenvalues"], sub["d"], sub["trace"])
         plots = [("forecast.png", fc, "")]

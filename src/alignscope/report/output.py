@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,16 @@ def environment() -> dict[str, str]:
     }
 
 
+def results_header(schema: str, config: Any) -> dict[str, Any]:
+    """What every results.json opens with: schema, config (a dataclass), seed, environment."""
+    return {
+        "schema": schema,
+        "config": asdict(config),
+        "seed": config.seed,
+        "environment": environment(),
+    }
+
+
 def jsonable(obj: Any) -> Any:
     """Tensors, arrays and paths to JSON types; NaN and inf to None (JSON has neither)."""
     if isinstance(obj, dict):
@@ -48,15 +59,49 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+def _replace_atomically(path: str | Path, write) -> None:
+    """Write through a temporary file in the same folder and a rename, so a reader never sees
+    half a file. ``write(tmp_path)`` produces the content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(jsonable(data), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text atomically (see :func:`_replace_atomically`)."""
+    _replace_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON atomically; NaN/inf become null."""
+    text = json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
+
+
+def save_torch_atomic(path: str | Path, obj: Any) -> None:
+    """``torch.save`` atomically (load with ``weights_only=True``)."""
+    _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
+SUBSPACE_FILE = "subspace.pt"
+
+
+def save_subspace(path: str | Path, basis: torch.Tensor, values: torch.Tensor) -> None:
+    """The top-d alignment subspace (``[P, d]`` basis, ``[d]`` eigenvalues) for later runs."""
+    save_torch_atomic(path, {"basis": basis, "values": values})
+
+
+def load_subspace(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(basis, values)`` saved by :func:`save_subspace`."""
+    sub = torch.load(path, weights_only=True)
+    return sub["basis"], sub["values"]
 
 
 class OutputDir:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from alignscope.report.document import Report
-from alignscope.report.output import OutputDir, write_json_atomic
+from alignscope.report.output import SUBSPACE_FILE, OutputDir, save_subspace, write_json_atomic
 from alignscope.report.plots import forecast_plot, series_plot
 
 
@@ -135,7 +135,7 @@ def write_verify_outputs(
                 "Displacement in the alignment subspace",
             )
         if subspace is not None and subspace[0] is not None:
-            torch.save({"basis": subspace[0], "values": subspace[1]}, od.file("subspace.pt"))
+            save_subspace(od.file(SUBSPACE_FILE), *subspace)
         write_json_atomic(od.file("results.json"), results)
         rep = build_report(results)
         od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
