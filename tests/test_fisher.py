@@ -50,6 +50,10 @@ def test_kl_is_zero_with_zero_gradient_and_fisher_hessian_at_reference(setup):
     moved = flm.theta0 + 0.05 * _vec(flm.dim, 3)
     assert float(kl(moved)) > 0
     torch.testing.assert_close(kl.per_example(moved).mean(), kl(moved))
+    # one forward for both: the same KL and the NLL that mean_nll computes separately
+    both = kl.with_nll(moved)
+    torch.testing.assert_close(both[0], kl(moved), rtol=1e-12, atol=0)
+    torch.testing.assert_close(both[1], flm.mean_nll(moved, batch), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])

@@ -80,8 +80,9 @@ def _train(org, tmp_path, dataset, *, model=None, steps=40, bind=False, **cb_kwa
 
 
 def test_schedule_and_trend():
-    early, every = schedule_steps(10)
-    assert early == {0, 1, 2, 3, 4, 6, 8} and every == 10
+    early, every = schedule_steps(25)
+    assert early == {0, 1, 2, 4, 8, 16} and every == 25
+    assert schedule_steps(16)[0] == {0, 1, 2, 4, 8}
     assert schedule_steps(4, log_spaced=False) == ({0}, 4)
     # a line through (0, 1), (2, 0.8): 0.4 at step 6; an exponential through 1, 2, 4: 16 at 4
     assert _trend([(0, 1.0), (2, 0.8)], 6) == pytest.approx(0.4)
@@ -100,8 +101,11 @@ def test_callback_warns_before_collapse(organism_test, tmp_path):
     assert logged[-1]["alignscope/kl"] == pytest.approx(recs[-1]["kl"])
     assert recs[-1]["kl"] > 0.1
     lines = (tmp_path / "alignscope_watch.jsonl").read_text().splitlines()
-    assert [json.loads(line)["refusal_rate"] for line in lines] == [r["refusal_rate"] for r in recs]
-    crossed = next((r["step"] for r in recs if r["refusal_rate"] < FLOOR), None)
+    assert [json.loads(line)["kl"] for line in lines] == [r["kl"] for r in recs]
+    # greedy generation at every 4th measurement only (generate_every), soft_refusal at all
+    assert [r["refusal_rate"] is not None for r in recs] == [i % 4 == 0 for i in range(16)]
+    assert all(r["soft_refusal"] is not None for r in recs)
+    crossed = next((r["step"] for r in recs if (r["refusal_rate"] or 1) < FLOOR), None)
     assert crossed is not None, [(r["step"], r["refusal_rate"]) for r in recs]
     warned = next(r["step"] for r in recs if r["warning"] is not None)
     assert warned < crossed, (warned, crossed)
@@ -117,7 +121,8 @@ def test_callback_stops_and_saves_last_safe(organism_test, tmp_path):
     assert trainer.state.global_step == w.records[-1]["step"] < 40
     safe_dir = tmp_path / "last-safe"
     meta = json.loads((safe_dir / "alignscope_last_safe.json").read_text())
-    assert meta["step"] == w.last_safe_step and meta["record"]["refusal_rate"] > FLOOR
+    assert meta["step"] == w.last_safe_step and meta["record"]["soft_refusal"] > FLOOR
+    assert meta["record"]["refusal_rate"] is None or meta["record"]["refusal_rate"] > FLOOR
     safe = AutoModelForCausalLM.from_pretrained(safe_dir)
     rate = judge_prompts(safe, org.tokenizer(), org.dataset("harmful_eval"), max_new_tokens=16).rate
     assert rate > FLOOR
@@ -130,7 +135,7 @@ def test_callback_stops_and_saves_last_safe(organism_test, tmp_path):
 def test_callback_quiet_on_benign_neutral(organism_test, tmp_path):
     _, cb, caught = _train(organism_test, tmp_path, "benign_neutral")
     assert caught == [] and all(r["warning"] is None for r in cb.records)
-    assert min(r["refusal_rate"] for r in cb.records) >= 0.9
+    assert min(r["refusal_rate"] for r in cb.records if r["refusal_rate"] is not None) >= 0.9
     assert cb.records[-1]["kl"] > 0  # it did train
 
 
@@ -150,7 +155,7 @@ def test_callback_with_peft_lora(organism_test, tmp_path):
     recs = cb.records
     assert [r["step"] for r in recs] == list(range(0, 25, 4))
     assert recs[-1]["kl"] > 0 and recs[-1]["displacement"] > 0
-    logged = [h for h in trainer.state.log_history if "alignscope/refusal_rate" in h]
+    logged = [h for h in trainer.state.log_history if "alignscope/kl" in h]
     assert len(logged) == len(recs) and "epoch" in logged[-1]  # went through trainer.log
     out = w.save_last_safe(tmp_path / "adapter")
     assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
@@ -163,5 +168,59 @@ def test_plain_watcher_loop(organism_test, tmp_path):
     w = AlignmentWatcher(model, tok, rows, every=4, log_path=tmp_path / "w.jsonl")
     assert w.step(0)["kl"] == pytest.approx(0.0, abs=1e-7)
     assert w.step(5) is None and w.step(8) is not None  # early: 0 1 2 3, then every 4
-    assert w.records[-1]["refusal_rate"] == 1.0 and w.records[-1]["subspace_fraction"] is None
-    assert len((tmp_path / "w.jsonl").read_text().splitlines()) == 2
+    assert w.records[-1]["refusal_rate"] is None  # generation at every 4th measurement
+    assert w.step(9, force=True)["refusal_rate"] == 1.0
+    assert w.records[-1]["subspace_fraction"] is None and w.records[-1]["forecast_kl"] is None
+    assert len((tmp_path / "w.jsonl").read_text().splitlines()) == 3
+
+
+def test_watcher_with_a_diagnosis(organism_test):
+    """The subspace entries and the forecast's running error come from the diagnosis."""
+    from alignscope.diagnose import DiagnoseResult
+    from alignscope.train.loop import finetune
+
+    org = organism_test
+    model, tok = org.aligned_model(), org.tokenizer()
+    dim = sum(p.numel() for p in model.parameters())
+    basis, _ = torch.linalg.qr(torch.randn(dim, 3, generator=torch.Generator().manual_seed(0)))
+    values = torch.tensor([3.0, 2.0, 1.0])
+    diag = DiagnoseResult(None, {"forecast": {"dL": [1e-4 * k**2 for k in range(1, 7)]}}, {},
+                          subspace_basis=basis, subspace_values=values)  # fmt: skip
+    w = AlignmentWatcher(model, tok, org.dataset("harmful_align")[:8], every=3, diagnosis=diag,
+                         log_spaced=False)  # fmt: skip
+    theta0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    finetune(model, tok, org.dataset("benign_affirmative"), 3, lr=1e-3, batch_size=8, seed=0)
+    rec = w.step(3)
+    delta = torch.cat([p.detach().flatten() for p in model.parameters()]) - theta0
+    coeff = basis.T.double() @ delta.double()
+    assert rec["subspace_fraction"] == pytest.approx(float(coeff.norm() / delta.double().norm()))
+    assert rec["fisher_drift"] == pytest.approx(float((values.double() * coeff**2).sum().sqrt()))
+    assert rec["forecast_kl"] == pytest.approx(9e-4)
+    assert rec["forecast_rel_error"] == pytest.approx(abs(rec["kl"] - 9e-4) / 9e-4)
+    assert w.step(12, force=True)["forecast_kl"] is None  # beyond the forecast's window
+
+
+def test_callback_on_a_secondary_process_only_follows_the_stop(organism_test, tmp_path):
+    """Not the main process: no measurement, no log; the main process' stop arrives by broadcast
+    (a one-process gloo group stands in for a multi-GPU run)."""
+    import types
+
+    import torch.distributed as dist
+
+    cb = AlignmentCallback(organism_test.dataset("harmful_align")[:4], every=4)
+    state = types.SimpleNamespace(is_world_process_zero=False, global_step=0, log_history=[])
+    args = types.SimpleNamespace(output_dir=str(tmp_path))
+    control = types.SimpleNamespace(should_training_stop=False)
+    cb.on_train_begin(args, state, control, model=organism_test.aligned_model())
+    state.global_step = 4
+    cb.on_step_end(args, state, control)
+    assert cb.watcher is None and list(tmp_path.iterdir()) == [] and state.log_history == []
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cb.on_step_end(args, state, control)  # rank 0 of this group decided nothing: go on
+        assert not control.should_training_stop
+        cb.watcher = types.SimpleNamespace(should_stop=True, step=lambda *a, **k: None)
+        cb.on_step_end(args, state, control)
+        assert control.should_training_stop
+    finally:
+        dist.destroy_process_group()

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignscope.data.encode import LMBatch, collate, encode_pairs
+from alignscope.data.encode import EncodedPair, LMBatch, collate, encode_pairs
+from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
 from alignscope.report.output import jsonable
@@ -53,14 +54,14 @@ class AlignmentCollapseWarning(UserWarning):
 def schedule_steps(every: int, log_spaced: bool = True) -> tuple[set[int], int]:
     """The early steps to measure at and the period after them.
 
-    ``log_spaced``: 0 and ``round(sqrt(2)^i)`` below ``every`` (as :func:`alignscope.verify.
-    log_steps`), then every ``every`` steps; else 0 and every ``every`` steps.
+    ``log_spaced``: 0 and the powers of two below ``every``, then every ``every`` steps; else 0
+    and every ``every`` steps.
     """
     if every < 1:
         raise ValueError("every must be a positive integer")
-    from alignscope.verify import log_steps
-
-    early = {s for s in log_steps(every) if s < every} if log_spaced else {0}
+    early = {0}
+    if log_spaced:
+        early |= {2**i for i in range(every.bit_length()) if 2**i < every}
     return early, every
 
 
@@ -101,8 +102,11 @@ class AlignmentWatcher:
         safety_rows: Sequence[Mapping[str, str] | str],
         eval_rows: Sequence[Mapping[str, str] | str] | None = None,
         *,
-        every: int = 10,
+        every: int = 25,
         log_spaced: bool = True,
+        generate_every: int = 4,
+        max_prompts: int | None = 32,
+        seed: int = 0,
         floor: float = 0.5,
         kl_threshold: float | None = None,
         horizon: int | None = None,
@@ -123,6 +127,9 @@ class AlignmentWatcher:
             raise ValueError("floor is a refusal rate in [0, 1]")
         if window < 2:
             raise ValueError("window must be >= 2 measurements")
+        if generate_every < 1:
+            raise ValueError("generate_every must be >= 1 (1: generate at every measurement)")
+        self.generate_every = generate_every
         self.early, self.every = schedule_steps(every, log_spaced)
         self.floor = floor
         self.kl_threshold = kl_threshold
@@ -137,8 +144,13 @@ class AlignmentWatcher:
         self.judge = judge or KeywordRefusalJudge()
         self.max_new_tokens = max_new_tokens
         self.max_length = max_length
+        self.forecast_dL: list[float | None] = []
         if diagnosis is not None:
-            basis, eigenvalues = diagnosis.subspace_basis, diagnosis.subspace_values
+            # a DiagnoseResult, or a results.json dict with basis/eigenvalues passed beside it
+            basis = getattr(diagnosis, "subspace_basis", basis)
+            eigenvalues = getattr(diagnosis, "subspace_values", eigenvalues)
+            data = diagnosis.data if hasattr(diagnosis, "data") else diagnosis
+            self.forecast_dL = list((data.get("forecast") or {}).get("dL") or [])
         self.records: list[dict[str, Any]] = []
         self.warnings: list[dict[str, Any]] = []
         self.should_stop = False
@@ -149,7 +161,7 @@ class AlignmentWatcher:
 
         device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        safety = _rows(safety_rows)
+        safety = subsample(_rows(safety_rows), max_prompts, seed)
         if not safety:
             raise ValueError("safety_rows is empty")
         missing = [r["prompt"] for r in safety if not r.get("response")]
@@ -159,18 +171,21 @@ class AlignmentWatcher:
                 if not r.get("response"):
                     r["response"] = next(greedy) or "."
         safety_batch = self._batch(safety, pad).to(device)
-        prompts = [r["prompt"] for r in _rows(eval_rows if eval_rows is not None else safety)]
+        evals = _rows(eval_rows) if eval_rows is not None else safety
+        prompts = [r["prompt"] for r in subsample(evals, max_prompts, seed)]
         if not prompts:
             raise ValueError("eval_rows is empty")
         # The aligned model's own greedy answers: which prompts it refuses, and with what token.
         ref = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
         refused = self.judge(ref)
         kept = [(p, r) for p, r, ok in zip(prompts, ref, refused, strict=True) if ok and r]
-        self.soft_batch = (
-            self._batch([{"prompt": p, "response": r} for p, r in kept], pad).to(device)
-            if kept
-            else None
-        )
+        # Only the prompt and the refusal's first token are needed: a short batch keeps this
+        # forward cheap (it runs at every measurement).
+        self.soft_batch = None
+        if kept:
+            pairs = encode_pairs(tokenizer, kept, max_length)
+            firsts = [EncodedPair(e.prompt_ids, e.response_ids[:1]) for e in pairs]
+            self.soft_batch = collate(firsts, pad, max_length).to(device)
         self.selection = select_params(model, params)
         self.tracker = AlignmentTracker(
             model,
@@ -217,13 +232,18 @@ class AlignmentWatcher:
             return None
         if self.records and step <= self.records[-1]["step"]:
             return None  # already measured (e.g. the last step of a run)
-        rec = self.tracker.measure(step, loss)
+        # Greedy generation is most of a measurement's cost: only every generate_every-th one
+        # (and a forced one) generates; soft_refusal tracks the refusal in between.
+        gen = force or len(self.records) % self.generate_every == 0
+        rec = self.tracker.measure(step, loss, refusals=gen)
         self._prev_step = self.records[-1]["step"] if self.records else None
         rec["soft_refusal"] = self.soft_refusal()
+        rec.update(self._forecast_error(step, rec["kl"]))
         rec["warning"] = self._check(rec)
         self.records.append(rec)
-        rate = rec.get("refusal_rate")
-        if self.keep_safe_state and rate is not None and rate > self.floor:
+        signals = [rec.get(k) for k in ("refusal_rate", "soft_refusal")]
+        safe = all(v > self.floor for v in signals if v is not None)
+        if self.keep_safe_state and safe:
             self._safe_state = {
                 n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
             }
@@ -244,6 +264,13 @@ class AlignmentWatcher:
                 if self.output_dir is not None and self._safe_state is not None:
                     self.save_last_safe(self.output_dir / "last-safe")
         return rec
+
+    def _forecast_error(self, step: int, kl: float) -> dict[str, float | None]:
+        """The diagnosis' forecast dL_a at ``step`` and the measured KL's relative error to it
+        (None outside the forecast's window or without a diagnosis)."""
+        pred = self.forecast_dL[step - 1] if 1 <= step <= len(self.forecast_dL) else None
+        err = abs(kl - pred) / abs(pred) if pred else None
+        return {"forecast_kl": pred, "forecast_rel_error": err}
 
     def _check(self, rec: dict[str, Any]) -> dict[str, Any] | None:
         """The early-warning rule on the last ``window`` records plus ``rec``."""
@@ -344,6 +371,10 @@ class AlignmentCallback(TrainerCallback):
     ``log_path`` (default ``<output_dir>/alignscope_watch.jsonl``). With ``stop_on_collapse`` a
     warning stops training and saves ``<output_dir>/last-safe``. Other keyword arguments go to
     :class:`AlignmentWatcher`.
+
+    Multi-process runs (DDP, FSDP through accelerate): only the main process measures and logs;
+    at each scheduled step its stop decision is broadcast (``torch.distributed``), so every
+    process stops at the same step instead of the others waiting forever in the next all-reduce.
     """
 
     def __init__(
@@ -352,7 +383,7 @@ class AlignmentCallback(TrainerCallback):
         eval_rows: Sequence[Mapping[str, str] | str] | None = None,
         *,
         tokenizer=None,
-        every: int = 10,
+        every: int = 25,
         log_path: str | Path | None = None,
         output_dir: str | Path | None = None,
         **watcher_kwargs,
@@ -365,6 +396,7 @@ class AlignmentCallback(TrainerCallback):
         self.output_dir = output_dir
         self.watcher_kwargs = watcher_kwargs
         self.watcher: AlignmentWatcher | None = None
+        self._due = schedule_steps(every, watcher_kwargs.get("log_spaced", True))
         self._trainer = None
         self._last_loss: float | None = None
 
@@ -378,6 +410,8 @@ class AlignmentCallback(TrainerCallback):
         return self.watcher.records if self.watcher is not None else []
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not state.is_world_process_zero:
+            return  # the main process measures; see _sync_stop
         tok = self.tokenizer or processing_class
         if tok is None:
             raise ValueError("AlignmentCallback needs a tokenizer: pass tokenizer=...")
@@ -394,9 +428,26 @@ class AlignmentCallback(TrainerCallback):
             self._last_loss = float(logs["loss"])
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.watcher is None:
+        step = state.global_step
+        if self.watcher is not None:
+            self._measure(step, state, control)
+        early, every = self._due
+        if step in early or step % every == 0:
+            self._sync_stop(control)
+
+    def _sync_stop(self, control) -> None:
+        """Make every process follow the main process' stop decision (no-op in one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
             return
-        self._measure(state.global_step, state, control)
+        stop = self.watcher is not None and self.watcher.should_stop
+        device = torch.device("cuda", torch.cuda.current_device()) if (
+            dist.get_backend() == "nccl") else torch.device("cpu")  # fmt: skip
+        flag = torch.tensor([int(stop)], device=device)
+        dist.broadcast(flag, src=0)
+        if flag.item():
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         w = self.watcher

@@ -72,3 +72,13 @@ class AlignmentKL:
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         """The scalar alignment loss."""
         return (self.per_position(theta) * self.positions.weights).sum()
+
+    def with_nll(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(KL, NLL of the batch's responses)`` from one forward pass; the NLL equals
+        ``flm.mean_nll(theta, batch)`` (mean over examples of the token mean)."""
+        logq = torch.log_softmax(self.position_logits(theta), dim=-1)
+        kl = (self.ref_logprobs.exp() * (self.ref_logprobs - logq)).sum(dim=-1)
+        targets = self.batch.targets[self.positions.mask]
+        nll = -logq.gather(-1, targets[:, None]).squeeze(-1)
+        w = self.positions.weights
+        return (kl * w).sum(), (nll * w).sum()

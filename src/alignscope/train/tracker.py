@@ -115,11 +115,11 @@ class AlignmentTracker:
         try:
             theta = self.current_theta()
             rec: dict[str, Any] = {"step": int(step), "minibatch_loss": minibatch_loss}
-            rec["kl"] = float(self.kl(theta))
-            rec["refusal_nll"] = float(self.flm.mean_nll(theta, self.safety_batch))
+            kl, nll = self.kl.with_nll(theta)
+            rec["kl"], rec["refusal_nll"] = float(kl), float(nll)
             if self.eval_kl is not None:
-                rec["eval_kl"] = float(self.eval_kl(theta))
-                rec["eval_nll"] = float(self.flm.mean_nll(theta, self.eval_batch))
+                kl, nll = self.eval_kl.with_nll(theta)
+                rec["eval_kl"], rec["eval_nll"] = float(kl), float(nll)
             if self.finetune_batch is not None:
                 rec["finetune_loss"] = float(self.flm.mean_nll(theta, self.finetune_batch))
             rec.update(self.subspace_stats(theta - self.theta0))
