@@ -224,3 +224,35 @@ def test_callback_on_a_secondary_process_only_follows_the_stop(organism_test, tm
         assert control.should_training_stop
     finally:
         dist.destroy_process_group()
+
+
+def test_callback_with_trl_sft_trainer(organism_test, tmp_path):
+    """TRL's SFTTrainer (prompt-completion chat rows, its own tokenization and loss masks)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    org = organism_test
+    tok = org.tokenizer()
+    ds = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "completion": [{"role": "assistant", "content": r["response"]}]}
+        for r in org.dataset("benign_affirmative")
+    ])  # fmt: skip
+    cb = AlignmentCallback(org.dataset("harmful_align")[:16], every=4, log_spaced=False)
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=16, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=org.aligned_model(), args=args, train_dataset=ds, processing_class=tok,
+        callbacks=[cb],
+    )  # fmt: skip
+    trainer.train()
+    recs = cb.records
+    assert [r["step"] for r in recs] == [0, 4, 8, 12]
+    kls = [r["kl"] for r in recs]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls == sorted(kls) and kls[-1] > 1e-3
+    logged = [h for h in trainer.state.log_history if "alignscope/kl" in h]
+    assert [h["step"] for h in logged] == [0, 4, 8, 12]
+    lines = (tmp_path / "alignscope_watch.jsonl").read_text().splitlines()
+    assert len(lines) == 4
