@@ -15,7 +15,7 @@ def test_report_renders_a_watch_log(tmp_path):
     log = tmp_path / "alignscope_watch.jsonl"
     recs = [
         {"step": 8, "kl": 0.2, "refusal_rate": 0.25, "subspace_fraction": None,
-         "warning": "refusal_rate projected below 0.5"},
+         "warning": {"step": 8, "reasons": [], "message": "refusal_rate projected below 0.5"}},
         {"step": 0, "kl": 0.0, "refusal_rate": 1.0, "subspace_fraction": None, "warning": None},
         {"step": 4, "kl": 0.01, "refusal_rate": 0.9, "subspace_fraction": None, "warning": None},
     ]  # fmt: skip
@@ -26,7 +26,8 @@ def test_report_renders_a_watch_log(tmp_path):
     assert (out / "kl.png").stat().st_size > 0 and (out / "refusal_rate.png").exists()
     assert not (out / "subspace_fraction.png").exists()  # no subspace in this log
     md = (out / "report.md").read_text()
-    assert "First early warning at step 8" in md
+    assert "First early warning at step 8: refusal_rate projected below 0.5" in md
+    assert "reasons" not in md  # the message, not the record's dict
     rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1].strip() for r in rows] == ["0", "4", "8"]  # sorted by step
     again = CliRunner().invoke(app, ["report", str(log)])

@@ -94,15 +94,19 @@ def series_plot(
     hline: float | None = None,
     hline_label: str = "",
     ylim: tuple[float, float] | None = None,
+    vline: float | None = None,
+    vline_label: str = "",
 ) -> Path:
-    """Measured quantities over optimizer steps (``None`` entries are skipped)."""
+    """Measured quantities over optimizer steps (``None`` entries are skipped, and the line joins
+    the measured points around them)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    k = np.asarray(steps, dtype=float)
     for i, (name, values) in enumerate(series.items()):
-        v = np.asarray([np.nan if x is None else x for x in values], dtype=float)
-        ax.plot(k, v, "o-", ms=3, color=f"C{i}", label=name)
+        pts = [(s, x) for s, x in zip(steps, values, strict=True) if x is not None]
+        ax.plot([s for s, _ in pts], [x for _, x in pts], "o-", ms=3, color=f"C{i}", label=name)
     if hline is not None:
         ax.axhline(hline, color="grey", ls="--", lw=0.8, label=hline_label or None)
+    if vline is not None:
+        ax.axvline(vline, color="C3", ls=":", lw=1.0, label=vline_label or None)
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_xlabel("optimizer step")

@@ -10,17 +10,15 @@ from alignscope.report.document import Report
 from alignscope.report.output import OutputDir
 from alignscope.report.plots import series_plot
 
-# (record key, plot file, y label, title) for the series a watch log may hold
+# (record keys, plot file, y label, title, y limits) for the series a watch log may hold
 _SERIES = (
-    ("kl", "kl.png", "KL alignment loss (nats/token)", "Alignment loss over steps"),
-    ("refusal_rate", "refusal_rate.png", "refusal rate", "Refusal rate (greedy, judged)"),
-    (
-        "subspace_fraction",
-        "subspace_fraction.png",
-        "|P delta| / |delta|",
-        "Drift into the subspace",
-    ),
-)
+    (("kl", "forecast_kl"), "kl.png", "KL alignment loss (nats/token)",
+     "Alignment loss over steps", None),
+    (("refusal_rate", "soft_refusal"), "refusal_rate.png", "refusal",
+     "Refusal: greedy rate (judged) and soft refusal", (0.0, 1.05)),
+    (("subspace_fraction",), "subspace_fraction.png", "|P delta| / |delta|",
+     "Drift into the subspace", None),
+)  # fmt: skip
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -44,6 +42,11 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["step"])
 
 
+def _message(rec: dict[str, Any]) -> str:
+    w = rec.get("warning")
+    return w.get("message", "") if isinstance(w, dict) else str(w or "")
+
+
 def write_watch_report(log: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Plots (KL, refusal rate, subspace drift), report.md and report.html from a watch log."""
     records = read_log(log)
@@ -53,22 +56,26 @@ def write_watch_report(log: str | Path, out: str | Path, overwrite: bool = False
     rep.text(f"{len(records)} measurements from `{log}`, steps {steps[0]}..{steps[-1]}.")
     if warnings:
         first = warnings[0]
-        rep.text(f"First early warning at step {first['step']}: {first['warning']}.")
+        rep.text(f"First early warning at step {first['step']}: {_message(first)}.")
     else:
         rep.text("No early warning was raised.")
     with OutputDir(out, overwrite=overwrite) as od:
-        for key, name, ylabel, title in _SERIES:
-            values = [r.get(key) for r in records]
-            if all(v is None for v in values):
+        for keys, name, ylabel, title, ylim in _SERIES:
+            series = {k: [r.get(k) for r in records] for k in keys}
+            series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+            if not series:
                 continue
-            series_plot(od.file(name), steps, {key: values}, ylabel, title)
+            series_plot(od.file(name), steps, series, ylabel, title, ylim=ylim,
+                        vline=warnings[0]["step"] if warnings else None,
+                        vline_label="first warning")  # fmt: skip
             rep.image(name, title)
-        cols = [c for c in ("kl", "refusal_rate", "soft_refusal", "subspace_fraction")
+        cols = [c for c in ("kl", "forecast_kl", "refusal_rate", "soft_refusal",
+                            "subspace_fraction")
                 if any(r.get(c) is not None for r in records)]  # fmt: skip
         rep.heading("Measurements")
         rep.table(
             ["step", *cols, "warning"],
-            [[r["step"], *(r.get(c) for c in cols), r.get("warning") or ""] for r in records],
+            [[r["step"], *(r.get(c) for c in cols), _message(r)] for r in records],
         )
         od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
         od.file("report.html").write_text(rep.html(), encoding="utf-8")
