@@ -40,6 +40,10 @@ def test_cli_writes_results_report_and_plots(diagnosis):
     assert res["seed"] == 0 and res["config"]["rank"] == 4
     assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
     assert "Verdict" in (out / "report.md").read_text()
+    safety, data = res["datasets"]["safety"], res["datasets"]["finetune"]
+    assert (safety["format"], data["format"]) == ("plain", "plain")
+    assert (safety["examples"], safety["dropped"], data["examples"]) == (12, 0, 24)
+    assert res["config"]["safety_format"] == "auto" and data["truncated"] == 0
 
 
 def test_results_are_self_consistent(diagnosis):
@@ -90,8 +94,9 @@ def test_data_without_responses_is_a_clear_error(organism_test, tmp_path):
         run_diagnose(_cfg(organism_test, data=str(prompts)), quiet=True)
 
 
-def test_prompt_longer_than_context_is_a_clear_error(organism_test):
-    with pytest.raises(ValueError, match="longer than the context"):
+def test_prompts_that_fill_the_context_are_an_error_only_when_all_are_dropped(organism_test):
+    # Over-long prompts are dropped and counted (tests/test_loaders.py); none left is an error.
+    with pytest.raises(ValueError, match="safety set .* all 12 prompts .* no room for a response"):
         run_diagnose(_cfg(organism_test, max_length=3), quiet=True)
 
 

@@ -37,8 +37,8 @@ def test_log_spaced_record_steps():
 def test_tracker_matches_direct_computation(organism_test):
     org = organism_test
     model, tok = org.aligned_model(), org.tokenizer()
-    safety = _batch(tok, org.dataset("harmful_align")[:6], 64, "safety")
-    ft = _batch(tok, org.dataset("benign_affirmative")[:8], 64, "data")
+    safety, _ = _batch(tok, org.dataset("harmful_align")[:6], 64, "safety")
+    ft, _ = _batch(tok, org.dataset("benign_affirmative")[:8], 64, "data")
     sel = select_params(model, ["all"])
     gen = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(sel.size, 3, generator=gen, dtype=torch.float64))
@@ -130,6 +130,9 @@ def test_verify_cli_outputs_and_schema(verified):
     assert res["schema"] == "alignscope.verify/1" and res["judge"] == "KeywordRefusalJudge"
     assert {"diagnosis", "trajectory", "scores", "config", "environment"} <= set(res)
     assert res["diagnosis"]["schema"] == "alignscope.diagnose/1"
+    assert {"finetune", "eval"} <= set(res["datasets"])  # how each file was read and fitted
+    assert res["datasets"]["eval"]["format"] == "plain"
+    assert res["datasets"]["finetune"]["dropped"] == 0
     fc = res["diagnosis"]["forecast"]
     steps = [r["step"] for r in res["trajectory"]]
     assert steps == record_steps(40, "auto", (fc["collapse_step"], fc["horizon_steps"]))

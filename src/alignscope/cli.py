@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from alignscope import __version__
+from alignscope.errors import MissingExtraError
 
 app = typer.Typer(
     name="alignscope",
@@ -30,13 +31,36 @@ def main(
 
 
 # Options shared by diagnose and verify (one place for their names, defaults and help).
-MODEL = typer.Option(..., "--model", "-m", help="Hugging Face model directory.")
-SAFETY = typer.Option(
-    ..., "--safety", "-s", help="Harmful prompts (JSONL/CSV/TXT), optionally with responses."
+MODEL = typer.Option(
+    ..., "--model", "-m", help="Hugging Face model directory, hub id, or a local .gguf file."
 )
-DATA = typer.Option(..., "--data", "-d", help="Fine-tuning set with prompt/response.")
+SAFETY = typer.Option(
+    ...,
+    "--safety",
+    "-s",
+    help="Harmful prompts, optionally with aligned responses: JSONL, JSON, CSV, TXT or a "
+    "datasets.save_to_disk folder (DIR::SPLIT picks a split); format detected, or --safety-format.",
+)
+DATA = typer.Option(
+    ...,
+    "--data",
+    "-d",
+    help="Fine-tuning set of prompt/response pairs, in the same file types; format detected, or "
+    "--data-format.",
+)
+FORMATS_HELP = (
+    "auto | plain | advbench | harmbench | lines | donotanswer | alpaca | dolly | chat | hf "
+    "(docs/diagnose.md, Data formats)"
+)
+SAFETY_FORMAT = typer.Option(
+    "auto", help=f"Format of --safety (and of --eval-prompts): {FORMATS_HELP}."
+)
+DATA_FORMAT = typer.Option("auto", help=f"Format of --data: {FORMATS_HELP}.")
 PARAMS = typer.Option(
-    ["all"], "--params", help="all | lora | glob over parameter names (repeatable)."
+    ["all"],
+    "--params",
+    help="all (with --adapter/--lora-r: the adapter weights) | lora | glob over parameter names "
+    "(repeatable).",
 )
 GROUP = typer.Option(
     None, "--group", help="Block-wise subspaces: layer | module (default: one block)."
@@ -53,13 +77,27 @@ SOLVER = typer.Option("auto", help="auto | gram | lanczos.")
 ALIGNMENT_LOSS = typer.Option("kl", help="kl (default) | nll (refusal NLL).")
 MAX_SAFETY = typer.Option(64, help="Use at most this many safety prompts.")
 MAX_DATA = typer.Option(256, help="Fine-tuning examples used for curvature and loss tracking.")
-DTYPE = typer.Option("float32", help="float32 | bfloat16 | float16 | float64.")
+DTYPE = typer.Option(
+    "float32",
+    help="Weights dtype: float32 | bfloat16 | float16 | float64 (16-bit: math in float32).",
+)
 DEVICE = typer.Option("cpu", help="cpu | cuda | auto.")
 MEMORY_GB = typer.Option(2.0, help="Memory budget for curvature work (GiB).")
 THREADS = typer.Option(None, help="torch CPU threads (1 is best on a busy 2-core box).")
 SEED = typer.Option(0, help="Random seed (recorded in results.json).")
 OVERWRITE = typer.Option(False, help="Replace an existing output directory.")
+ADAPTER = typer.Option(
+    None, "--adapter", help="PEFT adapter directory to load on top of --model (trainable)."
+)
+LORA_R = typer.Option(None, "--lora-r", help="Add a new LoRA adapter of this rank (B = 0).")
+LORA_ALPHA = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 2 x --lora-r).")
+LORA_TARGETS = typer.Option(
+    None,
+    "--lora-targets",
+    help="Module names to adapt (repeatable; default: all attention/MLP linear layers).",
+)
 ERRORS = (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError)
+ERRORS += (MissingExtraError,)  # a missing optional package: how to install it
 
 
 def _config_fields(options: dict) -> dict:
@@ -67,9 +105,13 @@ def _config_fields(options: dict) -> dict:
     fields = {k: options[k] for k in (
         "model", "safety", "data", "group", "optimizer", "lr", "batch_size", "steps", "rank",
         "explained", "threshold", "fisher", "solver", "alignment_loss", "max_safety",
-        "max_data", "dtype", "device", "threads", "seed")}  # fmt: skip
+        "max_data", "dtype", "device", "threads", "seed",
+        "safety_format", "data_format")}  # fmt: skip
     fields["params"] = list(options["params"])
     fields["memory_budget_gb"] = options["memory_gb"]
+    fields["adapter"], fields["lora_r"] = options.get("adapter"), options.get("lora_r")
+    fields["lora_alpha"] = options.get("lora_alpha")
+    fields["lora_targets"] = list(options.get("lora_targets") or []) or None
     if fields["rank"] is None and fields["explained"] is None:
         fields["rank"] = 20
     return fields
@@ -94,11 +136,17 @@ def diagnose(
     alignment_loss: str = ALIGNMENT_LOSS,
     max_safety: int = MAX_SAFETY,
     max_data: int = MAX_DATA,
+    safety_format: str = SAFETY_FORMAT,
+    data_format: str = DATA_FORMAT,
     dtype: str = DTYPE,
     device: str = DEVICE,
     memory_gb: float = MEMORY_GB,
     threads: int = THREADS,
     seed: int = SEED,
+    adapter: str = ADAPTER,
+    lora_r: int = LORA_R,
+    lora_alpha: float = LORA_ALPHA,
+    lora_targets: list[str] = LORA_TARGETS,
     out: str = typer.Option("alignscope-out/diagnose", help="Output directory."),
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -141,11 +189,17 @@ def verify(
     alignment_loss: str = ALIGNMENT_LOSS,
     max_safety: int = MAX_SAFETY,
     max_data: int = MAX_DATA,
+    safety_format: str = SAFETY_FORMAT,
+    data_format: str = DATA_FORMAT,
     dtype: str = DTYPE,
     device: str = DEVICE,
     memory_gb: float = MEMORY_GB,
     threads: int = THREADS,
     seed: int = SEED,
+    adapter: str = ADAPTER,
+    lora_r: int = LORA_R,
+    lora_alpha: float = LORA_ALPHA,
+    lora_targets: list[str] = LORA_TARGETS,
     eval_prompts: str = typer.Option(
         None, "--eval-prompts", "-e", help="Held-out harmful prompts for the refusal rate."
     ),

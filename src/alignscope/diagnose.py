@@ -23,17 +23,20 @@ from alignscope.curvature import (
     per_sample_grads,
     response_weights,
 )
-from alignscope.data.encode import LMBatch, collate, encode_pairs
-from alignscope.data.loaders import load_rows
+from alignscope.data.encode import Fit, LMBatch, collate, encode_pairs, fit_to_length
+from alignscope.data.loaders import CONTAINERS, FORMATS, load_data
+from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, generate
 from alignscope.forecast import ForecastInputs, forecast
 from alignscope.geometry import (
     AIC,
+    Subspace,
     finetune_gradient,
     make_subspace,
     measure_direction,
     noise_trace,
 )
+from alignscope.models import LoraSpec, describe_adapter
 from alignscope.params import select_params
 from alignscope.progress import Stages
 from alignscope.report.output import results_header
@@ -64,6 +67,8 @@ class DiagnoseConfig:
     alignment_loss: str = "kl"  # "kl" | "nll"
     max_safety: int | None = 64
     max_data: int | None = 256
+    safety_format: str = "auto"  # auto | a key of data.loaders.FORMATS | hf
+    data_format: str = "auto"
     noise_examples: int = 64
     max_length: int = 256
     max_new_tokens: int = 48
@@ -72,6 +77,11 @@ class DiagnoseConfig:
     memory_budget_gb: float = 2.0
     adam_eps: float = 1e-8
     threads: int | None = None  # torch CPU threads; 1 is fastest on a busy 2-core machine
+    # PEFT: an existing adapter directory, or a new LoRA adapter of rank lora_r (at most one)
+    adapter: str | None = None
+    lora_r: int | None = None
+    lora_alpha: float | None = None  # default 2 * lora_r
+    lora_targets: list[str] | None = None  # default: every attention/MLP linear layer
 
     @classmethod
     def for_organism(cls, org, dataset: str = "benign_affirmative", **overrides) -> DiagnoseConfig:
@@ -108,6 +118,47 @@ class DiagnoseConfig:
             raise ValueError("--fisher must be ggn or empirical")
         if self.alignment_loss not in ("kl", "nll"):
             raise ValueError("--alignment-loss must be kl or nll")
+        formats = ("auto", *FORMATS, *CONTAINERS)
+        for name in ("safety_format", "data_format"):
+            if getattr(self, name) not in formats:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(self, name)!r}: use {', '.join(formats)}")
+        if self.adapter is not None and self.lora_r is not None:
+            raise ValueError("pass either --adapter (an existing adapter) or --lora-r (a new one)")
+        if self.lora_r is None and (self.lora_alpha is not None or self.lora_targets):
+            raise ValueError("--lora-alpha and --lora-targets need --lora-r")
+        self.lora_spec()  # checks r and alpha
+
+    def lora_spec(self) -> LoraSpec | None:
+        """The new LoRA adapter asked for (``--lora-r``), or None."""
+        if self.lora_r is None:
+            return None
+        targets = tuple(self.lora_targets) if self.lora_targets else None
+        return LoraSpec(self.lora_r, self.lora_alpha, targets)
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.adapter is not None or self.lora_r is not None
+
+    def param_spec(self) -> list[str]:
+        """The parameter selection analysed (and trained by verify): ``--params``, except that
+        with an adapter the default ``all`` means the adapter weights (``lora``)."""
+        if self.uses_adapter and list(self.params) == ["all"]:
+            return ["lora"]
+        return list(self.params)
+
+    def load_model(self):
+        """``(model, tokenizer)`` as configured: weights, dtype, device, adapter (seeded)."""
+        from alignscope.models import load_model
+
+        return load_model(
+            self.model,
+            dtype=self.dtype,
+            device=self.device,
+            adapter=self.adapter,
+            lora=self.lora_spec(),
+            seed=self.seed,
+        )
 
 
 @dataclass
@@ -121,6 +172,9 @@ class DiagnoseResult:
     # ``verify``; not part of results.json.
     subspace_basis: torch.Tensor | None = field(default=None, repr=False)
     subspace_values: torch.Tensor | None = field(default=None, repr=False)
+    # All computed eigenpairs, to pass back as ``run_diagnose(subspace=...)`` for another
+    # fine-tuning set (the subspace depends only on the model and the safety set).
+    subspace: Subspace | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,22 +184,24 @@ class DiagnoseResult:
         }
 
 
-def _subsample(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
-    if limit is None or len(rows) <= limit:
-        return rows
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(rows), generator=gen)[:limit].sort().values
-    return [rows[i] for i in idx.tolist()]
-
-
-def _batch(tokenizer, rows: list[dict], max_length: int, what: str) -> LMBatch:
+def _batch(tokenizer, rows: list[dict], max_length: int, what: str) -> tuple[LMBatch, Fit]:
+    """The batch of ``rows`` fitted into ``max_length`` (responses cut, over-long prompts
+    dropped: ``Fit.kept`` says which rows are in it)."""
     pairs = [(r["prompt"], r["response"]) for r in rows]
     try:
-        enc = encode_pairs(tokenizer, pairs, max_length=max_length)
+        enc, fit = fit_to_length(encode_pairs(tokenizer, pairs), max_length)
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return collate(enc, pad_id=pad, max_length=max_length)
+    return collate(enc, pad_id=pad, max_length=max_length), fit
+
+
+def selected_modules(names: list[str]) -> list[str]:
+    """The modules owning the selected parameters, sorted; a LoRA weight counts for the module
+    it adapts (``...q_proj.lora_A.default.weight`` -> ``...q_proj``)."""
+    return sorted(
+        {n.split(".lora_")[0] if ".lora_" in n else n.rpartition(".")[0] or n for n in names}
+    )
 
 
 def _fisher_chunk(model, batch: LMBatch, budget: int) -> int:
@@ -174,8 +230,15 @@ def adam_preconditioner(
     ``i``), not ``g_i^2``: full-batch ``1/|g|`` would blow up on coordinates whose mean gradient
     is tiny but whose minibatch gradient is not. Approximate: ``v`` is a moving average that
     early on the gradient barely changes.
+
+    Coordinates whose gradient is exactly zero in every example get ``D = 0``, not ``1/eps``:
+    Adam does not move them at the first step, and ``1/eps`` would blow up ``D H D g`` wherever
+    they couple to the rest. The case that matters is a new LoRA adapter: with ``B = 0`` the
+    gradient wrt ``A`` vanishes identically, while ``d^2 L / dA dB`` does not; ``A`` moves only
+    from the second step on, and its effect on the weights (``dB dA``) is of second order.
     """
-    return 1.0 / ((g.square() + grad_var / batch_size).sqrt() + eps)
+    d = 1.0 / ((g.square() + grad_var / batch_size).sqrt() + eps)
+    return torch.where((g == 0) & (grad_var == 0), torch.zeros_like(d), d)
 
 
 def verdict(aic: AIC, subspace_summary: dict[str, Any]) -> dict[str, Any]:
@@ -226,10 +289,14 @@ def run_diagnose(
     model=None,
     tokenizer=None,
     quiet: bool = False,
+    subspace: Subspace | None = None,
 ) -> DiagnoseResult:
-    """Run the diagnosis. ``model``/``tokenizer`` may be passed in (else loaded from cfg.model)."""
-    from alignscope.models import load_model
+    """Run the diagnosis. ``model``/``tokenizer`` may be passed in (else loaded from cfg.model).
 
+    ``subspace``: the alignment subspace of an earlier diagnosis of the same model, safety set and
+    parameter selection (``DiagnoseResult.subspace``), reused instead of recomputed; it depends
+    only on those, not on the fine-tuning set (``rank`` diagnoses many sets against one).
+    """
     cfg.validate()
     torch.manual_seed(cfg.seed)
     if cfg.threads is not None:
@@ -240,9 +307,16 @@ def run_diagnose(
 
     with stages.stage("load", cfg.model):
         if model is None:
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        safety_rows = _subsample(load_rows(cfg.safety), cfg.max_safety, cfg.seed)
-        data_rows = _subsample(load_rows(cfg.data, require_response=True), cfg.max_data, cfg.seed)
+            model, tokenizer = cfg.load_model()
+        elif cfg.uses_adapter:
+            raise ValueError(
+                "--adapter/--lora-r apply when alignscope loads the model; wrap a model passed "
+                "in with PEFT yourself"
+            )
+        safety = load_data(cfg.safety, "safety", format=cfg.safety_format)
+        data = load_data(cfg.data, "data", format=cfg.data_format)
+        safety_rows = subsample(safety.rows, cfg.max_safety, cfg.seed)
+        data_rows = subsample(data.rows, cfg.max_data, cfg.seed)
 
     with stages.stage("targets", f"{len(safety_rows)} safety prompts"):
         prompts = [r["prompt"] for r in safety_rows]
@@ -257,13 +331,22 @@ def run_diagnose(
                 f"{len(empty)} safety prompts got an empty greedy response (e.g. prompt "
                 f"{empty[0]}); supply explicit aligned responses in the safety file"
             )
-        safety_batch = _batch(
+        safety_batch, safety_fit = _batch(
             tokenizer,
             [{"prompt": p, "response": t} for p, t in zip(prompts, targets, strict=True)],
             cfg.max_length,
             f"safety set {cfg.safety}",
         )
-        data_batch = _batch(tokenizer, data_rows, cfg.max_length, f"fine-tuning set {cfg.data}")
+        # Prompts too long for the context are out of the batch: out of the record too.
+        kept = safety_fit.kept
+        prompts, targets, refused = ([x[i] for i in kept] for x in (prompts, targets, refused))
+        data_batch, data_fit = _batch(
+            tokenizer, data_rows, cfg.max_length, f"fine-tuning set {cfg.data}"
+        )
+        out["datasets"] = {
+            "safety": {**safety.summary(), **safety_fit.summary()},
+            "finetune": {**data.summary(), **data_fit.summary()},
+        }
         out["alignment"] = {
             "reference": "explicit responses" if explicit else "the model's own greedy responses",
             "loss": cfg.alignment_loss,
@@ -275,14 +358,23 @@ def run_diagnose(
             ],
         }
 
-    selection = select_params(model, cfg.params, group=cfg.group)
+    spec = cfg.param_spec()
+    selection = select_params(model, spec, group=cfg.group)
     flm = FunctionalLM(model, selection)
     out["parameters"] = {
-        "spec": cfg.params,
+        "spec": spec,
         "n_params": selection.size,
         "n_tensors": len(selection),
         "blocks": {b: len(i) for b, i in selection.blocks.items()},
+        "modules": selected_modules(selection.names),
+        "dtype": {"weights": cfg.dtype, "compute": str(flm.dtype).removeprefix("torch.")},
+        "adapter": describe_adapter(
+            model, cfg.adapter, None if cfg.lora_r is None else cfg.lora_targets or "all-linear"
+        ),
     }
+    if spec != list(cfg.params):
+        out["parameters"]["note"] = "--params all with an adapter: the adapter weights only"
+        stages.note(f"parameters: the adapter weights only ({selection.size:,}; --params all)")
     with torch.no_grad():
         ft_loss = float(flm.mean_nll(flm.theta0, data_batch))
         ref_nll = float(flm.mean_nll(flm.theta0, safety_batch))
@@ -294,8 +386,16 @@ def run_diagnose(
         flm, safety_batch, chunk_size=_fisher_chunk(model, safety_batch, budget)
     )
     k = cfg.rank if cfg.rank is not None else 40
+    reused = subspace is not None
+    if reused and subspace.vectors.shape[0] != selection.size:
+        raise ValueError(
+            f"the reused subspace has {subspace.vectors.shape[0]} rows, the parameter selection "
+            f"{selection.size}: it was computed for another model or --params"
+        )
     with stages.stage("subspace", f"top-{k} Fisher eigenpairs over {selection.size:,} params"):
-        if cfg.fisher == "empirical":
+        if reused:
+            eig, trace, trace_err, plan_text = None, None, None, "reused"
+        elif cfg.fisher == "empirical":
             rows = fisher.empirical_factor_rows(memory_budget=budget)
             eig = gram_eigs(rows, min(k, rows.shape[0]) if cfg.rank is None else k)
             trace, trace_err, plan_text = float((rows.double() ** 2).sum()), None, "empirical"
@@ -315,15 +415,18 @@ def run_diagnose(
                 est.stderr,
                 (plan.describe()),
             )
-        subspace = make_subspace(eig, trace, trace_err)
+        if not reused:
+            subspace = make_subspace(eig, trace, trace_err)
         d = cfg.rank if cfg.rank is not None else subspace.rank_for(cfg.explained or 0.9)
         d = min(d, subspace.k)
         out["subspace"] = {
             **subspace.summary(d),
             "plan": plan_text,
             "fisher": cfg.fisher,
-            "converged": eig.converged,
-            "max_residual": None if eig.residuals is None else float(eig.residuals.max()),
+            "converged": None if reused else eig.converged,
+            "max_residual": (
+                None if reused or eig.residuals is None else float(eig.residuals.max())
+            ),
         }
 
     with stages.stage("gradients", f"{data_batch.size} fine-tuning examples"):
@@ -372,6 +475,7 @@ def run_diagnose(
         stages.timings,
         subspace_basis=subspace.basis(d).detach(),
         subspace_values=subspace.values[:d].detach(),
+        subspace=subspace,
     )
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignscope.diagnose import DiagnoseConfig, DiagnoseResult, _batch, _subsample, run_diagnose
+from alignscope.data.sample import subsample
+from alignscope.diagnose import DiagnoseConfig, DiagnoseResult, _batch, run_diagnose
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
 from alignscope.progress import Stages
@@ -44,7 +45,7 @@ from alignscope.train.tracker import AlignmentTracker
 SCHEMA = "alignscope.verify/1"
 # Config fields a diagnosis read from disk must share with the verify run.
 _MUST_MATCH = ("model", "safety", "optimizer", "lr", "batch_size", "params", "group",
-               "alignment_loss")  # fmt: skip
+               "alignment_loss", "adapter", "lora_r", "lora_alpha", "lora_targets")  # fmt: skip
 
 
 @dataclass
@@ -81,6 +82,7 @@ class VerifyResult:
     timings: dict[str, float]
     judge: str = "KeywordRefusalJudge"
     resumed_from: int | None = None
+    datasets: dict[str, Any] = field(default_factory=dict)  # how each data file was read and fitted
     subspace_basis: torch.Tensor | None = field(default=None, repr=False)
     subspace_values: torch.Tensor | None = field(default=None, repr=False)
 
@@ -89,6 +91,7 @@ class VerifyResult:
             **results_header(SCHEMA, self.config),
             "judge": self.judge,
             "resumed_from_step": self.resumed_from,
+            "datasets": self.datasets,
             "diagnosis": self.diagnosis,
             "trajectory": self.trajectory,
             "scores": self.scores,
@@ -338,9 +341,8 @@ def run_verify(
     judge for generated responses (default :class:`KeywordRefusalJudge`). ``partial_dir``: keep
     checkpoints there and resume from them (the caller removes it after a successful run).
     """
-    from alignscope.data.encode import encode_pairs
-    from alignscope.data.loaders import load_rows
-    from alignscope.models import load_model
+    from alignscope.data.encode import encode_pairs, fit_to_length
+    from alignscope.data.loaders import load_data
 
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -366,10 +368,12 @@ def run_verify(
 
     with stages.stage("setup", "model copy, data, tracker"):
         if model is None:
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            model, tokenizer = cfg.load_model()  # a new LoRA adapter: same seed, same A
+        elif cfg.uses_adapter:
+            raise ValueError("--adapter/--lora-r apply when alignscope loads the model")
         else:
             model = copy.deepcopy(model)
-        selection = select_params(model, cfg.params, group=cfg.group)
+        selection = select_params(model, cfg.param_spec(), group=cfg.group)
         if selection.size != diag["parameters"]["n_params"]:
             raise ValueError(
                 f"the diagnosis analysed {diag['parameters']['n_params']} parameters, this "
@@ -378,20 +382,27 @@ def run_verify(
         chosen = set(selection.names)
         for name, p in model.named_parameters():
             p.requires_grad_(name in chosen)
-        safety_batch = _batch(
+        safety_batch, _ = _batch(
             tokenizer, diag["alignment"]["responses"], cfg.max_length, f"safety set {cfg.safety}"
         )
-        data_rows = load_rows(cfg.data, require_response=True)
-        encoded = encode_pairs(
-            tokenizer, [(r["prompt"], r["response"]) for r in data_rows], max_length=cfg.max_length
-        )
-        ft_batch = _batch(
-            tokenizer, _subsample(data_rows, cfg.max_data, cfg.seed), cfg.max_length, cfg.data
+        data = load_data(cfg.data, "data", format=cfg.data_format)
+        data_rows = data.rows
+        try:  # the whole set is fine-tuned on: fit all of it, not only the tracked subset
+            encoded, data_fit = fit_to_length(
+                encode_pairs(tokenizer, [(r["prompt"], r["response"]) for r in data_rows]),
+                cfg.max_length,
+            )
+        except ValueError as err:
+            raise ValueError(f"fine-tuning set {cfg.data}: {err}") from None
+        datasets = {"finetune": {**data.summary(), **data_fit.summary()}}
+        ft_batch, _ = _batch(
+            tokenizer, subsample(data_rows, cfg.max_data, cfg.seed), cfg.max_length, cfg.data
         )
         eval_batch = None
         prompts = [r["prompt"] for r in diag["alignment"]["responses"]]
         if cfg.eval_prompts is not None:
-            rows = _subsample(load_rows(cfg.eval_prompts), cfg.max_eval, cfg.seed)
+            evals = load_data(cfg.eval_prompts, "safety", format=cfg.safety_format)
+            rows = subsample(evals.rows, cfg.max_eval, cfg.seed)
             if not rows:
                 raise ValueError(f"eval prompts {cfg.eval_prompts}: no prompts")
             prompts = [r["prompt"] for r in rows]
@@ -399,7 +410,11 @@ def run_verify(
                 greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
                 pairs = zip(prompts, greedy, strict=True)
                 rows = [{"prompt": p, "response": g or "."} for p, g in pairs]
-            eval_batch = _batch(tokenizer, rows, cfg.max_length, f"eval set {cfg.eval_prompts}")
+            eval_batch, eval_fit = _batch(
+                tokenizer, rows, cfg.max_length, f"eval set {cfg.eval_prompts}"
+            )
+            prompts = [prompts[i] for i in eval_fit.kept]  # too long for the context: left out
+            datasets["eval"] = {**evals.summary(), **eval_fit.summary()}
         tracker = AlignmentTracker(
             model,
             tokenizer,
@@ -474,6 +489,7 @@ def run_verify(
         timings,
         judge=type(judge).__name__,
         resumed_from=resumed_from,
+        datasets=datasets,
         subspace_basis=basis,
         subspace_values=values,
     )

@@ -30,6 +30,16 @@ def response_weights(batch: LMBatch, dtype: torch.dtype = torch.float32) -> torc
     return mask / counts
 
 
+def _skip_padding_check(model: nn.Module) -> None:
+    """Turn off transformers' "input looks padded, pass an attention mask" check (GPT-2 and
+    others run it when the config has a pad token): it tests ``pad_id in input_ids``, which is
+    data-dependent control flow that vmap cannot trace. The inputs here are unmasked on purpose
+    (right padding, loss masked by response weights)."""
+    for module in model.modules():
+        if hasattr(type(module), "warn_if_padding_and_no_attention_mask"):
+            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+
+
 class FunctionalLM:
     """``theta -> logits`` for a Hugging Face causal LM and a parameter selection.
 
@@ -47,6 +57,7 @@ class FunctionalLM:
         # Unselected parameters are passed as detached constants so no autograd graph is built
         # for them (they may still have requires_grad=True on the module).
         self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
+        _skip_padding_check(model)
 
     @property
     def dim(self) -> int:

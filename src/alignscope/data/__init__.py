@@ -1,5 +1,26 @@
 """Datasets: (prompt, response) pairs, chat templates, tokenized batches with response masks."""
 
-from alignscope.data.encode import EncodedPair, LMBatch, collate, encode_pair, encode_pairs
+from alignscope.data.encode import (
+    EncodedPair,
+    Fit,
+    LMBatch,
+    collate,
+    encode_pair,
+    encode_pairs,
+    fit_to_length,
+)
+from alignscope.data.loaders import FORMATS, LoadedRows, load_data, load_rows
 
-__all__ = ["EncodedPair", "LMBatch", "collate", "encode_pair", "encode_pairs"]
+__all__ = [
+    "FORMATS",
+    "EncodedPair",
+    "Fit",
+    "LMBatch",
+    "LoadedRows",
+    "collate",
+    "encode_pair",
+    "encode_pairs",
+    "fit_to_length",
+    "load_data",
+    "load_rows",
+]

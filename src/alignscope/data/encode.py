@@ -109,7 +109,8 @@ def encode_pair(tokenizer, prompt: str, response: str) -> EncodedPair:
 def encode_pairs(
     tokenizer, pairs: Sequence[tuple[str, str]], max_length: int | None = None
 ) -> list[EncodedPair]:
-    """Tokenize many pairs; raise when one cannot fit ``max_length`` even without its response."""
+    """Tokenize many pairs; raise when one cannot fit ``max_length`` even without its response
+    (:func:`fit_to_length` drops such examples and cuts long responses instead)."""
     encoded = [encode_pair(tokenizer, p, r) for p, r in pairs]
     if max_length is not None:
         for i, e in enumerate(encoded):
@@ -119,6 +120,56 @@ def encode_pairs(
                     f"context of {max_length}; shorten it or raise --max-length"
                 )
     return encoded
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What :func:`fit_to_length` did: responses cut, examples dropped (by index), kept indices."""
+
+    max_length: int | None
+    n_examples: int
+    truncated: int  # examples whose response was cut to fit
+    dropped: list[int]  # examples whose prompt alone fills the context
+    kept: list[int]
+
+    def summary(self) -> dict[str, int | None]:
+        return {
+            "max_length": self.max_length,
+            "examples": self.n_examples,
+            "truncated": self.truncated,
+            "dropped": len(self.dropped),
+        }
+
+
+def fit_to_length(
+    encoded: Sequence[EncodedPair], max_length: int | None
+) -> tuple[list[EncodedPair], Fit]:
+    """Fit examples into ``max_length`` tokens: cut responses, drop over-long prompts.
+
+    An example whose prompt alone has ``max_length`` tokens or more is dropped rather than
+    left-truncated: cutting the start of a chat-formatted prompt removes the template's opening
+    tokens (an input the model never sees) and can change what a harmful request asks. Raises
+    when every example is dropped.
+    """
+    if max_length is None:
+        return list(encoded), Fit(None, len(encoded), 0, [], list(range(len(encoded))))
+    kept, out, dropped, truncated = [], [], [], 0
+    for i, e in enumerate(encoded):
+        room = max_length - len(e.prompt_ids)
+        if room < 1:
+            dropped.append(i)
+            continue
+        truncated += len(e.response_ids) > room
+        kept.append(i)
+        out.append(EncodedPair(e.prompt_ids, e.response_ids[:room]))
+    if encoded and not out:
+        longest = max(len(e.prompt_ids) for e in encoded)
+        raise ValueError(
+            f"all {len(encoded)} prompts are at least as long as the context of {max_length} "
+            f"tokens (longest {longest}), leaving no room for a response, and were dropped; "
+            "raise --max-length or shorten the prompts"
+        )
+    return out, Fit(max_length, len(encoded), truncated, dropped, kept)
 
 
 def collate(
