@@ -36,6 +36,7 @@ from alignscope.geometry import (
     measure_direction,
     noise_trace,
 )
+from alignscope.memory import estimate_memory
 from alignscope.models import LoraSpec, describe_adapter
 from alignscope.params import select_params
 from alignscope.progress import Stages
@@ -318,6 +319,13 @@ def run_diagnose(
         safety_rows = subsample(safety.rows, cfg.max_safety, cfg.seed)
         data_rows = subsample(data.rows, cfg.max_data, cfg.seed)
 
+    # Before any heavy work: the parameters analysed and the memory that will take.
+    spec = cfg.param_spec()
+    selection = select_params(model, spec, group=cfg.group)
+    memory = estimate_memory(cfg, model, selection, len(safety_rows))
+    stages.note(memory.describe())
+    out["memory"] = memory.to_json()
+
     with stages.stage("targets", f"{len(safety_rows)} safety prompts"):
         prompts = [r["prompt"] for r in safety_rows]
         greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
@@ -358,8 +366,6 @@ def run_diagnose(
             ],
         }
 
-    spec = cfg.param_spec()
-    selection = select_params(model, spec, group=cfg.group)
     flm = FunctionalLM(model, selection)
     out["parameters"] = {
         "spec": spec,

@@ -163,36 +163,46 @@ def _tridiag_eigs(alphas: Sequence[float], betas: Sequence[float]) -> tuple[np.n
     return eigh_tridiagonal(a, np.asarray(betas[: a.size - 1], dtype=np.float64))
 
 
-def _merge_blocks(parts: dict[str, tuple[EigenResult, torch.Tensor]], dim: int, method: str):
-    columns, values, blocks, products = [], [], {}, 0
-    for name, (res, index) in parts.items():
-        full = torch.zeros((dim, res.k), dtype=res.vectors.dtype, device=res.vectors.device)
-        full[index] = res.vectors
-        blocks[name] = list(range(len(values), len(values) + res.k))
-        columns.append(full)
+def _merge_blocks(
+    parts: dict[str, tuple[EigenResult, torch.Tensor]], dim: int, method: str, keep: int | None
+):
+    """The union of the blocks' eigenpairs (those of the block-diagonal operator), largest first;
+    ``keep``: only the top ``keep`` of them, so the full-length basis is ``dim x keep`` rather
+    than ``dim x (k x blocks)`` (what makes block-wise subspaces fit large models)."""
+    values, owner = [], []
+    for name, (res, _) in parts.items():
         values.extend(res.values.tolist())
-        products += res.n_products
+        owner.extend((name, j) for j in range(res.k))
     vals = torch.tensor(values, dtype=torch.float64)
-    order = torch.argsort(vals, descending=True)
-    where = {int(old): new for new, old in enumerate(order)}
-    blocks = {b: sorted(where[c] for c in cols) for b, cols in blocks.items()}
+    order = torch.argsort(vals, descending=True)[: keep if keep is not None else len(values)]
+    first = next(iter(parts.values()))[0].vectors
+    basis = torch.zeros((dim, len(order)), dtype=first.dtype, device=first.device)
+    blocks: dict[str, list[int]] = {name: [] for name in parts}
+    residuals = []
+    for col, i in enumerate(order.tolist()):
+        name, j = owner[i]
+        res, index = parts[name]
+        basis[index, col] = res.vectors[:, j]
+        blocks[name].append(col)
+        if res.residuals is not None:
+            residuals.append(float(res.residuals[j]))
     results = [r for r, _ in parts.values()]
-    residuals = None
-    if all(r.residuals is not None for r in results):
-        residuals = torch.cat([r.residuals.to(torch.float64) for r in results])[order]
     return EigenResult(
         vals[order],
-        torch.cat(columns, dim=1)[:, order],
+        basis,
         method,
-        products,
-        residuals,
-        blocks,
+        sum(r.n_products for r in results),
+        torch.tensor(residuals, dtype=torch.float64) if len(residuals) == len(order) else None,
+        {b: cols for b, cols in blocks.items() if cols},
         converged=all(r.converged for r in results),
     )
 
 
-def block_lanczos_eigs(matvec: MatVec, selection: ParamSelection, k: int, **kwargs) -> EigenResult:
-    """Top-``k`` eigenpairs of every diagonal block of the operator (block-diagonal approximation).
+def block_lanczos_eigs(
+    matvec: MatVec, selection: ParamSelection, k: int, keep: int | None = None, **kwargs
+) -> EigenResult:
+    """Top-``k`` eigenpairs of every diagonal block of the operator (block-diagonal approximation),
+    merged largest first (the top ``keep`` of them when given).
 
     Each block's product embeds the block vector in the full space, applies the operator and keeps
     the block's rows: exactly the diagonal block, never the cross-block coupling.
@@ -213,13 +223,15 @@ def block_lanczos_eigs(matvec: MatVec, selection: ParamSelection, k: int, **kwar
             lanczos_eigs(block_mv, index.numel(), kb, **{**kwargs, "op_dtype": op_dtype}),
             index,
         )
-    return _merge_blocks(parts, dim, "block-lanczos")
+    return _merge_blocks(parts, dim, "block-lanczos", keep)
 
 
-def block_gram_eigs(rows: torch.Tensor, selection: ParamSelection, k: int) -> EigenResult:
+def block_gram_eigs(
+    rows: torch.Tensor, selection: ParamSelection, k: int, keep: int | None = None
+) -> EigenResult:
     """Top-``k`` eigenpairs of each diagonal block of ``R^T R``, from that block's columns of R."""
     parts = {}
     for name in selection.blocks:
         index = selection.block_index(name)
         parts[name] = (gram_eigs(rows[:, index], min(k, rows.shape[0], index.numel())), index)
-    return _merge_blocks(parts, selection.size, "block-gram")
+    return _merge_blocks(parts, selection.size, "block-gram", keep)

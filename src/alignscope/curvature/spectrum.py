@@ -3,6 +3,7 @@ block-wise, from a memory budget."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from alignscope.curvature.eigen import (
 )
 from alignscope.curvature.fisher import FisherOperator
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET
+from alignscope.params import ParamSelection
 
 
 @dataclass(frozen=True)
@@ -48,20 +50,29 @@ def plan_spectrum(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     itemsize: int = 4,
     blockwise: bool = False,
+    block_dims: Sequence[int] | None = None,
 ) -> SpectrumPlan:
     """Pick exact Lanczos when its basis fits the budget, else the Gram route, else raise.
 
     Lanczos keeps its basis at the operator's precision: ``(iterations + 1) x P x itemsize``
-    bytes. The Monte-Carlo Gram route is cheaper but its top eigenvalues are biased upward
-    while the number of rows is far below the Fisher's effective rank (bench/curvature.py:
-    1.6x too large at 384 rows on a 0.7 M parameter block), so it is the fallback, or a
-    deliberate choice. A request that fits neither raises with the option that would fit.
+    bytes; block-wise (``block_dims``: the size of each block) one block at a time, so the
+    largest block's basis plus the merged top-``k`` result (``k x P``). The Monte-Carlo Gram route
+    is cheaper but its top eigenvalues are biased upward while the number of rows is far below the
+    Fisher's effective rank (bench/curvature.py: 1.6x too large at 384 rows on a 0.7 M parameter
+    block), so it is the fallback, or a deliberate choice. A request that fits neither raises
+    :class:`MemoryError`; :func:`memory_error` words it with the options that would fit.
     """
     if method not in ("auto", "gram", "lanczos"):
         raise ValueError(f"unknown eigensolver {method!r}; use auto, gram or lanczos")
-    iterations = min(dim, max(6 * k, k + 60))
+    op_item = max(itemsize, 4)
+    if blockwise and block_dims:
+        largest = max(block_dims)
+        iterations = min(largest, max(6 * k, k + 60))
+        lanczos_bytes = (iterations + 1) * largest * op_item + k * dim * itemsize
+    else:
+        iterations = min(dim, max(6 * k, k + 60))
+        lanczos_bytes = (iterations + 1) * dim * op_item  # basis at operator precision
     gram_bytes = n_rows * dim * itemsize * 2 + n_rows * n_rows * 8
-    lanczos_bytes = (iterations + 1) * dim * max(itemsize, 4)  # basis at operator precision
     if method == "lanczos" or (method == "auto" and lanczos_bytes <= memory_budget):
         return SpectrumPlan("lanczos", blockwise, 0, iterations, lanczos_bytes)
     if method == "gram" or gram_bytes <= memory_budget:
@@ -72,6 +83,11 @@ def plan_spectrum(
         f"{memory_budget / 2**30:.2f} GiB: analyse fewer parameters (--params lora or glob "
         "patterns), use block-wise subspaces (per layer), lower --rank, or raise the budget"
     )
+
+
+def block_dims(selection: ParamSelection) -> list[int]:
+    """The number of scalars in each block of a selection."""
+    return [sum(selection.numels[i] for i in idx) for idx in selection.blocks.values()]
 
 
 def fisher_eigs(
@@ -101,15 +117,16 @@ def fisher_eigs(
         memory_budget=memory_budget,
         itemsize=op.theta.element_size(),
         blockwise=blockwise,
+        block_dims=block_dims(op.flm.selection) if blockwise else None,
     )
     selection = op.flm.selection
     if plan.method == "gram":
         gen = torch.Generator().manual_seed(seed)
         rows = op.mc_factor_rows(samples_per_example, generator=gen, memory_budget=memory_budget)
         if blockwise:
-            return block_gram_eigs(rows, selection, k), plan
+            return block_gram_eigs(rows, selection, k, keep=k), plan
         return gram_eigs(rows, k), plan
     kwargs = {"tol": tol, "seed": seed, "op_dtype": op.theta.dtype, "device": op.theta.device}
     if blockwise:
-        return block_lanczos_eigs(op.matvec, selection, k, **kwargs), plan
+        return block_lanczos_eigs(op.matvec, selection, k, keep=k, **kwargs), plan
     return lanczos_eigs(op.matvec, op.dim, k, **kwargs), plan

@@ -1,0 +1,154 @@
+"""How much memory a diagnosis will need, printed before the work starts.
+
+The estimate adds what stays resident: the weights, the KL reference (log-probabilities over the
+vocabulary at every response position of the safety set), the eigensolver's working set (from
+:func:`~alignscope.curvature.spectrum.plan_spectrum`, which also picks Lanczos or the Gram route
+from the budget) and the per-sample-gradient chunk, which is sized to the budget. When the
+eigensolver cannot fit the budget, or the total cannot fit the memory the machine has free, the
+error lists the options that would fit, each with its own estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from alignscope.curvature.spectrum import SpectrumPlan, block_dims, plan_spectrum
+from alignscope.params import select_params
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes each part of a diagnosis keeps resident, and the eigensolver plan."""
+
+    weights: int
+    kl_reference: int
+    eigensolver: int
+    gradient_chunks: int
+    plan: SpectrumPlan | None
+    available: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kl_reference + self.eigensolver + self.gradient_chunks
+
+    def describe(self) -> str:
+        parts = [
+            f"weights {self.weights / GiB:.2f}",
+            f"KL reference {self.kl_reference / GiB:.2f}",
+            f"eigensolver {self.eigensolver / GiB:.2f}",
+            f"gradient chunks <= {self.gradient_chunks / GiB:.2f}",
+        ]
+        free = "" if self.available is None else f" of {self.available / GiB:.1f} GiB free"
+        plan = f"; {self.plan.describe()}" if self.plan is not None else ""
+        return f"memory estimate ~{self.total / GiB:.2f} GiB{free} ({', '.join(parts)} GiB){plan}"
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "plan"}
+        out["total"] = self.total
+        out["plan"] = self.plan.describe() if self.plan is not None else None
+        return out
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: available physical pages)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every platform exposes these
+        return None
+
+
+def _lora_size(model: torch.nn.Module, r: int) -> int:
+    """Scalars of an r-rank LoRA on every linear layer but the output head (peft 'all-linear')."""
+    total = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2 or name.endswith(("lm_head", "embed_tokens", "wte")):
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            total += r * sum(weight.shape)
+    return total
+
+
+def estimate_memory(
+    cfg, model: torch.nn.Module, selection, n_safety: int, *, check_available: bool = True
+) -> MemoryEstimate:
+    """The estimate for ``cfg`` (a DiagnoseConfig) on ``model`` with ``selection``; raises
+    :class:`MemoryError` naming the options that would fit when it cannot."""
+    budget = int(cfg.memory_budget_gb * GiB)
+    itemsize = 8 if cfg.dtype == "float64" else 4  # curvature runs in at least float32
+    k = cfg.rank if cfg.rank is not None else 40
+    n_rows = n_safety * cfg.samples_per_prompt
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if any(p.dtype != torch.float32 and p.dtype != torch.float64 for p in model.parameters()):
+        weights += sum(p.numel() * itemsize for p in model.parameters())  # float32 copy
+    kl_reference = n_safety * cfg.max_new_tokens * vocab * itemsize
+
+    def plan(dim: int, rank: int, dims=None, method: str = cfg.solver) -> SpectrumPlan:
+        return plan_spectrum(
+            dim, rank, n_rows, method=method, memory_budget=budget, itemsize=itemsize,
+            blockwise=dims is not None, block_dims=dims,
+        )  # fmt: skip
+
+    sp = None
+    if cfg.fisher == "ggn":
+        try:
+            sp = plan(selection.size, k, block_dims(selection) if cfg.group else None)
+        except MemoryError:
+            raise MemoryError(_advice(cfg, model, selection, plan, k, budget)) from None
+    est = MemoryEstimate(
+        weights=weights,
+        kl_reference=kl_reference,
+        eigensolver=sp.bytes_needed if sp is not None else n_rows * selection.size * itemsize,
+        gradient_chunks=budget,
+        plan=sp,
+        available=available_memory(next(model.parameters()).device),
+    )
+    if check_available and est.available is not None and est.total > est.available:
+        raise MemoryError(
+            f"{est.describe()}: more than the machine has free. Lower --memory-gb (gradient "
+            f"chunks and the eigensolver use it), --max-safety (the KL reference is "
+            f"{n_safety} prompts x {cfg.max_new_tokens} tokens x {vocab:,} vocabulary), or "
+            "analyse fewer parameters (--params, --lora-r)"
+        )
+    return est
+
+
+def _advice(cfg, model, selection, plan, k: int, budget: int) -> str:
+    """What the eigensolver needs, and which options would fit the budget."""
+    fits: list[str] = []
+
+    def trial(label: str, dim: int, rank: int, dims=None) -> None:
+        try:
+            p = plan(dim, rank, dims)
+        except MemoryError:
+            return
+        fits.append(f"{label} (~{p.bytes_needed / GiB:.2f} GiB, {p.method})")
+
+    if cfg.group is None:
+        layered = select_params(model, cfg.param_spec(), group="layer")
+        trial("--group layer", selection.size, k, block_dims(layered))
+    for rank in (10, 5):
+        if rank < k:
+            trial(f"--rank {rank}", selection.size, rank)
+    if not cfg.uses_adapter:
+        for r in (16, 8):
+            trial(f"--lora-r {r}", _lora_size(model, r), k)
+    dims = block_dims(selection) if cfg.group else None
+    # a forced method never raises: it reports what it would need
+    need = min(plan(selection.size, k, dims, m).bytes_needed for m in ("lanczos", "gram")) / GiB
+    gb = math.ceil(need * 1.1 * 10) / 10
+    options = "; ".join(fits) if fits else "none of --group layer, --rank 10/5, --lora-r 16/8"
+    return (
+        f"the top-{k} Fisher eigenpairs over {selection.size:,} parameters need ~{need:.2f} "
+        f"GiB, over the --memory-gb budget of {budget / GiB:.2f} GiB. Options that fit: {options}. "
+        f"Or raise the budget to --memory-gb {gb:g} if the machine has that much free."
+    )

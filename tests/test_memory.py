@@ -1,0 +1,70 @@
+"""The memory estimate printed before a diagnosis, and the error that names what would fit."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignscope.curvature import plan_spectrum
+from alignscope.diagnose import DiagnoseConfig
+from alignscope.memory import _lora_size, estimate_memory
+from alignscope.params import select_params
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _cfg(**kw):
+    return DiagnoseConfig(model="m", safety="s", data="d", **kw)
+
+
+def test_estimate_adds_what_stays_resident(model):
+    cfg = _cfg(rank=4, max_new_tokens=10, memory_budget_gb=0.5)
+    sel = select_params(model, ["all"])
+    est = estimate_memory(cfg, model, sel, n_safety=8, check_available=False)
+    n = sum(p.numel() for p in model.parameters())
+    assert est.weights == 4 * n
+    assert est.kl_reference == 8 * 10 * 64 * 4  # prompts x tokens x vocabulary x float32
+    iterations = min(n, max(6 * 4, 4 + 60))
+    assert est.plan.method == "lanczos" and est.eigensolver == (iterations + 1) * n * 4
+    assert est.total == est.weights + est.kl_reference + est.eigensolver + int(0.5 * 2**30)
+    assert "memory estimate" in est.describe() and est.to_json()["total"] == est.total
+
+
+def test_blockwise_plan_holds_one_block_at_a_time():
+    whole = plan_spectrum(10_000, 4, 32, method="lanczos")
+    blocks = plan_spectrum(10_000, 4, 32, method="lanczos", blockwise=True,
+                           block_dims=[2_500] * 4)  # fmt: skip
+    assert whole.bytes_needed == 65 * 10_000 * 4
+    assert blocks.bytes_needed == 65 * 2_500 * 4 + 4 * 10_000 * 4  # largest block + merged top-k
+
+
+def test_over_budget_names_the_options_that_fit(model):
+    sel = select_params(model, ["all"])
+    n = sel.size
+    # a budget below the whole-selection Lanczos basis and the Gram rows, above a per-layer one
+    budget = 0.5 * 61 * n * 4 / 2**30
+    cfg = _cfg(rank=1, memory_budget_gb=budget, max_safety=64, samples_per_prompt=64)
+    with pytest.raises(MemoryError) as err:
+        estimate_memory(cfg, model, sel, n_safety=64, check_available=False)
+    msg = str(err.value)
+    assert f"over {n:,} parameters" in msg and "--group layer (~" in msg
+    assert "--lora-r 8 (~" in msg and "--memory-gb" in msg
+
+
+def test_lora_size_counts_every_linear_but_the_head(model):
+    h, i, kv = 32, 64, 16  # hidden, MLP, key/value width (2 of 4 heads)
+    per_layer = (h + h) + (h + kv) * 2 + (h + h) + 3 * (h + i)
+    assert _lora_size(model, 2) == 2 * 4 * per_layer
+
+
+def test_more_than_the_machine_has_free_is_an_error(model, monkeypatch):
+    monkeypatch.setattr("alignscope.memory.available_memory", lambda device: 1000)
+    with pytest.raises(MemoryError, match="more than the machine has free"):
+        estimate_memory(_cfg(rank=4), model, select_params(model, ["all"]), n_safety=8)
