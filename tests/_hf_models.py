@@ -69,20 +69,14 @@ def make_model(arch: str, tok, seed: int = 0, hidden: int = 16):
         vocab_size=len(tok), attn_implementation="eager", bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
+    decoder = dict(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, **common,
+    )  # fmt: skip
     if arch == "llama":
-        cfg = LlamaConfig(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-            tie_word_embeddings=False, **common,
-        )  # fmt: skip
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **decoder))
     elif arch == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-            tie_word_embeddings=True, **common,
-        )  # fmt: skip
-        model = Qwen2ForCausalLM(cfg)
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **decoder))
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=128, **common)
         model = GPT2LMHeadModel(cfg)
