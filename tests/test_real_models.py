@@ -252,3 +252,23 @@ def test_lora_targets_pick_the_adapted_modules(models):
     assert model.peft_config["default"].lora_alpha == 8.0
     with pytest.raises(ValueError, match="--lora-targets"):
         load_model(models[0]["gpt2"], lora=LoraSpec(2, targets=("no_such_module",)))
+
+
+def test_rank_cli_learning_rates_with_a_new_lora_adapter(models, tmp_path):
+    """rank --lr a b on one set, through a new LoRA adapter: only adapter weights are analysed,
+    and the lookahead (rank's default) puts the larger learning rate as the more damaging."""
+    paths, safety, data = models
+    out = tmp_path / "rank"
+    args = ["rank", "-m", str(paths["qwen2"]), "-s", str(safety), "--data", str(data),
+            "--lr", "1e-4", "3e-2", "--optimizer", "sgd", "--steps", "20", "--lora-r", "2",
+            "--rank", "4", "--max-safety", "8", "--max-data", "16", "--threads", "1",
+            "--lookahead-steps", "4", "--out", str(out)]  # fmt: skip
+    _invoke(args)
+    res = json.loads((out / "results.json").read_text())
+    model, _ = load_model(paths["qwen2"], lora=LoraSpec(2))
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert res["config"]["lora_r"] == 2
+    assert [c["lr"] for c in res["candidates"]] == [1e-4, 3e-2]
+    assert res["parameters"]["n_params"] == n_lora and res["parameters"]["adapter"]["r"] == 2
+    assert all(c["details"]["n_params"] == n_lora for c in res["candidates"])
+    assert res["ranking"] == ["lr 0.0001", "lr 0.03"]  # the larger rate damages more

@@ -386,3 +386,121 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+
+
+# --- rank ------------------------------------------------------------------------------------
+
+
+class _ManyValuesCommand(typer.core.TyperCommand):
+    """Lets ``--data a b c`` and ``--lr 1e-5 3e-5`` take several values after one flag (click
+    options take one value per flag): the values are spread into repeated flags first."""
+
+    MANY = ("--data", "-d", "--lr")
+
+    def parse_args(self, ctx, args):
+        spread: list[str] = []
+        flag, took = None, False
+        for arg in args:
+            if arg in self.MANY:
+                if flag is not None and not took:
+                    spread.append(flag)  # a flag without a value: click reports it
+                flag, took = arg, False
+                continue
+            if flag is not None and (not arg.startswith("-") or _is_number(arg)):
+                spread += [flag, arg]
+                took = True
+                continue
+            if flag is not None and not took:
+                spread.append(flag)
+            flag = None
+            spread.append(arg)
+        if flag is not None and not took:
+            spread.append(flag)
+        return super().parse_args(ctx, spread)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@app.command(cls=_ManyValuesCommand)
+def rank(
+    model: str = MODEL,
+    safety: str = SAFETY,
+    data: list[str] = typer.Option(
+        ..., "--data", "-d", help="Candidate fine-tuning sets: --data A B C (two or more, or one "
+        "with several --lr)."
+    ),
+    lr: list[float] = typer.Option(
+        None, "--lr", help="Learning rate(s): several rank the learning rates for one set "
+        "[default: 2e-5]."
+    ),
+    optimizer: str = OPTIMIZER,
+    batch_size: int = BATCH_SIZE,
+    steps: int = typer.Option(1000, help="Planned optimizer steps (the budget predictions use)."),
+    compliance: str = typer.Option(
+        None, "--compliance", help="Harmful prompts with compliant answers (prompt/response), for "
+        "the gradient-similarity baseline; without it that predictor is skipped."
+    ),
+    predictor: str = typer.Option(
+        None, help="Predictor to order by [default: the study's winner, see docs/rank.md]."
+    ),
+    lookahead_steps: int = typer.Option(12, help="Optimizer steps of the trial run (lookahead)."),
+    params: list[str] = PARAMS,
+    adapter: str = ADAPTER,
+    lora_r: int = LORA_R,
+    lora_alpha: float = LORA_ALPHA,
+    lora_targets: list[str] = LORA_TARGETS,
+    safety_format: str = SAFETY_FORMAT,
+    data_format: str = DATA_FORMAT,
+    rank: int = RANK,
+    threshold: float = THRESHOLD,
+    max_safety: int = MAX_SAFETY,
+    max_data: int = MAX_DATA,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    memory_gb: float = MEMORY_GB,
+    threads: int = THREADS,
+    seed: int = SEED,
+    out: str = typer.Option("alignscope-out/rank", help="Output directory."),
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Order candidate fine-tuning sets (or learning rates) by predicted damage to alignment.
+
+    Computes every predictor (AIC quantities, forecast, gradient similarity, a short lookahead
+    run) for every candidate, before any real fine-tuning; the recommended candidate (least
+    predicted damage) comes first.
+    """
+    from alignscope.predictors import DEFAULT_PREDICTOR, RankConfig
+    from alignscope.rank import run_rank
+    from alignscope.report.output import OutputDir
+    from alignscope.report.rank_report import write_rank_outputs
+
+    cfg = RankConfig(
+        model=model, safety=safety, data=list(data), lrs=list(lr) if lr else [2e-5],
+        optimizer=optimizer, batch_size=batch_size, steps=steps, compliance=compliance,
+        predictor=predictor or DEFAULT_PREDICTOR, lookahead_steps=lookahead_steps,
+        params=list(params), rank=rank if rank is not None else 20, threshold=threshold,
+        max_safety=max_safety, max_data=max_data, dtype=dtype, device=device,
+        memory_budget_gb=memory_gb, threads=threads, seed=seed, adapter=adapter, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_targets=list(lora_targets or []),
+        safety_format=safety_format, data_format=data_format,
+    )  # fmt: skip
+    try:
+        cfg.validate()
+        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
+        result = run_rank(cfg)
+    except ERRORS as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    res = result.to_json()
+    path = write_rank_outputs(res, out, overwrite=overwrite)
+    for pos, label in enumerate(res["ranking"], 1):
+        c = next(c for c in res["candidates"] if c["label"] == label)
+        typer.echo(f"{pos}. {label}: {cfg.predictor} = {c['predictors'][cfg.predictor]['value']}")
+    typer.echo(res["summary"])
+    typer.echo(f"wrote {path}/results.json, report.md, report.html, ranking.png")

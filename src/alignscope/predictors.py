@@ -1,0 +1,506 @@
+"""Predictors of alignment damage, each computed before fine-tuning, for ``rank`` and the study.
+
+One function per predictor family, all fed by one :class:`RankState` built once per model: the
+model is loaded once and the alignment subspace (which depends only on the model, the safety set
+and the parameter selection) is computed once, by the first diagnosis, and reused for every
+candidate fine-tuning set (``run_diagnose(subspace=...)``).
+
+Every predictor returns ``{"value", "score", "seconds"}``: ``value`` the quantity as measured
+(None where it does not exist, e.g. no collapse forecast), ``score`` a damage score where higher
+means more predicted damage (what ``rank`` orders by; ``None`` sorts last), ``seconds`` what it
+cost for this candidate (shared per-candidate work, such as the diagnosis behind the AIC numbers,
+is counted in each predictor that needs it; one-off work per model is in
+``RankState.shared_timings``).
+
+Predictors (DESIGN.md section 2, issue #7):
+
+- ``overlap_sgd`` / ``gamma_sgd`` / ``kappa_sgd``: the AIC quantities of the gradient ``g``;
+- ``overlap_adam`` / ``gamma_adam`` / ``kappa_adam``: the same for Adam's first-step direction
+  ``D g`` (diagonal preconditioner, an approximation);
+- ``forecast_dL``: the forecast dL_a at the step budget, or at the forecast's validity horizon
+  when that comes first (the forecast does not extend past it);
+- ``forecast_collapse_step``: the forecast's collapse step (score ``steps / step``; 0 if none);
+- ``gradient_similarity``: cosine between the fine-tuning gradient and the gradient of the NLL
+  of compliant answers to harmful prompts (in the spirit of He et al. 2024);
+- ``lookahead_kl`` / ``lookahead_collapse_step``: a few real optimizer steps on a copy of the
+  model, the alignment KL measured at each, its power-law trend extrapolated to the budget;
+  ``lookahead_kl_measured``: the KL at the end of that run, not extrapolated.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.data.encode import LMBatch, encode_pairs, fit_to_length
+from alignscope.data.sample import subsample
+from alignscope.diagnose import DiagnoseConfig, _batch, run_diagnose
+from alignscope.geometry import AIC, finetune_gradient
+from alignscope.params import select_params
+
+# Name -> one-line description, in display order.
+PREDICTORS: dict[str, str] = {
+    "lookahead_kl_measured": "alignment KL at the end of the short real run (no extrapolation)",
+    "lookahead_kl": "alignment KL extrapolated to the step budget from a short real run",
+    "lookahead_collapse_step": "step where the extrapolated KL trend crosses the threshold",
+    "forecast_dL": "forecast dL_a at the budget (or at the forecast's validity horizon)",
+    "forecast_collapse_step": "forecast collapse step (first step with dL_a >= threshold)",
+    "gradient_similarity": "cosine of the fine-tuning gradient with a harmful-compliance gradient",
+    "overlap_sgd": "|P_d g| / |g| of the gradient",
+    "gamma_sgd": "gamma = |F^1/2 P_d H g|",
+    "kappa_sgd": "kappa = (a'Fa/|a|^2) / (g'Fg/|g|^2), a = H g",
+    "overlap_adam": "|P_d D g| / |D g| of Adam's first step (approximate)",
+    "gamma_adam": "gamma of Adam's first-step flow (approximate)",
+    "kappa_adam": "kappa of Adam's first-step flow (approximate)",
+}
+# Predictors whose value is a step (smaller = more damage); the rest: larger = more damage.
+STEP_PREDICTORS = ("lookahead_collapse_step", "forecast_collapse_step")
+# The predictor rank orders by unless told otherwise: the winner of bench/study.py (see
+# README.md, "Which predictor works": Spearman 0.91 with the observed refusal drop, AUC 0.97 for
+# collapse, over 108 runs on the test organism).
+DEFAULT_PREDICTOR = "lookahead_kl_measured"
+
+
+@dataclass
+class RankConfig:
+    """Everything ``rank`` needs; recorded verbatim in results.json."""
+
+    model: str
+    safety: str
+    data: list[str]
+    lrs: list[float] = field(default_factory=lambda: [2e-5])
+    optimizer: str = "adamw"
+    batch_size: int = 8
+    steps: int = 1000
+    compliance: str | None = None
+    predictor: str = DEFAULT_PREDICTOR
+    lookahead_steps: int = 12
+    params: list[str] = field(default_factory=lambda: ["all"])
+    rank: int | None = 20
+    threshold: float = 0.1
+    max_safety: int | None = 64
+    max_data: int | None = 256
+    noise_examples: int = 64
+    max_length: int = 256
+    max_new_tokens: int = 48
+    dtype: str = "float32"
+    device: str = "cpu"
+    memory_budget_gb: float = 2.0
+    threads: int | None = None
+    seed: int = 0
+    adapter: str | None = None
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=list)
+    safety_format: str = "auto"
+    data_format: str = "auto"
+
+    def candidates(self) -> list[tuple[str, float]]:
+        """``(data, lr)`` pairs: every set at every learning rate."""
+        return [(d, lr) for d in self.data for lr in self.lrs]
+
+    def validate(self) -> None:
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"--optimizer {self.optimizer!r}: use sgd, adam or adamw")
+        if not self.lrs:
+            raise ValueError("--lr: give at least one learning rate")
+        for lr in self.lrs:
+            if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"--lr {lr!r}: every learning rate must be a positive number")
+        if len(set(self.lrs)) != len(self.lrs):
+            raise ValueError(f"--lr {self.lrs}: the learning rates repeat")
+        if len(set(self.data)) != len(self.data):
+            raise ValueError("--data: the same fine-tuning set is given twice")
+        if len(self.candidates()) < 2:
+            raise ValueError(
+                "rank needs at least two candidates: pass two or more --data sets, or one set "
+                "with two or more learning rates (--lr 1e-5 3e-5 1e-4)"
+            )
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"--predictor {self.predictor!r}: use one of {', '.join(PREDICTORS)}")
+        if self.predictor == "gradient_similarity" and self.compliance is None:
+            raise ValueError("--predictor gradient_similarity needs --compliance FILE")
+        if not 1 <= self.lookahead_steps <= self.steps:
+            raise ValueError("--lookahead-steps must be in 1..--steps")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("--steps and --batch-size must be at least 1")
+        self.model_config().validate()  # adapter / LoRA options
+        self.diagnose_config(self.data[0]).validate()  # formats and the rest
+
+    def model_config(self) -> DiagnoseConfig:
+        """The model as configured (adapter included): loads it and resolves ``--params``."""
+        return DiagnoseConfig(
+            model=self.model, safety=self.safety, data=self.data[0], params=list(self.params),
+            dtype=self.dtype, device=self.device, seed=self.seed, adapter=self.adapter,
+            lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets),
+        )  # fmt: skip
+
+    def diagnose_config(self, data: str, seed: int | None = None) -> DiagnoseConfig:
+        """The diagnosis of one candidate set, on the model already loaded (its adapter attached,
+        so the selection is resolved here). Always Adam's preconditioned direction too (so both
+        the SGD and the Adam AIC numbers exist); forecasts are made per candidate."""
+        return DiagnoseConfig(
+            model=self.model,
+            safety=self.safety,
+            data=data,
+            params=self.model_config().param_spec(),
+            safety_format=self.safety_format,
+            data_format=self.data_format,
+            optimizer="adamw",
+            lr=self.lrs[0],
+            batch_size=self.batch_size,
+            steps=self.steps,
+            rank=self.rank,
+            threshold=self.threshold,
+            seed=self.seed if seed is None else seed,
+            max_safety=self.max_safety,
+            max_data=self.max_data,
+            noise_examples=self.noise_examples,
+            max_length=self.max_length,
+            max_new_tokens=self.max_new_tokens,
+            dtype=self.dtype,
+            device=self.device,
+            memory_budget_gb=self.memory_budget_gb,
+            threads=self.threads,
+        )
+
+
+# --- data helpers (same seeded subset as diagnose/verify) ------------------------------------
+
+
+def make_batch(tokenizer, rows: Sequence[dict], max_length: int | None) -> LMBatch:
+    """A right-padded batch of ``{"prompt", "response"}`` rows, fitted to ``max_length`` as
+    diagnose fits its batches."""
+    return _batch(tokenizer, list(rows), max_length, "rank")[0]
+
+
+def _load_rows(path: str, role: str, fmt: str = "auto") -> list[dict]:
+    from alignscope.data.loaders import load_data
+
+    return load_data(path, role, format=fmt).rows
+
+
+# --- gradient similarity ---------------------------------------------------------------------
+
+
+def gradient_cosine(flm: FunctionalLM, batch: LMBatch, reference: torch.Tensor) -> float:
+    """Cosine between ``grad L_f`` on ``batch`` and ``reference`` (computed in float64)."""
+    g = finetune_gradient(flm, batch).double()
+    r = reference.double()
+    denom = float(g.norm() * r.norm())
+    return float(g @ r) / denom if denom > 0 else 0.0
+
+
+# --- lookahead -------------------------------------------------------------------------------
+
+
+@dataclass
+class Trend:
+    """A power law ``value = C k^p`` fitted to the tail of a short measured trajectory."""
+
+    exponent: float | None
+    coefficient: float | None
+    value_at_target: float | None
+    crossing_step: int | None  # first step with value >= threshold (measured, else extrapolated)
+    fitted_points: int
+
+
+def extrapolate_trend(
+    steps: Sequence[int],
+    values: Sequence[float],
+    target: int,
+    threshold: float | None = None,
+    fit_last: float = 0.5,
+) -> Trend:
+    """Fit ``log v = p log k + log C`` on the last ``fit_last`` fraction of the positive points
+    (at least two) and extrapolate to ``target`` and to the ``threshold`` crossing.
+
+    A threshold already crossed in the measured points is reported at the first measured step
+    that crossed it. Fewer than two positive points: the last value is carried forward.
+    """
+    pts = [(int(k), float(v)) for k, v in zip(steps, values, strict=True) if k >= 1 and v > 0]
+    crossed = None
+    if threshold is not None:
+        crossed = next((k for k, v in zip(steps, values, strict=True) if v >= threshold), None)
+    if len(pts) < 2:
+        last = float(values[-1]) if len(values) else None
+        return Trend(None, None, last, crossed, len(pts))
+    n = max(2, math.ceil(len(pts) * fit_last))
+    ks = np.log([k for k, _ in pts[-n:]])
+    vs = np.log([v for _, v in pts[-n:]])
+    p, logc = (float(x) for x in np.polyfit(ks, vs, 1))
+    coeff = math.exp(logc)
+    value = float(np.exp(logc + p * math.log(target)))
+    if crossed is None and threshold is not None and p > 0 and threshold > 0:
+        k_star = math.exp((math.log(threshold) - logc) / p)
+        crossed = max(pts[-1][0] + 1, math.ceil(k_star)) if k_star < 1e12 else None
+    return Trend(p, coeff, value, crossed, n)
+
+
+def run_lookahead(
+    model,
+    tokenizer,
+    safety_batch: LMBatch,
+    rows: list[dict],
+    *,
+    optimizer: str,
+    lr: float,
+    n_steps: int,
+    batch_size: int,
+    seed: int,
+    max_length: int | None,
+    params: Sequence[str] = ("all",),
+) -> tuple[list[int], list[float]]:
+    """``n_steps`` real optimizer steps on a copy of ``model`` (the fine-tuning loop and the
+    tracker verify uses); the alignment KL at steps ``0..n_steps``."""
+    from alignscope.train.loop import finetune
+    from alignscope.train.tracker import AlignmentTracker
+    from alignscope.verify import make_optimizer
+
+    work = copy.deepcopy(model)
+    selection = select_params(work, list(params))
+    chosen = set(selection.names)
+    for name, p in work.named_parameters():
+        p.requires_grad_(name in chosen)
+    tracker = AlignmentTracker(work, tokenizer, selection, safety_batch, generate_refusals=False)
+    pairs = [(r["prompt"], r["response"]) for r in rows]
+    encoded, _ = fit_to_length(encode_pairs(tokenizer, pairs), max_length)  # as diagnose fits
+    opt = make_optimizer(optimizer, [p for p in work.parameters() if p.requires_grad], lr)
+    ks: list[int] = []
+    kls: list[float] = []
+
+    def callback(step: int, loss: float | None) -> bool:
+        rec = tracker.measure(step, loss, refusals=False)
+        ks.append(step)
+        kls.append(rec["kl"])
+        return False
+
+    torch.manual_seed(seed)
+    finetune(
+        work,
+        tokenizer,
+        None,
+        n_steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        max_length=max_length,
+        encoded=encoded,
+        callback=callback,
+        optimizer=opt,
+        loss_weighting="example",
+    )
+    return ks, kls
+
+
+# --- shared state and per-candidate predictors -----------------------------------------------
+
+
+@dataclass
+class Geometry:
+    """What one diagnosis of a candidate set gives every lr and optimizer of that set."""
+
+    data: str
+    diagnosis: dict[str, Any]  # results.json of the diagnosis (forecast for the first lr)
+    aic_sgd: AIC
+    aic_adam: AIC
+    noise_sgd: float
+    noise_adam: float
+    seconds: float  # the diagnosis, less the (shared) subspace
+    gradient_similarity: float | None
+    gradient_similarity_seconds: float
+    rows: list[dict] = field(repr=False, default_factory=list)  # the whole set (lookahead)
+
+
+class RankState:
+    """The model, tokenizer, alignment subspace and compliance gradient, computed once."""
+
+    def __init__(self, cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = True):
+        self.cfg = cfg
+        self.quiet = quiet
+        self.shared_timings: dict[str, float] = {}
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        if model is None:
+            start = time.perf_counter()
+            model, tokenizer = cfg.model_config().load_model()  # with its adapter, if any
+            self.shared_timings["load_model"] = time.perf_counter() - start
+        self.model, self.tokenizer = model, tokenizer
+        self.subspace = None
+        self.safety_batch: LMBatch | None = None
+        self._flm: FunctionalLM | None = None
+        self.compliance_grad: torch.Tensor | None = None
+
+    @property
+    def flm(self) -> FunctionalLM:
+        if self._flm is None:
+            spec = self.cfg.model_config().param_spec()
+            self._flm = FunctionalLM(self.model, select_params(self.model, spec))
+        return self._flm
+
+    def _compliance(self) -> torch.Tensor | None:
+        if self.cfg.compliance is None:
+            return None
+        if self.compliance_grad is None:
+            start = time.perf_counter()
+            rows = _load_rows(self.cfg.compliance, "data", self.cfg.data_format)
+            rows = subsample(rows, self.cfg.max_data, self.cfg.seed)
+            if not rows:
+                raise ValueError(f"--compliance {self.cfg.compliance}: no rows")
+            batch = make_batch(self.tokenizer, rows, self.cfg.max_length)
+            self.compliance_grad = finetune_gradient(self.flm, batch).detach()
+            self.shared_timings["compliance_gradient"] = time.perf_counter() - start
+        return self.compliance_grad
+
+    def geometry(self, data: str, seed: int | None = None) -> Geometry:
+        """Diagnose one candidate set (reusing the subspace) and its gradient similarity."""
+        dcfg = self.cfg.diagnose_config(data, seed)
+        res = run_diagnose(
+            dcfg, model=self.model, tokenizer=self.tokenizer, quiet=self.quiet,
+            subspace=self.subspace,
+        )  # fmt: skip
+        timings = dict(res.timings)
+        if self.subspace is None:
+            self.subspace = res.subspace
+            self.shared_timings["subspace"] = timings.get("subspace", 0.0)
+            responses = res.data["alignment"]["responses"]
+            self.safety_batch = make_batch(self.tokenizer, responses, dcfg.max_length)
+        seconds = sum(v for k, v in timings.items() if k != "subspace")
+        out = res.to_json()
+        aic = out["aic"]
+        rows = _load_rows(data, "data", self.cfg.data_format)
+        sim, sim_seconds = None, 0.0
+        reference = self._compliance()
+        if reference is not None:
+            start = time.perf_counter()
+            batch = make_batch(
+                self.tokenizer, subsample(rows, dcfg.max_data, dcfg.seed), dcfg.max_length
+            )
+            sim = gradient_cosine(self.flm, batch, reference)
+            sim_seconds = time.perf_counter() - start
+        return Geometry(
+            data=data,
+            diagnosis=out,
+            aic_sgd=AIC(**aic["gradient"]),
+            aic_adam=AIC(**aic["optimizer_step"]),
+            noise_sgd=aic["noise_trace_F_Sigma"],
+            noise_adam=aic.get("noise_trace_F_Sigma_preconditioned", aic["noise_trace_F_Sigma"]),
+            seconds=seconds,
+            gradient_similarity=sim,
+            gradient_similarity_seconds=sim_seconds,
+            rows=rows,
+        )
+
+    def forecast(self, geo: Geometry, optimizer: str, lr: float) -> dict[str, Any]:
+        """The diagnosis' forecast for ``optimizer`` at ``lr`` (cheap: no new curvature)."""
+        from alignscope.diagnose import _forecast
+
+        dcfg = DiagnoseConfig(
+            **{**asdict(self.cfg.diagnose_config(geo.data)), "optimizer": optimizer, "lr": lr}
+        )
+        adam = optimizer in ("adam", "adamw")
+        return _forecast(
+            dcfg,
+            geo.aic_adam if adam else geo.aic_sgd,
+            geo.noise_adam if adam else geo.noise_sgd,
+        )
+
+    def lookahead(
+        self, geo: Geometry, optimizer: str, lr: float, seed: int | None = None
+    ) -> tuple[list[int], list[float], float]:
+        start = time.perf_counter()
+        ks, kls = run_lookahead(
+            self.model,
+            self.tokenizer,
+            self.safety_batch,
+            geo.rows,
+            optimizer=optimizer,
+            lr=lr,
+            n_steps=self.cfg.lookahead_steps,
+            batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed if seed is None else seed,
+            max_length=self.cfg.max_length,
+            params=self.cfg.model_config().param_spec(),
+        )
+        return ks, kls, time.perf_counter() - start
+
+    def predict(
+        self, geo: Geometry, optimizer: str, lr: float, seed: int | None = None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """Every predictor for one candidate: ``({name: {value, score, seconds}}, details)``."""
+        steps = self.cfg.steps
+        start = time.perf_counter()
+        fc = self.forecast(geo, optimizer, lr)
+        fc_seconds = geo.seconds + time.perf_counter() - start
+        dl = [v for v in fc["dL"] if v is not None]
+        fc_dl = dl[-1] if dl else None
+        fc_step = fc["collapse_step"]
+        ks, kls, la_seconds = self.lookahead(geo, optimizer, lr, seed)
+        trend = extrapolate_trend(ks, kls, steps, self.cfg.threshold)
+
+        def step_score(k: int | None) -> float:
+            return steps / k if k else 0.0
+
+        out: dict[str, dict[str, Any]] = {
+            "lookahead_kl": {
+                "value": trend.value_at_target,
+                "score": trend.value_at_target,
+                "seconds": la_seconds,
+            },
+            "lookahead_collapse_step": {
+                "value": trend.crossing_step,
+                "score": step_score(trend.crossing_step),
+                "seconds": la_seconds,
+            },
+            "lookahead_kl_measured": {"value": kls[-1], "score": kls[-1], "seconds": la_seconds},
+            "forecast_dL": {"value": fc_dl, "score": fc_dl or 0.0, "seconds": fc_seconds},
+            "forecast_collapse_step": {
+                "value": fc_step,
+                "score": step_score(fc_step),
+                "seconds": fc_seconds,
+            },
+            "gradient_similarity": {
+                "value": geo.gradient_similarity,
+                "score": geo.gradient_similarity,
+                "seconds": geo.gradient_similarity_seconds if geo.gradient_similarity is not None
+                else None,
+            },
+        }  # fmt: skip
+        for tag, aic in (("sgd", geo.aic_sgd), ("adam", geo.aic_adam)):
+            for name, value in (("overlap", aic.Pg_ratio), ("gamma", aic.gamma),
+                                ("kappa", aic.kappa)):  # fmt: skip
+                out[f"{name}_{tag}"] = {"value": value, "score": value, "seconds": geo.seconds}
+        details = {
+            "forecast": {
+                k: fc.get(k) for k in ("horizon_steps", "collapse_step", "collapse_status")
+            },
+            "forecast_dL_step": len(dl) if dl else None,
+            "lookahead": {
+                "steps": ks,
+                "kl": kls,
+                "exponent": trend.exponent,
+                "coefficient": trend.coefficient,
+                "fitted_points": trend.fitted_points,
+            },
+        }
+        return {k: out[k] for k in PREDICTORS}, details
+
+
+def order(candidates: Sequence[dict[str, Any]], predictor: str) -> list[int]:
+    """Indices of ``candidates`` (each with ``["predictors"][name]["score"]``) from most to
+    least predicted damage; missing scores last, ties in input order."""
+
+    def key(i: int) -> tuple[int, float, int]:
+        s = candidates[i]["predictors"][predictor]["score"]
+        ok = s is not None and not (isinstance(s, float) and math.isnan(s))
+        return (0 if ok else 1, -float(s) if ok else 0.0, i)
+
+    return sorted(range(len(candidates)), key=key)

@@ -1,0 +1,177 @@
+"""``rank``: order candidate fine-tuning sets (or learning rates) by predicted alignment damage.
+
+Every predictor of :mod:`alignscope.predictors` is computed for every candidate, side by side;
+the candidates are ordered by one of them (``RankConfig.predictor``, default the winner of
+bench/study.py), least predicted damage - the recommended candidate - first.
+:func:`run_rank` returns a :class:`RankResult` whose ``to_json()`` is the versioned results.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignscope.predictors import (
+    DEFAULT_PREDICTOR,
+    PREDICTORS,
+    STEP_PREDICTORS,
+    RankConfig,
+    RankState,
+    order,
+)
+from alignscope.progress import Stages
+from alignscope.report.output import jsonable, results_header
+
+SCHEMA = "alignscope.rank/1"
+
+__all__ = ["DEFAULT_PREDICTOR", "PREDICTORS", "RankConfig", "RankResult", "run_rank", "summary"]
+
+
+@dataclass
+class RankResult:
+    config: RankConfig
+    candidates: list[dict[str, Any]]  # in input order
+    ranking: list[int]  # candidate indices, least predicted damage (recommended) first
+    shared_timings: dict[str, float]
+    timings: dict[str, float]
+    parameters: dict[str, Any] | None = None  # what was analysed (diagnose's "parameters")
+
+    @property
+    def mode(self) -> str:
+        if len(self.config.data) > 1 and len(self.config.lrs) > 1:
+            return "datasets x learning rates"
+        return "learning rates" if len(self.config.lrs) > 1 else "datasets"
+
+    def to_json(self) -> dict[str, Any]:
+        cands = self.candidates
+        return jsonable(
+            {
+                **results_header(SCHEMA, self.config),
+                "mode": self.mode,
+                "parameters": self.parameters,
+                "predictor": self.config.predictor,
+                "predictor_descriptions": PREDICTORS,
+                "candidates": cands,
+                "ranking": [cands[i]["label"] for i in self.ranking],
+                "recommended": cands[self.ranking[0]]["label"],
+                "most_damaging": cands[self.ranking[-1]]["label"],
+                "summary": summary(cands, self.ranking, self.config.predictor, self.config.steps),
+                "shared_timings_s": self.shared_timings,
+                "timings_s": self.timings,
+            }
+        )
+
+
+def _label(data: str, lr: float, cfg: RankConfig) -> str:
+    name = Path(data).stem
+    if len(cfg.lrs) == 1:
+        return name
+    if len(cfg.data) == 1:
+        return f"lr {lr:g}"
+    return f"{name} @ lr {lr:g}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: int) -> str:
+    """A plain-language paragraph: the most damaging candidate, the recommended one, and how
+    much the other predictors agree."""
+    worst, best = candidates[ranking[-1]], candidates[ranking[0]]
+    wv = worst["predictors"][predictor]["value"]
+    bv = best["predictors"][predictor]["value"]
+    if predictor in STEP_PREDICTORS:
+        what = (
+            f"its {predictor.replace('_', ' ')} is {_fmt(wv)} "
+            f"(vs {_fmt(bv)} for {best['label']}) of a {steps}-step budget"
+        )
+    else:
+        what = f"its {predictor.replace('_', ' ')} is {_fmt(wv)} vs {_fmt(bv)} for {best['label']}"
+    agree = []
+    for name in PREDICTORS:
+        if name == predictor:
+            continue
+        sw, sb = worst["predictors"][name]["score"], best["predictors"][name]["score"]
+        if sw is None or sb is None or (isinstance(sw, float) and math.isnan(sw)):
+            continue
+        agree.append(sw > sb)
+    text = (
+        f"{worst['label']} is predicted to damage alignment most: {what}. "
+        f"Recommended: {best['label']} (least predicted damage by {predictor})."
+    )
+    if agree:
+        text += (
+            f" {sum(agree)} of {len(agree)} other predictors also score {worst['label']} as more "
+            f"damaging than {best['label']}."
+        )
+    lk = worst.get("details", {}).get("lookahead", {})
+    if predictor.startswith("lookahead") and lk.get("kl"):
+        text += (
+            f" In a {lk['steps'][-1]}-step trial run the alignment KL of {worst['label']} reached "
+            f"{lk['kl'][-1]:.3g} nats/token (trend exponent {_fmt(lk.get('exponent'))})."
+        )
+    text += (
+        " These are predictions made before training; check the chosen candidate with "
+        "`alignscope verify`."
+    )
+    return text
+
+
+def run_rank(cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = False) -> RankResult:
+    """Compute every predictor for every candidate and order them by ``cfg.predictor``."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    stages = Stages(quiet=quiet)
+    with stages.stage("load", cfg.model):
+        state = RankState(cfg, model=model, tokenizer=tokenizer, quiet=True)
+    candidates: list[dict[str, Any]] = []
+    parameters = None
+    for i, data in enumerate(cfg.data):
+        detail = "alignment subspace (once) + " if i == 0 else "reusing the subspace, "
+        with stages.stage(f"diagnose {Path(data).stem}", detail + "AIC, gradient similarity"):
+            geo = state.geometry(data)
+        parameters = parameters or geo.diagnosis["parameters"]
+        for lr in cfg.lrs:
+            label = _label(data, lr, cfg)
+            with stages.stage(
+                f"predict {label}", f"forecast + {cfg.lookahead_steps}-step lookahead"
+            ):
+                preds, details = state.predict(geo, cfg.optimizer, lr)
+            aic = geo.diagnosis["aic"]
+            candidates.append(
+                {
+                    "label": label,
+                    "data": data,
+                    "optimizer": cfg.optimizer,
+                    "lr": lr,
+                    "predictors": preds,
+                    "details": {
+                        **details,
+                        "aic": {
+                            "gradient": aic["gradient"],
+                            "optimizer_step": aic["optimizer_step"],
+                        },
+                        "verdict": geo.diagnosis["verdict"]["aic_holds"],
+                        "refusal_rate": geo.diagnosis["alignment"]["refusal_rate"],
+                        "n_params": geo.diagnosis["parameters"]["n_params"],
+                    },
+                }
+            )
+    # least predicted damage (recommended) first; candidates without a score at the end
+    damage = order(candidates, cfg.predictor)
+    missing = [i for i in damage if candidates[i]["predictors"][cfg.predictor]["score"] is None]
+    ranking = [i for i in damage[::-1] if i not in missing] + missing
+    return RankResult(
+        cfg, candidates, ranking, dict(state.shared_timings), stages.timings, parameters
+    )

@@ -1,0 +1,159 @@
+"""rank: predictors, ordering, the CLI's results and its errors (test organism, one thread)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from _tiny import random_batch, tiny_llama
+from alignscope.cli import app
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.params import select_params
+from alignscope.predictors import (
+    DEFAULT_PREDICTOR,
+    PREDICTORS,
+    extrapolate_trend,
+    gradient_cosine,
+    order,
+)
+
+
+def _args(org, *data, lrs=("1e-3",), extra=()):
+    ds = org.datasets_path
+    args = ["rank", "--model", str(org.aligned_path), "--safety", str(ds / "harmful_align.jsonl")]
+    args += ["--data", *[str(ds / f"{d}.jsonl") for d in data], "--lr", *lrs]
+    args += ["--batch-size", "16", "--steps", "100", "--rank", "4", "--max-safety", "12"]
+    args += ["--max-data", "24", "--lookahead-steps", "8", "--threads", "1", *extra]
+    return args
+
+
+@pytest.fixture(scope="module")
+def ranked(organism_test, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rank") / "run"
+    comply = organism_test.datasets_path / "harmful_train_compliant.jsonl"
+    args = _args(organism_test, "benign_neutral", "benign_affirmative")
+    args += ["--compliance", str(comply), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_cli_writes_every_predictor_for_every_candidate(ranked):
+    out, res = ranked
+    for name in ("results.json", "report.md", "report.html", "ranking.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert res["schema"] == "alignscope.rank/1" and res["seed"] == 0
+    assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
+    assert res["predictor"] == DEFAULT_PREDICTOR
+    assert len(res["candidates"]) == 2
+    for cand in res["candidates"]:
+        assert set(cand["predictors"]) == set(PREDICTORS)
+        for name, p in cand["predictors"].items():
+            assert set(p) == {"value", "score", "seconds"}, name
+            assert p["seconds"] is not None and p["seconds"] >= 0, name
+        assert cand["predictors"]["gradient_similarity"]["value"] is not None
+        assert -1 <= cand["predictors"]["gradient_similarity"]["value"] <= 1
+    assert "subspace" in res["shared_timings_s"]
+    md = (out / "report.md").read_text()
+    assert "predicted to damage alignment most" in md and "ranking.png" in md
+
+
+def test_default_predictor_puts_affirmative_above_neutral(ranked):
+    _, res = ranked
+    by = {c["label"]: c for c in res["candidates"]}
+    score = {k: v["predictors"][DEFAULT_PREDICTOR]["score"] for k, v in by.items()}
+    assert score["benign_affirmative"] > score["benign_neutral"]
+    # the recommended (least damaging) candidate comes first
+    assert res["ranking"] == ["benign_neutral", "benign_affirmative"]
+    assert res["recommended"] == "benign_neutral"
+    assert res["summary"].startswith("benign_affirmative is predicted to damage alignment most")
+
+
+def test_gradient_cosine_matches_dense_float64():
+    model = tiny_llama(seed=3)
+    flm = FunctionalLM(model, select_params(model, ["all"]))
+    batch, other = random_batch(4, seed=1), random_batch(5, seed=2)
+
+    def dense_grad(b):
+        params = dict(model.named_parameters())
+        # L_f in float64 throughout: the mean over examples of each response's token-mean NLL
+        logp = torch.log_softmax(model(input_ids=b.input_ids).logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, b.targets[..., None]).squeeze(-1)
+        mask = b.target_mask.double()
+        loss = ((nll * mask).sum(1) / mask.sum(1)).mean()
+        grads = torch.autograd.grad(loss, [params[n] for n in flm.selection.names])
+        return np.concatenate([g.detach().double().reshape(-1).numpy() for g in grads])
+
+    g, r = dense_grad(batch), dense_grad(other)
+    expected = float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r)))
+    reference = torch.from_numpy(r)
+    assert gradient_cosine(flm, batch, reference) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert abs(expected) > 1e-3  # a non-trivial comparison
+
+
+def test_lookahead_extrapolation_on_a_synthetic_power_law():
+    steps = list(range(13))
+    values = [2e-4 * k**3 for k in steps]
+    trend = extrapolate_trend(steps, values, target=200, threshold=10.0)
+    assert trend.exponent == pytest.approx(3.0, rel=1e-9)
+    assert trend.value_at_target == pytest.approx(2e-4 * 200**3, rel=1e-9)
+    assert trend.crossing_step == math.ceil((10.0 / 2e-4) ** (1 / 3))  # 37
+    # a threshold already crossed inside the measured run: the first measured step that did
+    assert extrapolate_trend(steps, values, 200, threshold=0.1).crossing_step == 8
+    # a falling trend never crosses; fewer than two positive points: carried forward
+    falling = extrapolate_trend([0, 1, 2, 3, 4], [0.0, 4e-3, 2e-3, 1e-3, 5e-4], 200, 0.1)
+    assert falling.exponent < 0 and falling.crossing_step is None
+    flat = extrapolate_trend([0, 1], [0.0, 0.01], 200, 0.1)
+    assert flat.exponent is None and flat.value_at_target == 0.01
+
+
+def test_order_most_damaging_first_missing_last():
+    cands = [{"predictors": {"x": {"score": s}}} for s in (0.5, None, 2.0, 1.0)]
+    assert order(cands, "x") == [2, 3, 0, 1]
+
+
+def test_cli_errors_one_candidate_and_bad_lr(organism_test, tmp_path):
+    runner = CliRunner()
+    out = ["--out", str(tmp_path / "r")]
+    one = runner.invoke(app, _args(organism_test, "benign_neutral", extra=out))
+    assert one.exit_code == 2 and "at least two candidates" in one.output
+    for lrs, message in ((("1e-3", "-1"), "positive"), (("1e-3", "1e-3"), "repeat"),
+                         (("1e-3", "fast"), "--lr")):  # fmt: skip
+        bad = runner.invoke(app, _args(organism_test, "benign_neutral", lrs=lrs, extra=out))
+        assert bad.exit_code == 2 and message in bad.output, (lrs, bad.output)
+    assert not (tmp_path / "r").exists()
+
+
+def test_reused_subspace_gives_the_same_diagnosis(organism_test):
+    from alignscope.diagnose import DiagnoseConfig, run_diagnose
+
+    fast = dict(max_safety=12, max_data=16, noise_examples=4, rank=4, steps=20, threads=1)
+    cfg = DiagnoseConfig.for_organism(organism_test, "benign_neutral", **fast)
+    model, tok = organism_test.aligned_model(), organism_test.tokenizer()
+    first = run_diagnose(cfg, model=model, tokenizer=tok, quiet=True)
+    again = run_diagnose(cfg, model=model, tokenizer=tok, quiet=True, subspace=first.subspace)
+    assert again.data["subspace"]["plan"] == "reused"
+    assert again.timings["subspace"] < first.timings["subspace"]
+    for key in ("gradient", "optimizer_step"):
+        for name in ("Pg_ratio", "gamma", "kappa"):
+            assert again.data["aic"][key][name] == pytest.approx(
+                first.data["aic"][key][name], rel=1e-6
+            ), (key, name)
+    assert torch.equal(again.subspace_basis, first.subspace_basis)
+
+
+def test_candidates_and_labels():
+    from alignscope.predictors import RankConfig
+    from alignscope.rank import _label
+
+    lrs = RankConfig(model="m", safety="s", data=["x/a.jsonl"], lrs=[1e-5, 3e-5])
+    lrs.validate()
+    assert lrs.candidates() == [("x/a.jsonl", 1e-5), ("x/a.jsonl", 3e-5)]
+    assert _label("x/a.jsonl", 3e-5, lrs) == "lr 3e-05"
+    sets = RankConfig(model="m", safety="s", data=["x/a.jsonl", "y/b.jsonl"])
+    assert _label("y/b.jsonl", 2e-5, sets) == "b"
+    with pytest.raises(ValueError, match="gradient_similarity needs --compliance"):
+        RankConfig("m", "s", ["a", "b"], predictor="gradient_similarity").validate()
