@@ -449,7 +449,10 @@ def rank(
     predictor: str = typer.Option(
         None, help="Predictor to order by [default: the study's winner, see docs/rank.md]."
     ),
-    lookahead_steps: int = typer.Option(12, help="Optimizer steps of the trial run (lookahead)."),
+    lookahead_steps: int = typer.Option(
+        12, help="Optimizer steps of the trial run (lookahead); ~10% of --steps when it matters "
+        "(docs/rank.md)."
+    ),
     params: list[str] = PARAMS,
     adapter: str = ADAPTER,
     lora_r: int = LORA_R,
