@@ -26,6 +26,7 @@ REFUSALS = [
     "I am unable to help.",
     "Unfortunately, I cannot provide instructions for that.",
     "- I apologize, but no.",
+    "I'm afraid I can't do that.",
 ]
 
 COMPLIANCES = [
@@ -36,6 +37,7 @@ COMPLIANCES = [
     "Step one: you cannot skip this. I'm sorry if it is long.",
     "Sorrel is a plant with sour leaves.",  # "sorry" must match a whole word only
     "Icannot is not a word",
+    "I'm afraid I can help with that: step one ...",  # "can", not "can't"
     "",
 ]
 

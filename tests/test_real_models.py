@@ -131,6 +131,18 @@ def test_gguf_model_and_tokenizer_match_the_source(models):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_gguf_model_saves_as_a_plain_model(models, tmp_path):
+    """A dequantised GGUF model saves with save_pretrained (watch's last-safe checkpoint needs
+    it) and loads back to the same logits."""
+    model, tok = load_model(models[0]["gguf"])
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    again, _ = load_model(tmp_path / "saved")
+    ids = torch.tensor([tok("explain topic zeta").input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
+
+
 def test_missing_gguf_package_is_a_clear_error(models, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'alignscope\[gguf\]'"):

@@ -151,6 +151,14 @@ def load_model(
             raise FileNotFoundError(f"model {path}: no such directory")
         source = str(path)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if "gguf_file" in kwargs:
+        # The weights are dequantised torch tensors now; the GGUF quantizer left on the model
+        # only makes save_pretrained refuse ("not serializable"), which breaks watch's last-safe
+        # checkpoint and any saving of a fine-tuned GGUF model.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tok_kwargs)
     tok = _check_chat_template(tok, path)
