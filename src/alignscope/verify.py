@@ -276,7 +276,9 @@ class _Partial:
     def checkpoint(self, step: int, model, opt) -> None:
         state = {
             "step": step,
-            "model": model.state_dict(),
+            # only what training changes: the frozen weights are reloaded from --model (a LoRA
+            # run on a large model would otherwise write the whole model at every checkpoint)
+            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -442,7 +444,13 @@ def run_verify(
     if partial is not None:
         ckpt, records = partial.resume()
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(ckpt["model"]) != trained:
+                raise ValueError(
+                    f"{partial.path}: the checkpoint holds other parameters than this run trains; "
+                    "remove that directory to start over"
+                )
+            model.load_state_dict(ckpt["model"], strict=False)
             opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"])
             if torch.cuda.is_available() and ckpt.get("cuda_rng") is not None:
