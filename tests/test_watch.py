@@ -256,3 +256,26 @@ def test_callback_with_trl_sft_trainer(organism_test, tmp_path):
     assert [h["step"] for h in logged] == [0, 4, 8, 12]
     lines = (tmp_path / "alignscope_watch.jsonl").read_text().splitlines()
     assert len(lines) == 4
+
+
+def test_watcher_computes_the_subspace_on_the_fly(organism_test):
+    """Without a diagnosis, subspace_rank=k gives the top-k alignment Fisher eigenpairs at
+    theta0: orthonormal, descending, and F v = lambda v for the exact Fisher on the safety set."""
+    from alignscope.curvature import FisherOperator, FunctionalLM
+
+    org = organism_test
+    model, tok = org.aligned_model(), org.tokenizer()
+    model.train()
+    w = AlignmentWatcher(model, tok, org.dataset("harmful_align")[:8], subspace_rank=3, every=4)
+    assert model.training  # left as the trainer had it
+    basis, values = w.tracker.basis, w.tracker.eigenvalues
+    assert basis.shape == (w.selection.size, 3) and w.subspace_seconds > 0
+    gram = basis.double().T @ basis.double()  # a float32 basis: orthonormal to float32 accuracy
+    torch.testing.assert_close(gram, torch.eye(3, dtype=torch.float64), atol=2e-4, rtol=0)
+    assert values[0] >= values[1] >= values[2] > 0
+    op = FisherOperator(FunctionalLM(model, w.selection), w.tracker.safety_batch)
+    for j in range(3):
+        fv = op.matvec(basis[:, j])
+        assert float((fv - values[j] * basis[:, j]).norm()) < 1e-3 * float(values[j])
+    assert w.step(0)["subspace_fraction"] is None  # no displacement yet
+    model.train()

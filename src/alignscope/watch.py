@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -91,7 +92,9 @@ class AlignmentWatcher:
     aligned model's greedy response), for the KL. ``eval_rows``: held-out harmful prompts (strings
     or rows) for the refusal rate; default the safety prompts. ``diagnosis``: a
     :class:`~alignscope.diagnose.DiagnoseResult` (or pass ``basis``/``eigenvalues``) for the
-    subspace entries; without one they are None. ``params``: the parameter selection compared to
+    subspace entries and the forecast's running error; without one, ``subspace_rank=k`` computes
+    the top-``k`` alignment subspace on the fly at construction (exact Fisher, Lanczos, as
+    diagnose does), else those entries are None. ``params``: the parameter selection compared to
     theta0 (default every trainable parameter: the adapters of a PEFT model).
     """
 
@@ -122,6 +125,8 @@ class AlignmentWatcher:
         max_new_tokens: int = 16,
         max_length: int | None = None,
         keep_safe_state: bool | None = None,
+        subspace_rank: int | None = None,
+        memory_budget_gb: float = 2.0,
     ) -> None:
         if not 0.0 <= floor <= 1.0:
             raise ValueError("floor is a refusal rate in [0, 1]")
@@ -187,6 +192,9 @@ class AlignmentWatcher:
             firsts = [EncodedPair(e.prompt_ids, e.response_ids[:1]) for e in pairs]
             self.soft_batch = collate(firsts, pad, max_length).to(device)
         self.selection = select_params(model, params)
+        self.subspace_seconds: float | None = None
+        if basis is None and subspace_rank:
+            basis, eigenvalues = self._subspace(safety_batch, subspace_rank, memory_budget_gb, seed)
         self.tracker = AlignmentTracker(
             model,
             tokenizer,
@@ -198,6 +206,26 @@ class AlignmentWatcher:
             judge=self.judge,
             max_new_tokens=max_new_tokens,
         )
+
+    def _subspace(
+        self, batch: LMBatch, k: int, budget_gb: float, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-``k`` eigenpairs of the alignment Fisher at theta0 on the safety batch (what
+        diagnose computes), for the subspace entries when no diagnosis is given."""
+        from alignscope.curvature import FisherOperator, FunctionalLM, fisher_eigs
+
+        start = time.perf_counter()
+        was_training = self.model.training
+        try:
+            flm = FunctionalLM(self.model, self.selection)
+            # reverse-mode products: forward mode would switch the user's model to eager
+            # attention for the rest of their training run
+            op = FisherOperator(flm, batch, jvp_mode="reverse")
+            eig, _ = fisher_eigs(op, k, memory_budget=int(budget_gb * 2**30), seed=seed)
+        finally:
+            self.model.train(was_training)
+        self.subspace_seconds = time.perf_counter() - start
+        return eig.vectors[:, :k].detach(), eig.values[:k].detach()
 
     def _batch(self, rows: list[dict[str, str]], pad: int) -> LMBatch:
         pairs = [(r["prompt"], r["response"]) for r in rows]
