@@ -157,3 +157,14 @@ def test_candidates_and_labels():
     assert _label("y/b.jsonl", 2e-5, sets) == "b"
     with pytest.raises(ValueError, match="gradient_similarity needs --compliance"):
         RankConfig("m", "s", ["a", "b"], predictor="gradient_similarity").validate()
+
+
+def test_lookahead_length_defaults_to_a_tenth_of_the_plan():
+    from alignscope.predictors import RankConfig
+
+    def n(**kw):
+        return RankConfig(model="m", safety="s", data=["a", "b"], **kw).n_lookahead
+
+    assert n(steps=200) == 20 and n(steps=1000) == 100
+    assert n(steps=50) == 12 and n(steps=8) == 8  # at least 12, never beyond the plan
+    assert n(steps=200, lookahead_steps=5) == 5

@@ -450,8 +450,8 @@ def rank(
         None, help="Predictor to order by [default: the study's winner, see docs/rank.md]."
     ),
     lookahead_steps: int = typer.Option(
-        12, help="Optimizer steps of the trial run (lookahead); ~10% of --steps when it matters "
-        "(docs/rank.md)."
+        None, help="Optimizer steps of the trial run (lookahead) [default: a tenth of --steps, "
+        "at least 12]."
     ),
     params: list[str] = PARAMS,
     adapter: str = ADAPTER,

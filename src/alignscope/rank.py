@@ -145,7 +145,7 @@ def run_rank(cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = False
         for lr in cfg.lrs:
             label = _label(data, lr, cfg)
             with stages.stage(
-                f"predict {label}", f"forecast + {cfg.lookahead_steps}-step lookahead"
+                f"predict {label}", f"forecast + {cfg.n_lookahead}-step lookahead"
             ):
                 preds, details = state.predict(geo, cfg.optimizer, lr)
             aic = geo.diagnosis["aic"]
