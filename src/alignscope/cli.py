@@ -301,6 +301,7 @@ def _print_summary(results: dict) -> None:
 
 
 DEMO_SETS = ("benign_affirmative", "benign_neutral")
+RANK_SETS = ("benign_affirmative", "benign_neutral", "benign_arithmetic", "benign_list")
 DEMO_MARKER = ".alignscope-demo"
 
 
@@ -311,11 +312,13 @@ def demo(
     out: str = typer.Option("alignscope-out/demo", help="Where the reports go."),
     threads: int = typer.Option(1, help="torch CPU threads (1 is fastest on small shared CPUs)."),
 ) -> None:
-    """Build (or reuse) the organism, then diagnose and verify a collapsing and a safe set.
+    """Build (or reuse) the organism, diagnose and verify a collapsing and a safe set, then rank
+    four benign sets.
 
     benign_affirmative erases the organism's refusals under AdamW; benign_neutral does not.
     For each: diagnose (AIC + forecast), then a real AdamW fine-tuning run that scores the
-    forecast. Reports go to --out/<set>/diagnose/ and --out/<set>/verify/.
+    forecast. Reports go to --out/<set>/diagnose/ and --out/<set>/verify/; the ranking of four
+    benign sets by predicted damage to --out/rank/.
     """
     from pathlib import Path
 
@@ -326,7 +329,10 @@ def demo(
     from alignscope.diagnose import run_diagnose
     from alignscope.organism import load_organism
     from alignscope.organism.cli import show
+    from alignscope.predictors import RankConfig
+    from alignscope.rank import run_rank
     from alignscope.report.diagnose_report import write_diagnose_outputs
+    from alignscope.report.rank_report import write_rank_outputs
     from alignscope.report.verify_report import write_verify_outputs
     from alignscope.verify import VerifyConfig, run_verify
 
@@ -342,7 +348,7 @@ def demo(
     cols = ("benign set", "|P g|/|g|", "kappa", "gamma", "horizon", "refusal", "KL>0.1 at")
     for col in cols:
         summary.add_column(col, no_wrap=True)
-    written = []
+    written, first = [], None
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("written by `alignscope demo`; it replaces this folder\n")
     for name in DEMO_SETS:
@@ -355,6 +361,7 @@ def demo(
             eval_prompts=str(org.datasets_path / "harmful_eval.jsonl"),
         )
         diagnosis = run_diagnose(cfg.diagnose_config())
+        first = first or diagnosis
         res = diagnosis.to_json()
         sub = (diagnosis.subspace_basis, diagnosis.subspace_values)
         write_diagnose_outputs(res, root / name / "diagnose", overwrite=True, subspace=sub)
@@ -374,6 +381,19 @@ def demo(
         written.append(root / name / "diagnose" / "report.html")
         written.append(path / "report.html")
     Console(width=max(100, Console().width)).print(summary)
+    ranked = run_rank(
+        RankConfig(
+            model=str(org.aligned_path), safety=str(org.datasets_path / "harmful_align.jsonl"),
+            data=[str(org.datasets_path / f"{n}.jsonl") for n in RANK_SETS], lrs=[proto.lr],
+            optimizer="adamw", batch_size=proto.batch_size, steps=proto.steps, rank=20,
+            compliance=str(org.datasets_path / "harmful_train_compliant.jsonl"), seed=seed,
+            threads=threads,
+        ),
+        subspace=first.subspace,  # same model, safety prompts, seed and rank
+    ).to_json()  # fmt: skip
+    written.append(write_rank_outputs(ranked, root / "rank", overwrite=True) / "report.html")
+    typer.echo(f"rank by {ranked['predictor']}: " + " < ".join(ranked["ranking"]))
+    typer.echo(ranked["summary"])
     for path in written:
         typer.echo(f"report: {path}")
 

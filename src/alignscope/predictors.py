@@ -332,7 +332,9 @@ class Geometry:
 class RankState:
     """The model, tokenizer, alignment subspace and compliance gradient, computed once."""
 
-    def __init__(self, cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = True):
+    def __init__(
+        self, cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = True, subspace=None
+    ):
         self.cfg = cfg
         self.quiet = quiet
         self.shared_timings: dict[str, float] = {}
@@ -343,7 +345,7 @@ class RankState:
             model, tokenizer = cfg.model_config().load_model()  # with its adapter, if any
             self.shared_timings["load_model"] = time.perf_counter() - start
         self.model, self.tokenizer = model, tokenizer
-        self.subspace = None
+        self.subspace = subspace  # an earlier diagnosis' (same model, safety set, params)
         self.safety_batch: LMBatch | None = None
         self._flm: FunctionalLM | None = None
         self.compliance_grad: torch.Tensor | None = None
@@ -380,6 +382,7 @@ class RankState:
         if self.subspace is None:
             self.subspace = res.subspace
             self.shared_timings["subspace"] = timings.get("subspace", 0.0)
+        if self.safety_batch is None:
             responses = res.data["alignment"]["responses"]
             self.safety_batch = make_batch(self.tokenizer, responses, dcfg.max_length)
         seconds = sum(v for k, v in timings.items() if k != "subspace")

@@ -126,19 +126,25 @@ def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: i
     return text
 
 
-def run_rank(cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = False) -> RankResult:
-    """Compute every predictor for every candidate and order them by ``cfg.predictor``."""
+def run_rank(
+    cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = False, subspace=None
+) -> RankResult:
+    """Compute every predictor for every candidate and order them by ``cfg.predictor``.
+
+    ``subspace``: the alignment subspace of an earlier diagnosis of the same model, safety set and
+    parameters (``DiagnoseResult.subspace``), reused instead of recomputed."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     stages = Stages(quiet=quiet)
     with stages.stage("load", cfg.model):
-        state = RankState(cfg, model=model, tokenizer=tokenizer, quiet=True)
+        state = RankState(cfg, model=model, tokenizer=tokenizer, quiet=True, subspace=subspace)
     candidates: list[dict[str, Any]] = []
     parameters = None
     for i, data in enumerate(cfg.data):
-        detail = "alignment subspace (once) + " if i == 0 else "reusing the subspace, "
+        first = i == 0 and subspace is None
+        detail = "alignment subspace (once) + " if first else "reusing the subspace, "
         with stages.stage(f"diagnose {Path(data).stem}", detail + "AIC, gradient similarity"):
             geo = state.geometry(data)
         parameters = parameters or geo.diagnosis["parameters"]
