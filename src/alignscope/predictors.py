@@ -33,7 +33,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -70,38 +70,20 @@ DEFAULT_PREDICTOR = "lookahead_kl_measured"
 
 
 @dataclass
-class RankConfig:
-    """Everything ``rank`` needs; recorded verbatim in results.json."""
+class RankConfig(DiagnoseConfig):
+    """diagnose's config for several candidates, recorded verbatim in results.json: ``data`` is
+    a list of fine-tuning sets and ``lrs`` the learning rates (default ``[lr]``); every set is
+    ranked at every learning rate."""
 
-    model: str
-    safety: str
-    data: list[str]
-    lrs: list[float] = field(default_factory=lambda: [2e-5])
-    optimizer: str = "adamw"
-    batch_size: int = 8
-    steps: int = 1000
+    data: list[str]  # type: ignore[assignment]  # (a list here, one path in diagnose)
+    lrs: list[float] = field(default_factory=list)
     compliance: str | None = None
     predictor: str = DEFAULT_PREDICTOR
     lookahead_steps: int | None = None  # None: max(12, steps / 10), see n_lookahead
-    params: list[str] = field(default_factory=lambda: ["all"])
-    rank: int | None = 20
-    threshold: float = 0.1
-    max_safety: int | None = 64
-    max_data: int | None = 256
-    noise_examples: int = 64
-    max_length: int = 256
-    max_new_tokens: int = 48
-    dtype: str = "float32"
-    device: str = "cpu"
-    memory_budget_gb: float = 2.0
-    threads: int | None = None
-    seed: int = 0
-    adapter: str | None = None
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_targets: list[str] = field(default_factory=list)
-    safety_format: str = "auto"
-    data_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.data = list(self.data)
+        self.lrs = list(self.lrs) or [self.lr]
 
     @property
     def n_lookahead(self) -> int:
@@ -117,10 +99,7 @@ class RankConfig:
         return [(d, lr) for d in self.data for lr in self.lrs]
 
     def validate(self) -> None:
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"--optimizer {self.optimizer!r}: use sgd, adam or adamw")
-        if not self.lrs:
-            raise ValueError("--lr: give at least one learning rate")
+        super().validate()  # optimizer, steps, batch, rank, formats, adapter / LoRA options
         for lr in self.lrs:
             if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
                 raise ValueError(f"--lr {lr!r}: every learning rate must be a positive number")
@@ -139,47 +118,22 @@ class RankConfig:
             raise ValueError("--predictor gradient_similarity needs --compliance FILE")
         if self.lookahead_steps is not None and not 1 <= self.lookahead_steps <= self.steps:
             raise ValueError("--lookahead-steps must be in 1..--steps")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("--steps and --batch-size must be at least 1")
-        self.model_config().validate()  # adapter / LoRA options
-        self.diagnose_config(self.data[0]).validate()  # formats and the rest
 
     def model_config(self) -> DiagnoseConfig:
         """The model as configured (adapter included): loads it and resolves ``--params``."""
-        return DiagnoseConfig(
-            model=self.model, safety=self.safety, data=self.data[0], params=list(self.params),
-            dtype=self.dtype, device=self.device, seed=self.seed, adapter=self.adapter,
-            lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_targets=list(self.lora_targets),
-        )  # fmt: skip
+        shared = {f.name: getattr(self, f.name) for f in fields(DiagnoseConfig)}
+        return DiagnoseConfig(**{**shared, "data": self.data[0], "lr": self.lrs[0]})
 
     def diagnose_config(self, data: str, seed: int | None = None) -> DiagnoseConfig:
         """The diagnosis of one candidate set, on the model already loaded (its adapter attached,
         so the selection is resolved here). Always Adam's preconditioned direction too (so both
         the SGD and the Adam AIC numbers exist); forecasts are made per candidate."""
-        return DiagnoseConfig(
-            model=self.model,
-            safety=self.safety,
-            data=data,
-            params=self.model_config().param_spec(),
-            safety_format=self.safety_format,
-            data_format=self.data_format,
-            optimizer="adamw",
-            lr=self.lrs[0],
-            batch_size=self.batch_size,
-            steps=self.steps,
-            rank=self.rank,
-            threshold=self.threshold,
+        base = self.model_config()
+        return replace(
+            base, data=data, params=base.param_spec(), optimizer="adamw",
             seed=self.seed if seed is None else seed,
-            max_safety=self.max_safety,
-            max_data=self.max_data,
-            noise_examples=self.noise_examples,
-            max_length=self.max_length,
-            max_new_tokens=self.max_new_tokens,
-            dtype=self.dtype,
-            device=self.device,
-            memory_budget_gb=self.memory_budget_gb,
-            threads=self.threads,
-        )
+            adapter=None, lora_r=None, lora_alpha=None, lora_targets=[],
+        )  # fmt: skip
 
 
 # --- data helpers (same seeded subset as diagnose/verify) ------------------------------------
