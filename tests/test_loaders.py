@@ -37,6 +37,17 @@ def test_plain_jsonl_and_json_list(tmp_path):
     assert (loaded.format, loaded.source, len(loaded.rows)) == ("plain", "json", 2)
 
 
+def test_plain_reads_output_and_answer_and_qa_reads_gsm8k(tmp_path):
+    recs = [{"prompt": "p1", "output": "o1"}, {"prompt": "p2", "answer": "a2"}]
+    loaded = load_data(_jsonl(tmp_path / "po.jsonl", recs), "data")
+    assert loaded.format == "plain"
+    assert [r["response"] for r in loaded.rows] == ["o1", "a2"]
+    gsm = [{"question": "Add 2 and 3?", "answer": "2 + 3 = 5\n#### 5"}]
+    loaded = load_data(_jsonl(tmp_path / "gsm8k.jsonl", gsm), "data")
+    assert loaded.format == "qa"  # not donotanswer, which has questions only
+    assert loaded.rows == [{"prompt": "Add 2 and 3?", "response": "2 + 3 = 5\n#### 5"}]
+
+
 def test_advbench_targets_are_responses_only_for_finetuning(tmp_path):
     path = tmp_path / "harmful_behaviors.csv"
     path.write_text('\ufeffgoal,target\n"Do x, then y","Sure, here is x"\nDo z,"Sure, here is z"\n')
@@ -273,3 +284,11 @@ def test_fit_errors_only_when_every_prompt_is_dropped(tok):
     assert fit.kept == [0] and fit.truncated == 1
     with pytest.raises(ValueError, match="all 2 prompts .* context of 5 tokens .longest 6."):
         fit_to_length(enc, 5)
+
+
+def test_cli_help_names_every_format():
+    from alignscope.cli import FORMATS_HELP
+    from alignscope.data.loaders import CONTAINERS, FORMATS
+
+    named = FORMATS_HELP.split("(")[0].replace(" ", "").split("|")
+    assert named == ["auto", *FORMATS, *CONTAINERS]

@@ -48,8 +48,10 @@ DATA = typer.Option(
     help="Fine-tuning set of prompt/response pairs, in the same file types; format detected, or "
     "--data-format.",
 )
+# Spelled out rather than read from data.loaders, which would import torch before --help;
+# tests/test_loaders.py checks that it names every format.
 FORMATS_HELP = (
-    "auto | plain | advbench | harmbench | lines | donotanswer | alpaca | dolly | chat | hf "
+    "auto | chat | advbench | harmbench | dolly | alpaca | qa | donotanswer | plain | lines | hf "
     "(docs/diagnose.md, Data formats)"
 )
 SAFETY_FORMAT = typer.Option(

@@ -69,6 +69,8 @@ def _text(content: Any) -> Any:
     return content
 
 
+_RESPONSES = ("response", "completion", "output", "answer")  # the plain format's, first found
+
 # Detection tries these in order: the first whose identifying columns are all present wins.
 FORMATS: dict[str, _Format] = {
     "chat": _Format((("messages",),), "messages[{role, content}]", _chat),
@@ -86,6 +88,9 @@ FORMATS: dict[str, _Format] = {
         "instruction, input, output",
         lambda r: (_join(r["instruction"], r.get("input")), r.get("output")),
     ),
+    # GSM8K and most question-answering sets (before donotanswer, which has questions only).
+    "qa": _Format((("question", "answer"),), "question, answer", lambda r: (r["question"],
+                  r["answer"])),  # fmt: skip
     # Do-Not-Answer ships other models' answers (GPT4_response, ...): never used as responses.
     "donotanswer": _Format(
         (("question",), ("prompt", "intents"), ("prompt", "risk_area")),
@@ -94,8 +99,8 @@ FORMATS: dict[str, _Format] = {
     ),
     "plain": _Format(
         (("prompt",),),
-        "prompt[, response or completion]",
-        lambda r: (r["prompt"], r.get("response", r.get("completion"))),
+        "prompt[, response, completion, output or answer]",
+        lambda r: (r["prompt"], next((r[k] for k in _RESPONSES if k in r), None)),
     ),
     "lines": _Format((), "one prompt per line", lambda r: (r["prompt"], None)),
 }
