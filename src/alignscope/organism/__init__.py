@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignscope.organism.build import build, default_out_dir, quiet_transformers, read_manifest
 from alignscope.organism.corpus import FINETUNE_SETS, REFUSAL
 from alignscope.organism.recipe import PRESETS, FinetuneProtocol, Recipe, get_recipe
 
@@ -73,6 +72,8 @@ class Organism:
     def _model(self, path: Path):
         from transformers import AutoModelForCausalLM
 
+        from alignscope.organism.build import quiet_transformers
+
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
         return model.eval()
@@ -96,6 +97,8 @@ def load_organism(
     quiet: bool = False,
 ) -> Organism:
     """The organism for ``preset`` and ``seed``: built (into ``out`` or the cache) if needed."""
+    from alignscope.organism.build import build, default_out_dir, read_manifest
+
     target = Path(out) if out is not None else default_out_dir(preset, seed)
     if build_if_missing:
         kwargs = {"log": None} if quiet else {}
@@ -104,6 +107,15 @@ def load_organism(
     if manifest is None:
         raise FileNotFoundError(f"no organism at {target}; run `alignscope organism build`")
     return Organism(target, manifest)
+
+
+def __getattr__(name: str):
+    # build (torch, transformers) is imported on first use, so `alignscope --help` stays fast
+    if name == "build":
+        from alignscope.organism.build import build
+
+        return build
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
