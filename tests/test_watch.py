@@ -279,3 +279,24 @@ def test_watcher_computes_the_subspace_on_the_fly(organism_test):
         assert float((fv - values[j] * basis[:, j]).norm()) < 1e-3 * float(values[j])
     assert w.step(0)["subspace_fraction"] is None  # no displacement yet
     model.train()
+
+
+def test_sparse_refusal_rate_still_drives_the_trend(organism_test):
+    """The greedy rate is measured at every generate_every-th record only; its trend uses its
+    own last measurements, not the last `window` records (which would hold one value)."""
+    import types
+
+    org = organism_test
+    w = AlignmentWatcher(org.aligned_model(), org.tokenizer(), org.dataset("harmful_align")[:4],
+                         every=4, log_spaced=False)  # fmt: skip
+    blank = {"soft_refusal": None, "kl": 0.0}
+    w.records = [{"step": 0, "refusal_rate": 1.0, **blank},
+                 *({"step": k, "refusal_rate": None, **blank} for k in (2, 4, 6))]  # fmt: skip
+    warning = w._check({"step": 8, "refusal_rate": 0.6, **blank})  # 1.0 -> 0.6 over 8 steps
+    assert warning is not None and warning["reasons"][0]["signal"] == "refusal_rate"
+    assert warning["reasons"][0]["predicted"] == pytest.approx(0.6 - 0.05 * 8)  # horizon 2 x 4
+    # the Trainer callback refuses sharded models rather than hang in a one-process forward
+    cb = AlignmentCallback(org.dataset("harmful_align")[:4], every=4)
+    args = types.SimpleNamespace(fsdp="full_shard", output_dir="unused")
+    with pytest.raises(ValueError, match="FSDP"):
+        cb.on_train_begin(args, types.SimpleNamespace(is_world_process_zero=True), None)

@@ -37,6 +37,11 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.kl_reference + self.eigensolver + self.gradient_chunks
 
+    @property
+    def still_needed(self) -> int:
+        """What the work adds once the model is loaded (``available`` already excludes it)."""
+        return self.total - self.weights
+
     def describe(self) -> str:
         parts = [
             f"weights {self.weights / GiB:.2f}",
@@ -44,7 +49,7 @@ class MemoryEstimate:
             f"eigensolver {self.eigensolver / GiB:.2f}",
             f"gradient chunks <= {self.gradient_chunks / GiB:.2f}",
         ]
-        free = "" if self.available is None else f" of {self.available / GiB:.1f} GiB free"
+        free = "" if self.available is None else f" ({self.available / GiB:.1f} GiB available)"
         plan = f"; {self.plan.describe()}" if self.plan is not None else ""
         return f"memory estimate ~{self.total / GiB:.2f} GiB{free} ({', '.join(parts)} GiB){plan}"
 
@@ -56,9 +61,17 @@ class MemoryEstimate:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Free bytes on ``device`` (CUDA: ``mem_get_info``; CPU: available physical pages)."""
+    """Bytes still available on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable`` of
+    /proc/meminfo, which counts reclaimable page cache, else the free physical pages)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not every platform exposes these
@@ -112,9 +125,11 @@ def estimate_memory(
         plan=sp,
         available=available_memory(next(model.parameters()).device),
     )
-    if check_available and est.available is not None and est.total > est.available:
+    if check_available and est.available is not None and est.still_needed > est.available:
         raise MemoryError(
-            f"{est.describe()}: more than the machine has free. Lower --memory-gb (gradient "
+            f"{est.describe()}: the work adds ~{est.still_needed / GiB:.2f} GiB to the loaded "
+            f"model, more than the {est.available / GiB:.2f} GiB still available. Lower "
+            f"--memory-gb (gradient "
             f"chunks and the eigensolver use it), --max-safety (the KL reference is "
             f"{n_safety} prompts x {cfg.max_new_tokens} tokens x {vocab:,} vocabulary), or "
             "analyse fewer parameters (--params, --lora-r)"

@@ -84,6 +84,7 @@ class RankConfig(DiagnoseConfig):
     def __post_init__(self) -> None:
         self.data = list(self.data)
         self.lrs = list(self.lrs) or [self.lr]
+        self.lr = self.lrs[0]  # what results.json records as lr is a rate that was ranked
 
     @property
     def n_lookahead(self) -> int:

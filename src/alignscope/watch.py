@@ -66,6 +66,16 @@ def schedule_steps(every: int, log_spaced: bool = True) -> tuple[set[int], int]:
     return early, every
 
 
+def _zero3(args) -> bool:
+    if not getattr(args, "deepspeed", None):
+        return False
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 def _rows(rows: Sequence[Mapping[str, str] | str]) -> list[dict[str, str]]:
     out = []
     for r in rows:
@@ -269,8 +279,8 @@ class AlignmentWatcher:
         rec.update(self._forecast_error(step, rec["kl"]))
         rec["warning"] = self._check(rec)
         self.records.append(rec)
-        signals = [rec.get(k) for k in ("refusal_rate", "soft_refusal")]
-        safe = all(v > self.floor for v in signals if v is not None)
+        signals = [rec[k] for k in ("refusal_rate", "soft_refusal") if rec.get(k) is not None]
+        safe = bool(signals) and all(v > self.floor for v in signals)  # measured, and above
         if self.keep_safe_state and safe:
             self._safe_state = {
                 n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
@@ -301,8 +311,14 @@ class AlignmentWatcher:
         return {"forecast_kl": pred, "forecast_rel_error": err}
 
     def _check(self, rec: dict[str, Any]) -> dict[str, Any] | None:
-        """The early-warning rule on the last ``window`` records plus ``rec``."""
-        hist = [*self.records[-(self.window - 1) :], rec]
+        """The early-warning rule on the last ``window`` measurements of each signal (``rec``
+        included); a signal measured only at some records (the greedy refusal rate, every
+        ``generate_every``-th) uses its own last ``window`` values."""
+
+        def history(key: str) -> list[tuple[int, float]]:
+            done = [r for r in self.records if r.get(key) is not None][-(self.window - 1) :]
+            return [(r["step"], r[key]) for r in [*done, rec]]
+
         at = rec["step"] + self.horizon
         reasons = []
         for key in ("refusal_rate", "soft_refusal"):
@@ -314,7 +330,7 @@ class AlignmentWatcher:
                     {"signal": key, "measured": now, "predicted": now, "at": rec["step"]}
                 )
                 continue
-            pred = _trend([(r["step"], r.get(key)) for r in hist], at)
+            pred = _trend(history(key), at)
             if pred is not None and pred < self.floor:
                 reasons.append({"signal": key, "measured": now, "predicted": pred, "at": at})
         if self.kl_threshold is not None:
@@ -322,7 +338,7 @@ class AlignmentWatcher:
             pred = (
                 now
                 if now > self.kl_threshold
-                else _trend([(r["step"], r["kl"]) for r in hist], at, log=True)
+                else _trend(history("kl"), at, log=True)
             )
             if pred is not None and pred > self.kl_threshold:
                 reasons.append({"signal": "kl", "measured": now, "predicted": pred, "at": at})
@@ -400,9 +416,11 @@ class AlignmentCallback(TrainerCallback):
     warning stops training and saves ``<output_dir>/last-safe``. Other keyword arguments go to
     :class:`AlignmentWatcher`.
 
-    Multi-process runs (DDP, FSDP through accelerate): only the main process measures and logs;
-    at each scheduled step its stop decision is broadcast (``torch.distributed``), so every
+    Multi-process data-parallel runs (DDP): only the main process measures and logs; at the start
+    and at each scheduled step its stop decision is broadcast (``torch.distributed``), so every
     process stops at the same step instead of the others waiting forever in the next all-reduce.
+    Sharded models (FSDP, DeepSpeed ZeRO-3) are refused: a forward pass on one process alone
+    would wait forever for the other shards.
     """
 
     def __init__(
@@ -438,8 +456,16 @@ class AlignmentCallback(TrainerCallback):
         return self.watcher.records if self.watcher is not None else []
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
-        if not state.is_world_process_zero:
-            return  # the main process measures; see _sync_stop
+        if getattr(args, "fsdp", None) or _zero3(args):
+            raise ValueError(
+                "AlignmentCallback does not support sharded models (FSDP, DeepSpeed ZeRO-3) yet: "
+                "its measurements run on the main process alone; use DDP or a single process"
+            )
+        if state.is_world_process_zero:
+            self._start(args, state, control, model, processing_class)
+        self._sync_stop(control)  # process 0 may already have decided to stop
+
+    def _start(self, args, state, control, model, processing_class) -> None:
         tok = self.tokenizer or processing_class
         if tok is None:
             raise ValueError("AlignmentCallback needs a tokenizer: pass tokenizer=...")

@@ -56,11 +56,12 @@ def plan_spectrum(
 
     Lanczos keeps its basis at the operator's precision: ``(iterations + 1) x P x itemsize``
     bytes; block-wise (``block_dims``: the size of each block) one block at a time, so the
-    largest block's basis plus the merged top-``k`` result (``k x P``). The Monte-Carlo Gram route
-    is cheaper but its top eigenvalues are biased upward while the number of rows is far below the
-    Fisher's effective rank (bench/curvature.py: 1.6x too large at 384 rows on a 0.7 M parameter
-    block), so it is the fallback, or a deliberate choice. A request that fits neither raises
-    :class:`MemoryError`; :func:`memory_error` words it with the options that would fit.
+    largest block's basis plus the blocks' eigenvectors and the merged top-``k`` (``2 k x P``).
+    The Monte-Carlo Gram route is cheaper but its top eigenvalues are biased upward while the
+    number of rows is far below the Fisher's effective rank (bench/curvature.py: 1.6x too large
+    at 384 rows on a 0.7 M parameter block), so it is the fallback, or a deliberate choice. A
+    request that fits neither raises :class:`MemoryError`; ``alignscope.memory`` words it with
+    the options that would fit.
     """
     if method not in ("auto", "gram", "lanczos"):
         raise ValueError(f"unknown eigensolver {method!r}; use auto, gram or lanczos")
@@ -68,7 +69,8 @@ def plan_spectrum(
     if blockwise and block_dims:
         largest = max(block_dims)
         iterations = min(largest, max(6 * k, k + 60))
-        lanczos_bytes = (iterations + 1) * largest * op_item + k * dim * itemsize
+        # while merging, the blocks' eigenvectors (up to k x P) and the merged top-k coexist
+        lanczos_bytes = (iterations + 1) * largest * op_item + 2 * k * dim * itemsize
     else:
         iterations = min(dim, max(6 * k, k + 60))
         lanczos_bytes = (iterations + 1) * dim * op_item  # basis at operator precision

@@ -100,7 +100,7 @@ FORMATS: dict[str, _Format] = {
     "plain": _Format(
         (("prompt",),),
         "prompt[, response, completion, output or answer]",
-        lambda r: (r["prompt"], next((r[k] for k in _RESPONSES if k in r), None)),
+        lambda r: (r["prompt"], next((r[k] for k in _RESPONSES if r.get(k) is not None), None)),
     ),
     "lines": _Format((), "one prompt per line", lambda r: (r["prompt"], None)),
 }

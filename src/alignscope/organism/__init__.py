@@ -109,15 +109,6 @@ def load_organism(
     return Organism(target, manifest)
 
 
-def __getattr__(name: str):
-    # build (torch, transformers) is imported on first use, so `alignscope --help` stays fast
-    if name == "build":
-        from alignscope.organism.build import build
-
-        return build
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "FINETUNE_SETS",
     "PRESETS",
@@ -125,7 +116,6 @@ __all__ = [
     "FinetuneProtocol",
     "Organism",
     "Recipe",
-    "build",
     "get_recipe",
     "load_organism",
 ]
