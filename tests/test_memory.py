@@ -35,6 +35,10 @@ def test_estimate_adds_what_stays_resident(model):
     assert est.plan.method == "lanczos" and est.eigensolver == (iterations + 1) * n * 4
     assert est.total == est.weights + est.kl_reference + est.eigensolver + int(0.5 * 2**30)
     assert "memory estimate" in est.describe() and est.to_json()["total"] == est.total
+    # a reused subspace: no eigensolver, and a budget too small for one is no error
+    reuse = _cfg(rank=4, max_new_tokens=10, memory_budget_gb=1e-6)
+    est = estimate_memory(reuse, model, sel, n_safety=8, check_available=False, eigensolver=False)
+    assert est.eigensolver == 0 and est.plan is None
 
 
 def test_blockwise_plan_holds_one_block_at_a_time():

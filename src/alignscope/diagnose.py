@@ -322,7 +322,9 @@ def run_diagnose(
     # Before any heavy work: the parameters analysed and the memory that will take.
     spec = cfg.param_spec()
     selection = select_params(model, spec, group=cfg.group)
-    memory = estimate_memory(cfg, model, selection, len(safety_rows))
+    memory = estimate_memory(
+        cfg, model, selection, len(safety_rows), eigensolver=subspace is None
+    )
     stages.note(memory.describe())
     out["memory"] = memory.to_json()
 

@@ -91,10 +91,17 @@ def _lora_size(model: torch.nn.Module, r: int) -> int:
 
 
 def estimate_memory(
-    cfg, model: torch.nn.Module, selection, n_safety: int, *, check_available: bool = True
+    cfg,
+    model: torch.nn.Module,
+    selection,
+    n_safety: int,
+    *,
+    check_available: bool = True,
+    eigensolver: bool = True,
 ) -> MemoryEstimate:
     """The estimate for ``cfg`` (a DiagnoseConfig) on ``model`` with ``selection``; raises
-    :class:`MemoryError` naming the options that would fit when it cannot."""
+    :class:`MemoryError` naming the options that would fit when it cannot. ``eigensolver=False``:
+    the subspace is reused from an earlier diagnosis, so no eigensolver runs."""
     budget = int(cfg.memory_budget_gb * GiB)
     itemsize = 8 if cfg.dtype == "float64" else 4  # curvature runs in at least float32
     k = cfg.rank if cfg.rank is not None else 40
@@ -112,7 +119,7 @@ def estimate_memory(
         )  # fmt: skip
 
     sp = None
-    if cfg.fisher == "ggn":
+    if eigensolver and cfg.fisher == "ggn":
         try:
             sp = plan(selection.size, k, block_dims(selection) if cfg.group else None)
         except MemoryError:
@@ -120,7 +127,11 @@ def estimate_memory(
     est = MemoryEstimate(
         weights=weights,
         kl_reference=kl_reference,
-        eigensolver=sp.bytes_needed if sp is not None else n_rows * selection.size * itemsize,
+        eigensolver=(
+            0 if not eigensolver
+            else sp.bytes_needed if sp is not None
+            else n_rows * selection.size * itemsize  # the empirical Fisher's rows
+        ),  # fmt: skip
         gradient_chunks=budget,
         plan=sp,
         available=available_memory(next(model.parameters()).device),
@@ -148,16 +159,16 @@ def _advice(cfg, model, selection, plan, k: int, budget: int) -> str:
             return
         fits.append(f"{label} (~{p.bytes_needed / GiB:.2f} GiB, {p.method})")
 
+    dims = block_dims(selection) if cfg.group else None  # the requested grouping, if any
     if cfg.group is None:
         layered = select_params(model, cfg.param_spec(), group="layer")
         trial("--group layer", selection.size, k, block_dims(layered))
     for rank in (10, 5):
         if rank < k:
-            trial(f"--rank {rank}", selection.size, rank)
+            trial(f"--rank {rank}", selection.size, rank, dims)
     if not cfg.uses_adapter:
         for r in (16, 8):
             trial(f"--lora-r {r}", _lora_size(model, r), k)
-    dims = block_dims(selection) if cfg.group else None
     # a forced method never raises: it reports what it would need
     need = min(plan(selection.size, k, dims, m).bytes_needed for m in ("lanczos", "gram")) / GiB
     gb = math.ceil(need * 1.1 * 10) / 10
