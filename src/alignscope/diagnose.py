@@ -8,7 +8,7 @@ curvature -> geometry -> forecast -> report. :func:`run_diagnose` returns a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -176,6 +176,9 @@ class DiagnoseResult:
     # All computed eigenpairs, to pass back as ``run_diagnose(subspace=...)`` for another
     # fine-tuning set (the subspace depends only on the model and the safety set).
     subspace: Subspace | None = field(default=None, repr=False)
+    # grad L_f(theta0) over the analysed fine-tuning batch ([P]), for predictors built on it
+    # (rank's gradient similarity) so they need not compute it again.
+    finetune_gradient: torch.Tensor | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -475,7 +478,7 @@ def run_diagnose(
         )
         if adam is not None:
             out["forecast_sgd"] = _forecast(
-                DiagnoseConfig(**{**asdict(cfg), "optimizer": "sgd"}), sgd, tr_f_sigma
+                replace(cfg, optimizer="sgd"), sgd, tr_f_sigma
             )
     return DiagnoseResult(
         cfg,
@@ -484,6 +487,7 @@ def run_diagnose(
         subspace_basis=subspace.basis(d).detach(),
         subspace_values=subspace.values[:d].detach(),
         subspace=subspace,
+        finetune_gradient=g.detach(),
     )
 
 

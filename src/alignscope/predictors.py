@@ -33,7 +33,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -157,8 +157,12 @@ def _load_rows(path: str, role: str, fmt: str = "auto") -> list[dict]:
 
 def gradient_cosine(flm: FunctionalLM, batch: LMBatch, reference: torch.Tensor) -> float:
     """Cosine between ``grad L_f`` on ``batch`` and ``reference`` (computed in float64)."""
-    g = finetune_gradient(flm, batch).double()
-    r = reference.double()
+    return cosine(finetune_gradient(flm, batch), reference)
+
+
+def cosine(g: torch.Tensor, reference: torch.Tensor) -> float:
+    """Cosine of two flat vectors in float64 (0 when either is zero)."""
+    g, r = g.double(), reference.double()
     denom = float(g.norm() * r.norm())
     return float(g @ r) / denom if denom > 0 else 0.0
 
@@ -346,12 +350,9 @@ class RankState:
         rows = _load_rows(data, "data", self.cfg.data_format)
         sim, sim_seconds = None, 0.0
         reference = self._compliance()
-        if reference is not None:
+        if reference is not None:  # the diagnosis' own gradient, over the same batch
             start = time.perf_counter()
-            batch = make_batch(
-                self.tokenizer, subsample(rows, dcfg.max_data, dcfg.seed), dcfg.max_length
-            )
-            sim = gradient_cosine(self.flm, batch, reference)
+            sim = cosine(res.finetune_gradient, reference)
             sim_seconds = time.perf_counter() - start
         return Geometry(
             data=data,
@@ -370,9 +371,7 @@ class RankState:
         """The diagnosis' forecast for ``optimizer`` at ``lr`` (cheap: no new curvature)."""
         from alignscope.diagnose import _forecast
 
-        dcfg = DiagnoseConfig(
-            **{**asdict(self.cfg.diagnose_config(geo.data)), "optimizer": optimizer, "lr": lr}
-        )
+        dcfg = replace(self.cfg.diagnose_config(geo.data), optimizer=optimizer, lr=lr)
         adam = optimizer in ("adam", "adamw")
         return _forecast(
             dcfg,
