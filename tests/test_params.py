@@ -65,3 +65,11 @@ def test_lora_selection_picks_adapter_weights_only():
     sel = select_params(model, "lora")
     assert sel.names and all("lora_" in n for n in sel.names)
     assert sel.size == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_train_only_leaves_exactly_the_selection_trainable():
+    model = tiny_llama()
+    sel = select_params(model, ["*.mlp.*"])
+    sel.train_only(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == sel.names and len(trainable) < len(list(model.parameters()))

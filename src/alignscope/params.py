@@ -47,6 +47,13 @@ class ParamSelection:
         named = dict(model.named_parameters())
         return {n: named[n] for n in self.names}
 
+    def train_only(self, model: nn.Module) -> None:
+        """Make this selection ``model``'s only trainable parameters (the fine-tuning runs of
+        verify and rank's lookahead train exactly what was analysed)."""
+        chosen = set(self.names)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in chosen)
+
     def flatten(self, tensors: dict[str, torch.Tensor] | Sequence[torch.Tensor]) -> torch.Tensor:
         """Concatenate tensors (by name or in selection order) into one flat vector."""
         seq = [tensors[n] for n in self.names] if isinstance(tensors, dict) else list(tensors)

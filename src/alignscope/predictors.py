@@ -235,9 +235,7 @@ def run_lookahead(
 
     work = copy.deepcopy(model)
     selection = select_params(work, list(params))
-    chosen = set(selection.names)
-    for name, p in work.named_parameters():
-        p.requires_grad_(name in chosen)
+    selection.train_only(work)
     tracker = AlignmentTracker(work, tokenizer, selection, safety_batch, generate_refusals=False)
     pairs = [(r["prompt"], r["response"]) for r in rows]
     encoded, _ = fit_to_length(encode_pairs(tokenizer, pairs), max_length)  # as diagnose fits

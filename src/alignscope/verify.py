@@ -381,9 +381,7 @@ def run_verify(
                 f"the diagnosis analysed {diag['parameters']['n_params']} parameters, this "
                 f"selection has {selection.size}"
             )
-        chosen = set(selection.names)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in chosen)
+        selection.train_only(model)
         safety_batch, _ = _batch(
             tokenizer, diag["alignment"]["responses"], cfg.max_length, f"safety set {cfg.safety}"
         )
