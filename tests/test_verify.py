@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from alignscope.cli import app
 from alignscope.curvature import FunctionalLM
 from alignscope.curvature.losses import AlignmentKL
-from alignscope.diagnose import _batch, run_diagnose
+from alignscope.data.encode import batch_rows
+from alignscope.diagnose import run_diagnose
 from alignscope.evaluate import KeywordRefusalJudge
 from alignscope.params import select_params
 from alignscope.train.loop import finetune
@@ -37,8 +38,8 @@ def test_log_spaced_record_steps():
 def test_tracker_matches_direct_computation(organism_test):
     org = organism_test
     model, tok = org.aligned_model(), org.tokenizer()
-    safety, _ = _batch(tok, org.dataset("harmful_align")[:6], 64, "safety")
-    ft, _ = _batch(tok, org.dataset("benign_affirmative")[:8], 64, "data")
+    safety, _ = batch_rows(tok, org.dataset("harmful_align")[:6], 64, "safety")
+    ft, _ = batch_rows(tok, org.dataset("benign_affirmative")[:8], 64, "data")
     sel = select_params(model, ["all"])
     gen = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(sel.size, 3, generator=gen, dtype=torch.float64))

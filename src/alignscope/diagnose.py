@@ -23,7 +23,7 @@ from alignscope.curvature import (
     per_sample_grads,
     response_weights,
 )
-from alignscope.data.encode import Fit, LMBatch, collate, encode_pairs, fit_to_length
+from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.loaders import CONTAINERS, FORMATS, load_data
 from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, generate
@@ -188,18 +188,6 @@ class DiagnoseResult:
         }
 
 
-def _batch(tokenizer, rows: list[dict], max_length: int, what: str) -> tuple[LMBatch, Fit]:
-    """The batch of ``rows`` fitted into ``max_length`` (responses cut, over-long prompts
-    dropped: ``Fit.kept`` says which rows are in it)."""
-    pairs = [(r["prompt"], r["response"]) for r in rows]
-    try:
-        enc, fit = fit_to_length(encode_pairs(tokenizer, pairs), max_length)
-    except ValueError as err:
-        raise ValueError(f"{what}: {err}") from None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return collate(enc, pad_id=pad, max_length=max_length), fit
-
-
 def selected_modules(names: list[str]) -> list[str]:
     """The modules owning the selected parameters, sorted; a LoRA weight counts for the module
     it adapts (``...q_proj.lora_A.default.weight`` -> ``...q_proj``)."""
@@ -344,7 +332,7 @@ def run_diagnose(
                 f"{len(empty)} safety prompts got an empty greedy response (e.g. prompt "
                 f"{empty[0]}); supply explicit aligned responses in the safety file"
             )
-        safety_batch, safety_fit = _batch(
+        safety_batch, safety_fit = batch_rows(
             tokenizer,
             [{"prompt": p, "response": t} for p, t in zip(prompts, targets, strict=True)],
             cfg.max_length,
@@ -353,7 +341,7 @@ def run_diagnose(
         # Prompts too long for the context are out of the batch: out of the record too.
         kept = safety_fit.kept
         prompts, targets, refused = ([x[i] for i in kept] for x in (prompts, targets, refused))
-        data_batch, data_fit = _batch(
+        data_batch, data_fit = batch_rows(
             tokenizer, data_rows, cfg.max_length, f"fine-tuning set {cfg.data}"
         )
         out["datasets"] = {

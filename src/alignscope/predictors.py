@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from alignscope.curvature.functional import FunctionalLM
-from alignscope.data.encode import LMBatch, encode_pairs, fit_to_length
+from alignscope.data.encode import LMBatch, batch_rows, encode_pairs, fit_to_length
 from alignscope.data.sample import subsample
-from alignscope.diagnose import DiagnoseConfig, _batch, run_diagnose
+from alignscope.diagnose import DiagnoseConfig, run_diagnose
 from alignscope.geometry import AIC, finetune_gradient
 from alignscope.params import select_params
 
@@ -138,12 +138,6 @@ class RankConfig(DiagnoseConfig):
 
 
 # --- data helpers (same seeded subset as diagnose/verify) ------------------------------------
-
-
-def make_batch(tokenizer, rows: Sequence[dict], max_length: int | None) -> LMBatch:
-    """A right-padded batch of ``{"prompt", "response"}`` rows, fitted to ``max_length`` as
-    diagnose fits its batches."""
-    return _batch(tokenizer, list(rows), max_length, "rank")[0]
 
 
 def _load_rows(path: str, role: str, fmt: str = "auto") -> list[dict]:
@@ -323,7 +317,7 @@ class RankState:
             rows = subsample(rows, self.cfg.max_data, self.cfg.seed)
             if not rows:
                 raise ValueError(f"--compliance {self.cfg.compliance}: no rows")
-            batch = make_batch(self.tokenizer, rows, self.cfg.max_length)
+            batch = batch_rows(self.tokenizer, rows, self.cfg.max_length, "rank")[0]
             self.compliance_grad = finetune_gradient(self.flm, batch).detach()
             self.shared_timings["compliance_gradient"] = time.perf_counter() - start
         return self.compliance_grad
@@ -341,7 +335,7 @@ class RankState:
             self.shared_timings["subspace"] = timings.get("subspace", 0.0)
         if self.safety_batch is None:
             responses = res.data["alignment"]["responses"]
-            self.safety_batch = make_batch(self.tokenizer, responses, dcfg.max_length)
+            self.safety_batch = batch_rows(self.tokenizer, responses, dcfg.max_length, "rank")[0]
         seconds = sum(v for k, v in timings.items() if k != "subspace")
         out = res.to_json()
         aic = out["aic"]

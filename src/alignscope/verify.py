@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignscope.data.encode import batch_rows
 from alignscope.data.sample import subsample
-from alignscope.diagnose import DiagnoseConfig, DiagnoseResult, _batch, run_diagnose
+from alignscope.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
 from alignscope.progress import Stages
@@ -382,7 +383,7 @@ def run_verify(
                 f"selection has {selection.size}"
             )
         selection.train_only(model)
-        safety_batch, _ = _batch(
+        safety_batch, _ = batch_rows(
             tokenizer, diag["alignment"]["responses"], cfg.max_length, f"safety set {cfg.safety}"
         )
         data = load_data(cfg.data, "data", format=cfg.data_format)
@@ -395,7 +396,7 @@ def run_verify(
         except ValueError as err:
             raise ValueError(f"fine-tuning set {cfg.data}: {err}") from None
         datasets = {"finetune": {**data.summary(), **data_fit.summary()}}
-        ft_batch, _ = _batch(
+        ft_batch, _ = batch_rows(
             tokenizer, subsample(data_rows, cfg.max_data, cfg.seed), cfg.max_length, cfg.data
         )
         eval_batch = None
@@ -410,7 +411,7 @@ def run_verify(
                 greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
                 pairs = zip(prompts, greedy, strict=True)
                 rows = [{"prompt": p, "response": g or "."} for p, g in pairs]
-            eval_batch, eval_fit = _batch(
+            eval_batch, eval_fit = batch_rows(
                 tokenizer, rows, cfg.max_length, f"eval set {cfg.eval_prompts}"
             )
             prompts = [prompts[i] for i in eval_fit.kept]  # too long for the context: left out

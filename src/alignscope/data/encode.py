@@ -8,7 +8,7 @@ forward-mode-friendly, no data-dependent mask construction inside transformers).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -199,3 +199,17 @@ def collate(
         response_mask[b, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     return LMBatch(input_ids, response_mask, lengths)
+
+
+def batch_rows(
+    tokenizer, rows: Sequence[Mapping[str, str]], max_length: int | None, what: str = "rows"
+) -> tuple[LMBatch, Fit]:
+    """The batch of ``{"prompt", "response"}`` rows fitted into ``max_length`` (responses cut,
+    over-long prompts dropped: ``Fit.kept`` says which rows are in it); errors name ``what``."""
+    pairs = [(r["prompt"], r["response"]) for r in rows]
+    try:
+        enc, fit = fit_to_length(encode_pairs(tokenizer, pairs), max_length)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return collate(enc, pad_id=pad, max_length=max_length), fit
