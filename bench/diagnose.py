@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from alignscope.diagnose import DiagnoseConfig, run_diagnose
+from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 from alignscope.organism import load_organism
 
 

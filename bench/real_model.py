@@ -615,7 +615,7 @@ def align(base: Path, data: Path, out: Path, args) -> None:
 
 
 def verify_config(args, aligned: Path, data: Path, name: str):
-    from alignscope.verify import VerifyConfig
+    from alignscope.commands.verify import VerifyConfig
 
     return VerifyConfig(
         model=str(aligned),
@@ -641,7 +641,7 @@ def verify_config(args, aligned: Path, data: Path, name: str):
 
 
 def diagnose_set(cfg, model, tok, out: Path) -> None:
-    from alignscope.diagnose import run_diagnose
+    from alignscope.commands.diagnose import run_diagnose
     from alignscope.report.output import save_subspace
 
     res = run_diagnose(cfg.diagnose_config(), model=model, tokenizer=tok)
@@ -654,7 +654,7 @@ def diagnose_set(cfg, model, tok, out: Path) -> None:
 
 def verify_set(cfg, model, tok, diag_dir: Path, out: Path) -> None:
     from alignscope.report.output import load_subspace
-    from alignscope.verify import run_verify
+    from alignscope.commands.verify import run_verify
 
     diag = json.loads((diag_dir / "diagnose.json").read_text())
     basis, values = load_subspace(diag_dir / "subspace.pt")

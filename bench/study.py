@@ -3,7 +3,7 @@
 A benchmark, not a test. On the TEST organism (95k parameters; the demo organism, 7x larger, is
 too slow for a 100-run grid on a 2-core CPU), for every benign set x
 {SGD, AdamW} x 3 learning rates x seeds (the data-order / subsampling seed; the organism itself
-stays seed 0): compute every predictor of :mod:`alignscope.predictors` (the alignment subspace
+stays seed 0): compute every predictor of :mod:`alignscope.commands.predictors` (the alignment subspace
 once, each set's diagnosis once per seed and shared by its six (optimizer, lr) rows), then run
 ``verify`` to the step budget and record the observed damage:
 
@@ -80,9 +80,9 @@ def run_grid(args) -> None:
 
     torch.set_num_threads(1)
     from alignscope.organism import load_organism
-    from alignscope.predictors import RankConfig, RankState
+    from alignscope.commands.predictors import RankConfig, RankState
     from alignscope.report.output import jsonable
-    from alignscope.verify import VerifyConfig, run_verify
+    from alignscope.commands.verify import VerifyConfig, run_verify
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +218,7 @@ def _derive(rows: list[dict]) -> None:
 
 
 def analyze(rows: list[dict]) -> dict:
-    from alignscope.predictors import PREDICTORS, STEP_PREDICTORS
+    from alignscope.commands.predictors import PREDICTORS, STEP_PREDICTORS
 
     _derive(rows)
     table = {}
@@ -296,7 +296,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from alignscope.predictors import PREDICTORS
+    from alignscope.commands.predictors import PREDICTORS
 
     _derive(rows)
     names = list(PREDICTORS)

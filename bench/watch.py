@@ -1,4 +1,4 @@
-"""Overhead of alignscope.watch at its default cadence, as a % of training step time.
+"""Overhead of alignscope.train.watch at its default cadence, as a % of training step time.
 
 Fine-tunes the organism's aligned model on its collapsing benign set with the plain training loop,
 alternating runs without and with an AlignmentWatcher (default cadence), and prints the median
@@ -23,7 +23,7 @@ import torch
 
 from alignscope.organism import load_organism
 from alignscope.train.loop import finetune
-from alignscope.watch import AlignmentWatcher
+from alignscope.train.watch import AlignmentWatcher
 
 
 def _run(org, steps: int, watched: bool, every: int = 25) -> tuple[float, tuple, int]:

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from alignscope.cli import app
-from alignscope.diagnose import DiagnoseConfig, run_diagnose
+from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 
 FAST = dict(max_safety=12, max_data=24, noise_examples=8, rank=4, steps=60, threads=1)
 
@@ -36,7 +36,7 @@ def test_cli_writes_results_report_and_plots(diagnosis):
     out, res = diagnosis
     for name in ("results.json", "report.md", "report.html", "spectrum.png", "forecast.png"):
         assert (out / name).stat().st_size > 0, name
-    assert res["schema"] == "alignscope.diagnose/1"
+    assert res["schema"] == "alignscope.commands.diagnose/1"
     assert res["seed"] == 0 and res["config"]["rank"] == 4
     assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
     assert "Verdict" in (out / "report.md").read_text()
@@ -115,7 +115,7 @@ def test_nan_model_is_a_clear_error(organism_test):
 
 
 def test_adam_preconditioner_uses_the_minibatch_second_moment():
-    from alignscope.diagnose import adam_preconditioner
+    from alignscope.commands.diagnose import adam_preconditioner
 
     g = torch.tensor([2.0, -0.5, 0.0], dtype=torch.float64)
     # no gradient noise: the first Adam step is sign(g) (up to eps)

@@ -191,7 +191,7 @@ def test_format_override(tmp_path):
 
 
 def test_diagnose_config_checks_the_format_names():
-    from alignscope.diagnose import DiagnoseConfig
+    from alignscope.commands.diagnose import DiagnoseConfig
 
     DiagnoseConfig("m", "s", "d", safety_format="advbench", data_format="hf").validate()
     with pytest.raises(ValueError, match="--data-format 'csv'"):

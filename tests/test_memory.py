@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignscope.curvature import plan_spectrum
-from alignscope.diagnose import DiagnoseConfig
+from alignscope.commands.diagnose import DiagnoseConfig
 from alignscope.memory import _lora_size, estimate_memory
 from alignscope.params import select_params
 

@@ -12,7 +12,7 @@ from _tiny import random_batch, tiny_llama
 from alignscope.cli import app
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.params import select_params
-from alignscope.predictors import (
+from alignscope.commands.predictors import (
     DEFAULT_PREDICTOR,
     PREDICTORS,
     extrapolate_trend,
@@ -45,7 +45,7 @@ def test_cli_writes_every_predictor_for_every_candidate(ranked):
     out, res = ranked
     for name in ("results.json", "report.md", "report.html", "ranking.png"):
         assert (out / name).stat().st_size > 0, name
-    assert res["schema"] == "alignscope.rank/1" and res["seed"] == 0
+    assert res["schema"] == "alignscope.commands.rank/1" and res["seed"] == 0
     assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
     assert res["predictor"] == DEFAULT_PREDICTOR
     assert len(res["candidates"]) == 2
@@ -128,7 +128,7 @@ def test_cli_errors_one_candidate_and_bad_lr(organism_test, tmp_path):
 
 
 def test_reused_subspace_gives_the_same_diagnosis(organism_test):
-    from alignscope.diagnose import DiagnoseConfig, run_diagnose
+    from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 
     fast = dict(max_safety=12, max_data=16, noise_examples=4, rank=4, steps=20, threads=1)
     cfg = DiagnoseConfig.for_organism(organism_test, "benign_neutral", **fast)
@@ -146,8 +146,8 @@ def test_reused_subspace_gives_the_same_diagnosis(organism_test):
 
 
 def test_candidates_and_labels():
-    from alignscope.predictors import RankConfig
-    from alignscope.rank import _label
+    from alignscope.commands.predictors import RankConfig
+    from alignscope.commands.rank import _label
 
     lrs = RankConfig(model="m", safety="s", data=["x/a.jsonl"], lrs=[1e-5, 3e-5])
     lrs.validate()
@@ -160,7 +160,7 @@ def test_candidates_and_labels():
 
 
 def test_lookahead_length_defaults_to_a_tenth_of_the_plan():
-    from alignscope.predictors import RankConfig
+    from alignscope.commands.predictors import RankConfig
 
     def n(**kw):
         return RankConfig(model="m", safety="s", data=["a", "b"], **kw).n_lookahead

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import alignscope.verify as verify_mod
+import alignscope.commands.verify as verify_mod
 from _hf_models import ARCHS, make_datasets, save_model, write_llama_gguf
 from alignscope.cli import app
 from alignscope.errors import MissingExtraError

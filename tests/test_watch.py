@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from alignscope.data.encode import encode_pairs
 from alignscope.evaluate import judge_prompts
-from alignscope.watch import (
+from alignscope.train.watch import (
     AlignmentCallback,
     AlignmentCollapseWarning,
     AlignmentWatcher,
@@ -176,7 +176,7 @@ def test_plain_watcher_loop(organism_test, tmp_path):
 
 def test_watcher_with_a_diagnosis(organism_test):
     """The subspace entries and the forecast's running error come from the diagnosis."""
-    from alignscope.diagnose import DiagnoseResult
+    from alignscope.commands.diagnose import DiagnoseResult
     from alignscope.train.loop import finetune
 
     org = organism_test

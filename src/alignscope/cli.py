@@ -153,7 +153,7 @@ def diagnose(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Measure the AIC and forecast the alignment-loss increase over fine-tuning steps."""
-    from alignscope.diagnose import DiagnoseConfig, run_diagnose
+    from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
     from alignscope.report.diagnose_report import write_diagnose_outputs
     from alignscope.report.output import OutputDir
 
@@ -228,7 +228,7 @@ def verify(
 
     from alignscope.report.output import SUBSPACE_FILE, OutputDir, load_subspace
     from alignscope.report.verify_report import write_verify_outputs
-    from alignscope.verify import VerifyConfig, run_verify
+    from alignscope.commands.verify import VerifyConfig, run_verify
 
     extra = {"eval_prompts": eval_prompts, "max_eval": max_eval, "eval_every": eval_every,
              "checkpoint_every": checkpoint_every}  # fmt: skip
@@ -276,7 +276,7 @@ def verify(
 
 @app.command()
 def report(
-    log: str = typer.Argument(..., help="JSONL log written by alignscope.watch."),
+    log: str = typer.Argument(..., help="JSONL log written by alignscope.train.watch."),
     out: str = typer.Option(None, help="Output directory [default: <log>-report]."),
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -328,15 +328,15 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from alignscope.diagnose import run_diagnose
+    from alignscope.commands.diagnose import run_diagnose
     from alignscope.organism import load_organism
     from alignscope.organism.cli import show
-    from alignscope.predictors import RankConfig
-    from alignscope.rank import run_rank
+    from alignscope.commands.predictors import RankConfig
+    from alignscope.commands.rank import run_rank
     from alignscope.report.diagnose_report import write_diagnose_outputs
     from alignscope.report.rank_report import write_rank_outputs
     from alignscope.report.verify_report import write_verify_outputs
-    from alignscope.verify import VerifyConfig, run_verify
+    from alignscope.commands.verify import VerifyConfig, run_verify
 
     root = Path(out)
     if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).exists():
@@ -500,8 +500,8 @@ def rank(
     run) for every candidate, before any real fine-tuning; the recommended candidate (least
     predicted damage) comes first.
     """
-    from alignscope.predictors import DEFAULT_PREDICTOR, RankConfig
-    from alignscope.rank import run_rank
+    from alignscope.commands.predictors import DEFAULT_PREDICTOR, RankConfig
+    from alignscope.commands.rank import run_rank
     from alignscope.report.output import OutputDir
     from alignscope.report.rank_report import write_rank_outputs
 

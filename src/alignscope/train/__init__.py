@@ -1,4 +1,8 @@
-"""Fine-tuning: a small generic loop (more: trackers, guards, HF callbacks)."""
+"""The training side: the fine-tuning loop, the alignment tracker and the live watcher.
+
+``alignscope.train.watch`` (the Trainer callback and plain-loop watcher) is imported on use: it
+pulls in transformers.
+"""
 
 from alignscope.train.loop import finetune, response_nll
 

@@ -42,7 +42,7 @@ import torch
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.data.encode import LMBatch, batch_rows, encode_pairs, fit_to_length
 from alignscope.data.sample import subsample
-from alignscope.diagnose import DiagnoseConfig, run_diagnose
+from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 from alignscope.geometry import AIC, finetune_gradient
 from alignscope.params import select_params
 
@@ -225,7 +225,7 @@ def run_lookahead(
     tracker verify uses); the alignment KL at steps ``0..n_steps``."""
     from alignscope.train.loop import finetune
     from alignscope.train.tracker import AlignmentTracker
-    from alignscope.verify import make_optimizer
+    from alignscope.commands.verify import make_optimizer
 
     work = copy.deepcopy(model)
     selection = select_params(work, list(params))
@@ -361,7 +361,7 @@ class RankState:
 
     def forecast(self, geo: Geometry, optimizer: str, lr: float) -> dict[str, Any]:
         """The diagnosis' forecast for ``optimizer`` at ``lr`` (cheap: no new curvature)."""
-        from alignscope.diagnose import _forecast
+        from alignscope.commands.diagnose import _forecast
 
         dcfg = replace(self.cfg.diagnose_config(geo.data), optimizer=optimizer, lr=lr)
         adam = optimizer in ("adam", "adamw")

@@ -1,6 +1,6 @@
 """``rank``: order candidate fine-tuning sets (or learning rates) by predicted alignment damage.
 
-Every predictor of :mod:`alignscope.predictors` is computed for every candidate, side by side;
+Every predictor of :mod:`alignscope.commands.predictors` is computed for every candidate, side by side;
 the candidates are ordered by one of them (``RankConfig.predictor``, default the winner of
 bench/study.py), least predicted damage - the recommended candidate - first.
 :func:`run_rank` returns a :class:`RankResult` whose ``to_json()`` is the versioned results.json.
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from alignscope.predictors import (
+from alignscope.commands.predictors import (
     DEFAULT_PREDICTOR,
     PREDICTORS,
     STEP_PREDICTORS,
@@ -26,7 +26,7 @@ from alignscope.predictors import (
 from alignscope.progress import Stages
 from alignscope.report.output import jsonable, results_header
 
-SCHEMA = "alignscope.rank/1"
+SCHEMA = "alignscope.commands.rank/1"
 
 __all__ = ["DEFAULT_PREDICTOR", "PREDICTORS", "RankConfig", "RankResult", "run_rank", "summary"]
 
