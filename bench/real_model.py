@@ -653,8 +653,8 @@ def diagnose_set(cfg, model, tok, out: Path) -> None:
 
 
 def verify_set(cfg, model, tok, diag_dir: Path, out: Path) -> None:
-    from alignscope.report.output import load_subspace
     from alignscope.commands.verify import run_verify
+    from alignscope.report.output import load_subspace
 
     diag = json.loads((diag_dir / "diagnose.json").read_text())
     basis, values = load_subspace(diag_dir / "subspace.pt")

@@ -3,9 +3,9 @@
 A benchmark, not a test. On the TEST organism (95k parameters; the demo organism, 7x larger, is
 too slow for a 100-run grid on a 2-core CPU), for every benign set x
 {SGD, AdamW} x 3 learning rates x seeds (the data-order / subsampling seed; the organism itself
-stays seed 0): compute every predictor of :mod:`alignscope.commands.predictors` (the alignment subspace
-once, each set's diagnosis once per seed and shared by its six (optimizer, lr) rows), then run
-``verify`` to the step budget and record the observed damage:
+stays seed 0): compute every predictor of :mod:`~alignscope.commands.predictors` (the alignment
+subspace once, each set's diagnosis once per seed and shared by its six (optimizer, lr) rows),
+then run ``verify`` to the step budget and record the observed damage:
 
 - refusal drop: refusal rate on the held-out harmful prompts at step 0 minus at the end;
 - final KL: the alignment KL (nats/token, on the alignment prompts) at the end;
@@ -79,10 +79,10 @@ def run_grid(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from alignscope.organism import load_organism
     from alignscope.commands.predictors import RankConfig, RankState
-    from alignscope.report.output import jsonable
     from alignscope.commands.verify import VerifyConfig, run_verify
+    from alignscope.organism import load_organism
+    from alignscope.report.output import jsonable
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def test_cli_writes_results_report_and_plots(diagnosis):
     out, res = diagnosis
     for name in ("results.json", "report.md", "report.html", "spectrum.png", "forecast.png"):
         assert (out / name).stat().st_size > 0, name
-    assert res["schema"] == "alignscope.commands.diagnose/1"
+    assert res["schema"] == "alignscope.diagnose/1"
     assert res["seed"] == 0 and res["config"]["rank"] == 4
     assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
     assert "Verdict" in (out / "report.md").read_text()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignscope.curvature import plan_spectrum
 from alignscope.commands.diagnose import DiagnoseConfig
+from alignscope.curvature import plan_spectrum
 from alignscope.memory import _lora_size, estimate_memory
 from alignscope.params import select_params
 

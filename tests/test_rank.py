@@ -10,8 +10,6 @@ from typer.testing import CliRunner
 
 from _tiny import random_batch, tiny_llama
 from alignscope.cli import app
-from alignscope.curvature.functional import FunctionalLM
-from alignscope.params import select_params
 from alignscope.commands.predictors import (
     DEFAULT_PREDICTOR,
     PREDICTORS,
@@ -19,6 +17,8 @@ from alignscope.commands.predictors import (
     gradient_cosine,
     order,
 )
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.params import select_params
 
 
 def _args(org, *data, lrs=("1e-3",), extra=()):
@@ -45,7 +45,7 @@ def test_cli_writes_every_predictor_for_every_candidate(ranked):
     out, res = ranked
     for name in ("results.json", "report.md", "report.html", "ranking.png"):
         assert (out / name).stat().st_size > 0, name
-    assert res["schema"] == "alignscope.commands.rank/1" and res["seed"] == 0
+    assert res["schema"] == "alignscope.rank/1" and res["seed"] == 0
     assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
     assert res["predictor"] == DEFAULT_PREDICTOR
     assert len(res["candidates"]) == 2

@@ -9,15 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from alignscope.cli import app
+from alignscope.commands.diagnose import run_diagnose
+from alignscope.commands.verify import VerifyConfig, log_steps, record_steps, run_verify, score
 from alignscope.curvature import FunctionalLM
 from alignscope.curvature.losses import AlignmentKL
 from alignscope.data.encode import batch_rows
-from alignscope.commands.diagnose import run_diagnose
 from alignscope.evaluate import KeywordRefusalJudge
 from alignscope.params import select_params
 from alignscope.train.loop import finetune
 from alignscope.train.tracker import AlignmentTracker
-from alignscope.commands.verify import VerifyConfig, log_steps, record_steps, run_verify, score
 
 FAST = dict(max_safety=12, max_data=24, noise_examples=8, rank=4, threads=1, max_eval=12)
 
@@ -128,9 +128,9 @@ def test_verify_cli_outputs_and_schema(verified):
                  "refusal_rate.png", "subspace_fraction.png", "subspace.pt"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
     assert not out.with_name("run.partial").exists()  # removed after a successful run
-    assert res["schema"] == "alignscope.commands.verify/1" and res["judge"] == "KeywordRefusalJudge"
+    assert res["schema"] == "alignscope.verify/1" and res["judge"] == "KeywordRefusalJudge"
     assert {"diagnosis", "trajectory", "scores", "config", "environment"} <= set(res)
-    assert res["diagnosis"]["schema"] == "alignscope.commands.diagnose/1"
+    assert res["diagnosis"]["schema"] == "alignscope.diagnose/1"
     assert {"finetune", "eval"} <= set(res["datasets"])  # how each file was read and fitted
     assert res["datasets"]["eval"]["format"] == "plain"
     assert res["datasets"]["finetune"]["dropped"] == 0

@@ -226,9 +226,9 @@ def verify(
     import shutil
     from pathlib import Path
 
+    from alignscope.commands.verify import VerifyConfig, run_verify
     from alignscope.report.output import SUBSPACE_FILE, OutputDir, load_subspace
     from alignscope.report.verify_report import write_verify_outputs
-    from alignscope.commands.verify import VerifyConfig, run_verify
 
     extra = {"eval_prompts": eval_prompts, "max_eval": max_eval, "eval_every": eval_every,
              "checkpoint_every": checkpoint_every}  # fmt: skip
@@ -329,14 +329,14 @@ def demo(
     from rich.table import Table
 
     from alignscope.commands.diagnose import run_diagnose
-    from alignscope.organism import load_organism
-    from alignscope.organism.cli import show
     from alignscope.commands.predictors import RankConfig
     from alignscope.commands.rank import run_rank
+    from alignscope.commands.verify import VerifyConfig, run_verify
+    from alignscope.organism import load_organism
+    from alignscope.organism.cli import show
     from alignscope.report.diagnose_report import write_diagnose_outputs
     from alignscope.report.rank_report import write_rank_outputs
     from alignscope.report.verify_report import write_verify_outputs
-    from alignscope.commands.verify import VerifyConfig, run_verify
 
     root = Path(out)
     if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).exists():

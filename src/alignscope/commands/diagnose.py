@@ -42,7 +42,7 @@ from alignscope.params import select_params
 from alignscope.progress import Stages
 from alignscope.report.output import results_header
 
-SCHEMA = "alignscope.commands.diagnose/1"
+SCHEMA = "alignscope.diagnose/1"
 
 
 @dataclass

@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.data.encode import LMBatch, batch_rows, encode_pairs, fit_to_length
 from alignscope.data.sample import subsample
-from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 from alignscope.geometry import AIC, finetune_gradient
 from alignscope.params import select_params
 
@@ -223,9 +223,9 @@ def run_lookahead(
 ) -> tuple[list[int], list[float]]:
     """``n_steps`` real optimizer steps on a copy of ``model`` (the fine-tuning loop and the
     tracker verify uses); the alignment KL at steps ``0..n_steps``."""
+    from alignscope.commands.verify import make_optimizer
     from alignscope.train.loop import finetune
     from alignscope.train.tracker import AlignmentTracker
-    from alignscope.commands.verify import make_optimizer
 
     work = copy.deepcopy(model)
     selection = select_params(work, list(params))

@@ -1,7 +1,7 @@
 """``rank``: order candidate fine-tuning sets (or learning rates) by predicted alignment damage.
 
-Every predictor of :mod:`alignscope.commands.predictors` is computed for every candidate, side by side;
-the candidates are ordered by one of them (``RankConfig.predictor``, default the winner of
+Every predictor of :mod:`alignscope.commands.predictors` is computed for every candidate, side by
+side; the candidates are ordered by one of them (``RankConfig.predictor``, default the winner of
 bench/study.py), least predicted damage - the recommended candidate - first.
 :func:`run_rank` returns a :class:`RankResult` whose ``to_json()`` is the versioned results.json.
 """
@@ -26,7 +26,7 @@ from alignscope.commands.predictors import (
 from alignscope.progress import Stages
 from alignscope.report.output import jsonable, results_header
 
-SCHEMA = "alignscope.commands.rank/1"
+SCHEMA = "alignscope.rank/1"
 
 __all__ = ["DEFAULT_PREDICTOR", "PREDICTORS", "RankConfig", "RankResult", "run_rank", "summary"]
 

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignscope.commands.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
 from alignscope.data.encode import batch_rows
 from alignscope.data.sample import subsample
-from alignscope.commands.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
 from alignscope.progress import Stages
@@ -43,7 +43,7 @@ from alignscope.report.output import (
 from alignscope.train.loop import finetune
 from alignscope.train.tracker import AlignmentTracker
 
-SCHEMA = "alignscope.commands.verify/1"
+SCHEMA = "alignscope.verify/1"
 # Config fields a diagnosis read from disk must share with the verify run.
 _MUST_MATCH = ("model", "safety", "optimizer", "lr", "batch_size", "params", "group",
                "alignment_loss", "adapter", "lora_r", "lora_alpha", "lora_targets")  # fmt: skip

@@ -101,8 +101,8 @@ class AlignmentWatcher:
     ``safety_rows``: the alignment set (``{"prompt", "response"}``; rows without a response get the
     aligned model's greedy response), for the KL. ``eval_rows``: held-out harmful prompts (strings
     or rows) for the refusal rate; default the safety prompts. ``diagnosis``: a
-    :class:`~alignscope.commands.diagnose.DiagnoseResult` (or pass ``basis``/``eigenvalues``) for the
-    subspace entries and the forecast's running error; without one, ``subspace_rank=k`` computes
+    :class:`~alignscope.commands.diagnose.DiagnoseResult` (or pass ``basis``/``eigenvalues``) for
+    the subspace entries and the forecast's running error; without one, ``subspace_rank=k`` computes
     the top-``k`` alignment subspace on the fly at construction (exact Fisher, Lanczos, as
     diagnose does), else those entries are None. ``params``: the parameter selection compared to
     theta0 (default every trainable parameter: the adapters of a PEFT model).
