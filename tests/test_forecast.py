@@ -154,7 +154,7 @@ def test_taylor_reference_matches_integrated_flow(orthogonal):
 
 
 def test_coefficients_exact_when_orthogonal_and_stationary():
-    # (a) F g = 0, g_a = 0: dL_a = c4 t^4 + O(t^5) with DESIGN.md's c4 = a^T F a / 8, exactly.
+    # (a) F g = 0, g_a = 0: dL_a = c4 t^4 + O(t^5) with the simple c4 = a^T F a / 8, exactly.
     prob = make_problem(orthogonal=True)
     e = prob.dla_taylor(6)
     c = coefficients(prob.inputs())
@@ -168,7 +168,7 @@ def test_coefficients_exact_when_orthogonal_and_stationary():
 
 
 def test_coefficients_general_direction_need_third_order_correction():
-    # (b) g not orthogonal, g_a = 0: c1..c3 exact; DESIGN.md's c4 = aFa/8 misses g^T F a3 / 6.
+    # (b) g not orthogonal, g_a = 0: c1..c3 exact; the simple c4 = aFa/8 misses g^T F a3 / 6.
     prob = make_problem(orthogonal=False)
     e = prob.dla_taylor(6)
     full = prob.inputs()
@@ -224,7 +224,9 @@ def test_flow_helpers():
     kappa = coupling_ratio(x)
     g, a = prob.g, prob.a
     assert kappa == pytest.approx((a @ prob.F @ a / (a @ a)) / (g @ prob.F @ g / (g @ g)))
-    assert coupling_ratio(make_problem(orthogonal=True).inputs()) > 1e20
+    # g orthogonal to the range of F: g^T F g is pure round-off (5e-19 with one BLAS, smaller with
+    # another), so kappa is huge but its size is platform-dependent; a generic g gives O(1-100).
+    assert coupling_ratio(make_problem(orthogonal=True).inputs()) > 1e12
 
 
 # ------------------------------------------------------------------------------- discrete SGD
@@ -375,7 +377,7 @@ def test_adam_first_step_is_minus_lr_sign_g():
 
 def test_adam_displacement_bend_momentum_lag_versus_frozen_preconditioner():
     # The curvature bend of Adam's path: delta_k + lr k sign(g). The momentum-lag polynomial
-    # A_k tracks it; DESIGN.md's frozen preconditioner (C(k,2)) overstates it 38x at k = 2.
+    # A_k tracks it; the frozen preconditioner (C(k,2)) overstates it 38x at k = 2.
     H, g, F = make_adam_problem(orthogonal_to_sign=False)
     ks = np.arange(2, 31)
     _, u, w = _adam_inputs(H, g, F)

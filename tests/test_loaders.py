@@ -11,7 +11,8 @@ from alignscope.data.encode import encode_pairs, fit_to_length
 from alignscope.data.loaders import load_data, load_rows
 from alignscope.organism.tokenizer import build_tokenizer
 
-DNA = Path("/work/shared/data/donotanswer/malicious_uses.jsonl")
+# The vendored Do-Not-Answer prompts (data/donotanswer/README.md: source and license).
+DNA = Path(__file__).resolve().parents[1] / "data" / "donotanswer" / "malicious_uses.jsonl"
 
 
 def _jsonl(path: Path, records: list) -> Path:
@@ -104,10 +105,9 @@ def test_donotanswer_question_and_prompt_intents(tmp_path):
         load_data(path, "data")
 
 
-@pytest.mark.skipif(not DNA.exists(), reason="shared Do-Not-Answer sample not present")
-def test_donotanswer_shared_sample():
+def test_donotanswer_vendored_file():
     loaded = load_data(DNA)
-    assert loaded.format == "donotanswer" and len(loaded.rows) > 100
+    assert loaded.format == "donotanswer" and len(loaded.rows) == 243
     assert all(set(r) == {"prompt"} for r in loaded.rows)
 
 

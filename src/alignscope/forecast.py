@@ -1,6 +1,6 @@
 """The alignment-loss forecast: Taylor coefficients, optimizer step mapping, curve, collapse step.
 
-Pure math on scalars measured elsewhere (``geometry``); no model code. Notation (DESIGN.md s2):
+Pure math on scalars measured elsewhere (``geometry``); no model code. Notation (docs/theory.md):
 ``g = grad L_f(theta0)``, ``H`` its Hessian, ``a = H g``, ``F`` the curvature of the alignment
 loss ``L_a`` (its Hessian; the Fisher for the KL loss), ``g_a = grad L_a(theta0)`` (zero for the
 KL loss), ``a3 = H a + T[g, g]`` the third-order trajectory vector (``T`` the third derivative
@@ -13,10 +13,10 @@ Gradient flow ``theta' = -grad L_f`` has the exact Taylor series
     dL_a(t) = c1 t + c2 t^2 + c3 t^3 + c4 t^4 + O(t^5)
     c1 = -g_a.g                                   (exact)
     c2 = (g_a.a)/2 + (g^T F g)/2                  (exact)
-    c3 = -(g^T F a)/2 - (g_a.a3)/6                (DESIGN.md drops the last term)
-    c4 = (a^T F a)/8 + (g^T F a3)/6 + g_a.d4      (DESIGN.md keeps only the first term)
+    c3 = -(g^T F a)/2 - (g_a.a3)/6                (the simple form drops the last term)
+    c4 = (a^T F a)/8 + (g^T F a3)/6 + g_a.d4      (the simple form keeps only the first term)
 
-So DESIGN.md's ``c3`` is exact when ``g_a = 0`` (the KL default) and its ``c4`` is exact when
+So the simple ``c3`` is exact when ``g_a = 0`` (the KL default) and its ``c4`` is exact when
 also ``F g = 0`` (``g`` orthogonal to the range of ``F``: the AIC case). This module adds the
 ``a3`` corrections when their quadratic forms are supplied; ``g_a.d4`` is never included.
 
@@ -220,7 +220,7 @@ class OptimizerModel:
     ``A_k = sum_{i<=k} (lag_beta2(i) - lag_beta1(i))``, ``lag`` the mean age of the
     bias-corrected moving average: the bend comes only from the first moment tracking the
     gradient faster than the second moment. ``A_k << C(k,2)`` early (0.026 vs 1 at k=2, 3.2 vs 45
-    at k=10 for betas (0.9, 0.999)). ``momentum_lag=False`` uses DESIGN.md's frozen-preconditioner
+    at k=10 for betas (0.9, 0.999)). ``momentum_lag=False`` uses the frozen-preconditioner
     reading ``p2 = C(k,2)`` instead, which overstates Adam's bend by those factors. No third-order
     term is modelled for Adam (``p3`` is None).
     """

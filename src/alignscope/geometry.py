@@ -1,6 +1,6 @@
 """The alignment subspace and the Alignment Instability Condition (AIC) measured at theta0.
 
-Measures, for an aligned model, a safety batch and a fine-tuning batch (DESIGN.md section 2):
+Measures, for an aligned model, a safety batch and a fine-tuning batch (docs/theory.md):
 concentration of the alignment Fisher (lambda_1..d, tail mass, effective rank), the initial
 orthogonality of the fine-tuning gradient ``g`` to the top-d subspace, the curvature coupling
 ``gamma = |F^1/2 P_d H g|``, the coupling ratio ``kappa``, and the quadratic forms the forecast
@@ -111,7 +111,7 @@ def measure_direction(
     """AIC quantities for the flow ``theta' = -D grad L_f`` (``D = diag``, identity if None).
 
     With a preconditioner the first-step direction is ``D g`` and the curvature-bent term
-    ``D H D g`` (Adam's early steps, DESIGN.md); every field then refers to those.
+    ``D H D g`` (Adam's early steps, docs/theory.md); every field then refers to those.
     ``alignment_grad`` is ``grad L_a(theta0)`` when the alignment loss is not stationary there
     (the refusal NLL); the KL's is exactly zero.
     """

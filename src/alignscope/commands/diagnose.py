@@ -1,6 +1,6 @@
 """``diagnose``: measure the Alignment Instability Condition and forecast the alignment loss.
 
-Data flows one way (DESIGN.md section 3): config -> model and data -> parameter selection ->
+Data flows one way: config -> model and data -> parameter selection ->
 curvature -> geometry -> forecast -> report. :func:`run_diagnose` returns a
 :class:`DiagnoseResult` whose ``to_json()`` is the versioned ``results.json``.
 """

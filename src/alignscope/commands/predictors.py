@@ -12,7 +12,7 @@ cost for this candidate (shared per-candidate work, such as the diagnosis behind
 is counted in each predictor that needs it; one-off work per model is in
 ``RankState.shared_timings``).
 
-Predictors (DESIGN.md section 2, issue #7):
+Predictors (docs/theory.md, "Predictors of damage"; issue #7):
 
 - ``overlap_sgd`` / ``gamma_sgd`` / ``kappa_sgd``: the AIC quantities of the gradient ``g``;
 - ``overlap_adam`` / ``gamma_adam`` / ``kappa_adam``: the same for Adam's first-step direction

@@ -4,7 +4,8 @@ Runs (or reads) a diagnosis, fine-tunes a copy of the model with the stated opti
 or AdamW at the config's lr and batch size, weight decay 0) on the fine-tuning set, and records
 alignment measurements (:class:`~alignscope.train.tracker.AlignmentTracker`) at log-spaced steps.
 The scores compare the forecast dL_a with the observed one inside the forecast's validity window,
-the log-log exponents, and the predicted with the observed collapse step (DESIGN.md section 2).
+the log-log exponents, and the predicted with the observed collapse step (docs/theory.md,
+"Scoring a forecast").
 
 Checkpointing: with ``partial_dir`` the trajectory so far (JSONL), the diagnosis and a
 model/optimizer checkpoint (every ``checkpoint_every`` recorded steps) are kept there; a rerun with

@@ -223,7 +223,8 @@ class FisherOperator:
         """Empirical-Fisher rows ``[B, P]``: ``grad NLL_b / sqrt(B)`` of the observed tokens.
 
         Only an option: at a saturated aligned model the observed tokens carry almost no
-        gradient and this underestimates F by orders of magnitude (FINDINGS.md: ~200x).
+        gradient and this underestimates F by orders of magnitude (~200x on an early organism;
+        docs/theory.md, "The Fisher of the alignment loss").
         """
         b = self.batch
         weights = response_weights(b, self.theta.dtype) / b.size**0.5

@@ -2,7 +2,7 @@
 
 :class:`AlignmentTracker` is built once on the aligned model (theta0) and then called at any
 step of a fine-tuning run (from ``finetune``'s callback, or later from a TrainerCallback). Each
-call returns a JSON-ready record (DESIGN.md section 2):
+call returns a JSON-ready record (docs/theory.md, "Drift during training"):
 
 - ``kl``: mean per-token ``KL(pi_theta0 || pi_theta)`` over the alignment set's responses (the
   default alignment loss, exactly :class:`~alignscope.curvature.losses.AlignmentKL`);
