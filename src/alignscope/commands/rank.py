@@ -24,6 +24,7 @@ from alignscope.commands.predictors import (
     order,
 )
 from alignscope.progress import Stages
+from alignscope.report.format import fmt
 from alignscope.report.output import jsonable, results_header
 
 SCHEMA = "alignscope.rank/1"
@@ -75,14 +76,6 @@ def _label(data: str, lr: float, cfg: RankConfig) -> str:
     return f"{name} @ lr {lr:g}"
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
 def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: int) -> str:
     """A plain-language paragraph: the most damaging candidate, the recommended one, and how
     much the other predictors agree."""
@@ -91,11 +84,11 @@ def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: i
     bv = best["predictors"][predictor]["value"]
     if predictor in STEP_PREDICTORS:
         what = (
-            f"its {predictor.replace('_', ' ')} is {_fmt(wv)} "
-            f"(vs {_fmt(bv)} for {best['label']}) of a {steps}-step budget"
+            f"its {predictor.replace('_', ' ')} is {fmt(wv)} "
+            f"(vs {fmt(bv)} for {best['label']}) of a {steps}-step budget"
         )
     else:
-        what = f"its {predictor.replace('_', ' ')} is {_fmt(wv)} vs {_fmt(bv)} for {best['label']}"
+        what = f"its {predictor.replace('_', ' ')} is {fmt(wv)} vs {fmt(bv)} for {best['label']}"
     agree = []
     for name in PREDICTORS:
         if name == predictor:
@@ -117,7 +110,7 @@ def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: i
     if predictor.startswith("lookahead") and lk.get("kl"):
         text += (
             f" In a {lk['steps'][-1]}-step trial run the alignment KL of {worst['label']} reached "
-            f"{lk['kl'][-1]:.3g} nats/token (trend exponent {_fmt(lk.get('exponent'))})."
+            f"{fmt(lk['kl'][-1])} nats/token (trend exponent {fmt(lk.get('exponent'))})."
         )
     text += (
         " These are predictions made before training; check the chosen candidate with "

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from alignscope.report.document import Report
+from alignscope.report.document import Code, Report
+from alignscope.report.format import fmt, fmt_percent
 from alignscope.report.output import SUBSPACE_FILE, OutputDir, save_subspace, write_json_atomic
 from alignscope.report.plots import forecast_plot, spectrum_plot
 
@@ -15,7 +16,7 @@ from alignscope.report.plots import forecast_plot, spectrum_plot
 def _fmt_step(value: Any, horizon: Any) -> str:
     if value is None:
         return f"beyond the horizon ({horizon} steps)" if horizon is not None else "not reached"
-    return str(value)
+    return fmt(value)
 
 
 def build_report(results: dict[str, Any]) -> Report:
@@ -25,10 +26,25 @@ def build_report(results: dict[str, Any]) -> Report:
     aic = results["aic"]["optimizer_step"]
     rep = Report("alignscope diagnose")
     rep.text(
-        f"Model `{cfg['model']}`, safety set `{cfg['safety']}`, fine-tuning set `{cfg['data']}`; "
-        f"optimizer {cfg['optimizer']} at lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
-        f"{cfg['steps']} steps; {results['parameters']['n_params']:,} parameters analysed "
-        f"({', '.join(cfg['params'])}); seed {cfg['seed']}."
+        "Model ", Code(cfg["model"]), ", safety set ", Code(cfg["safety"]),
+        ", fine-tuning set ", Code(cfg["data"]),
+        f"; optimizer {cfg['optimizer']} at lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+        f"{cfg['steps']} steps; {results['parameters']['n_params']:,} parameters analysed (",
+        Code("--params " + " ".join(cfg["params"])), f"); seed {cfg['seed']}.",
+    )  # fmt: skip
+    rep.headline(
+        [
+            ("AIC holds", verdict["aic_holds"], "verdict.aic_holds"),
+            ("deciding condition", verdict["deciding"], "verdict.deciding"),
+            ("|P_d g| / |g| (optimizer step)", aic["Pg_ratio"], "aic.optimizer_step.Pg_ratio"),
+            ("coupling ratio kappa", aic["kappa"], "aic.optimizer_step.kappa"),
+            ("forecast horizon (steps)", fc.get("horizon_steps"), "forecast.horizon_steps"),
+            (
+                "forecast collapse step",
+                _fmt_step(fc.get("collapse_step"), fc.get("horizon_steps")),
+                "forecast.collapse_step",
+            ),
+        ]
     )
     rep.heading("Verdict")
     holds = "HOLDS" if verdict["aic_holds"] else "does not hold"
@@ -38,19 +54,12 @@ def build_report(results: dict[str, Any]) -> Report:
         + f". Deciding condition: {verdict['deciding']}. "
         + f"Forecast collapse step (dL_a > {cfg['threshold']:g}): "
         + _fmt_step(fc.get("collapse_step"), fc.get("horizon_steps"))
-        + f"; steps the forecast can vouch for as safe: {fc.get('safe_steps')}."
+        + f"; steps the forecast can vouch for as safe: {fmt(fc.get('safe_steps'))}."
     )
     rep.table(
         ["condition", "measured", "threshold", "margin", "holds", "what"],
         [
-            [
-                name,
-                c["value"],
-                c["threshold"],
-                c["margin"],
-                "yes" if c["holds"] else "no",
-                c["what"],
-            ]
+            [name, c["value"], c["threshold"], c["margin"], c["holds"], c["what"]]
             for name, c in verdict["checks"].items()
         ],
     )
@@ -58,14 +67,14 @@ def build_report(results: dict[str, Any]) -> Report:
     al = results["alignment"]
     rep.text(
         f"Reference: {al['reference']}; alignment loss: {al['loss']}; starting refusal rate "
-        f"{al['refusal_rate']:.1%} on {al['n_prompts']} prompts. Refusal NLL at theta0: "
-        f"{results['losses_at_theta0']['refusal_nll']:.3g} nats/token."
+        f"{fmt_percent(al['refusal_rate'])} on {al['n_prompts']} prompts. Refusal NLL at theta0: "
+        f"{fmt(results['losses_at_theta0']['refusal_nll'])} nats/token."
     )
     rep.heading("Alignment subspace")
     rep.text(
-        f"d = {sub['d']}: lambda_1 = {sub['lambda_1']:.4g}, lambda_d = {sub['lambda_d']:.4g}, "
-        f"top-d explain {sub['explained']:.1%} of tr F = {sub['trace']:.4g} "
-        f"(tail mass {sub['tail_mass']:.4g}); effective rank {sub['effective_rank']:.2f}. "
+        f"d = {sub['d']}: lambda_1 = {fmt(sub['lambda_1'])}, lambda_d = {fmt(sub['lambda_d'])}, "
+        f"top-d explain {fmt_percent(sub['explained'])} of tr F = {fmt(sub['trace'])} "
+        f"(tail mass {fmt(sub['tail_mass'])}); effective rank {fmt(sub['effective_rank'])}. "
         f"Solver: {sub['plan']}."
     )
     rep.image("spectrum.png", "Eigenvalues of the alignment Fisher; the dashed line marks d.")
@@ -89,7 +98,7 @@ def build_report(results: dict[str, Any]) -> Report:
     )
     rep.heading("Forecast")
     rep.text(
-        f"Validity horizon: {fc.get('horizon_steps')} steps ({fc.get('horizon_reason')}). "
+        f"Validity horizon: {fmt(fc.get('horizon_steps'))} steps ({fc.get('horizon_reason')}). "
         "Collapse step: "
         f"{_fmt_step(fc.get('collapse_step'), fc.get('horizon_steps'))}. "
         + (
@@ -107,12 +116,13 @@ def build_report(results: dict[str, Any]) -> Report:
     if sgd is not None:
         rep.text(
             "For comparison, plain SGD at the same learning rate: horizon "
-            f"{sgd.get('horizon_steps')} steps ({sgd.get('horizon_reason')}); collapse step "
+            f"{fmt(sgd.get('horizon_steps'))} steps ({sgd.get('horizon_reason')}); collapse step "
             f"{_fmt_step(sgd.get('collapse_step'), sgd.get('horizon_steps'))}."
         )
         rep.image("forecast_sgd.png", "The same forecast for plain SGD (exact step mapping).")
     rep.heading("Timings")
     rep.table(["stage", "seconds"], [[k, v] for k, v in results["timings_s"].items()])
+    rep.provenance(results)
     return rep
 
 
@@ -146,7 +156,5 @@ def write_diagnose_outputs(
                 title="Alignment-loss forecast" + (f", {label}" if label else ""),
             )
         write_json_atomic(od.file("results.json"), results)
-        rep = build_report(results)
-        od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
-        od.file("report.html").write_text(rep.html(), encoding="utf-8")
+        build_report(results).write(od.staging)
     return Path(out)

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -33,11 +34,13 @@ def environment() -> dict[str, str]:
 
 
 def results_header(schema: str, config: Any) -> dict[str, Any]:
-    """What every results.json opens with: schema, config (a dataclass), seed, environment."""
+    """What every results.json opens with: schema, config (a dataclass), seed, environment, and
+    the process's command line (``argv``), which the reports show."""
     return {
         "schema": schema,
         "config": asdict(config),
         "seed": config.seed,
+        "argv": list(sys.argv),
         "environment": environment(),
     }
 

@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from alignscope.report.document import Report
+from alignscope.report.document import Code, Report, code_spans
+from alignscope.report.format import fmt
 from alignscope.report.output import OutputDir, write_json_atomic
 from alignscope.report.plots import plt
 
@@ -37,36 +38,48 @@ def rank_chart(path: Path, results: dict[str, Any]) -> Path:
 
 
 def build_report(results: dict[str, Any]) -> Report:
+    """The ranking as a :class:`Report` (the chart referenced by file name)."""
     cfg = results["config"]
     name = results["predictor"]
     rep = Report("alignscope rank")
     rep.text(
-        f"Model `{cfg['model']}`, safety set `{cfg['safety']}`; {len(results['candidates'])} "
-        f"candidates ({results['mode']}); optimizer {cfg['optimizer']}, batch "
-        f"{cfg['batch_size']}, {cfg['steps']} planned steps; seed {cfg['seed']}. Ordered by "
-        f"`{name}` ({results['predictor_descriptions'][name]})."
+        "Model ", Code(cfg["model"]), ", safety set ", Code(cfg["safety"]),
+        f"; {len(results['candidates'])} candidates ({results['mode']}); optimizer "
+        f"{cfg['optimizer']}, batch {cfg['batch_size']}, {cfg['steps']} planned steps; seed "
+        f"{cfg['seed']}. Ordered by ", Code(name),
+        f" ({results['predictor_descriptions'][name]}).",
+    )  # fmt: skip
+    ranking = results["ranking"]
+    rep.headline(
+        [
+            ("recommended (least predicted damage)", ranking[0], "ranking.0"),
+            ("most predicted damage", ranking[-1], f"ranking.{len(ranking) - 1}"),
+            ("ranked by", name, "predictor"),
+            ("candidates", len(results["candidates"]), None),
+        ]
     )
     params = results.get("parameters")
     if params:
         adapter = params.get("adapter")
         what = f"the {adapter['type']} adapter weights" if adapter else "the selected weights"
         rep.text(
-            f"Analysed: {what}, {params['n_params']:,} parameters in "
-            f"{len(params.get('modules', []))} modules (`--params {' '.join(params['spec'])}`)."
-        )
+            f"Analysed: {what}, {fmt(params['n_params'])} parameters in "
+            f"{len(params.get('modules', []))} modules (",
+            Code("--params " + " ".join(params["spec"])), ").",
+        )  # fmt: skip
     rep.heading("Summary")
-    rep.text(results["summary"])
+    rep.text(*code_spans(results["summary"]))
     rep.image(CHART, f"{name} per candidate, recommended first")
     rep.heading("Every predictor, side by side")
     names = list(results["predictor_descriptions"])
     by_label = {c["label"]: c for c in results["candidates"]}
     rows = []
-    for pos, label in enumerate(results["ranking"], 1):
+    for pos, label in enumerate(ranking, 1):
         c = by_label[label]
         rows.append([pos, label, *[c["predictors"][n]["value"] for n in names]])
     rep.table(["#", "candidate", *names], rows)
-    rep.text(
-        "Values as measured: collapse steps are optimizer steps (none: not predicted within the "
+    rep.note(
+        "Values as measured: collapse steps are optimizer steps (n/a: not predicted within the "
         "forecast's horizon or the budget); lookahead_kl_measured is the alignment KL "
         "(nats/token) measured after the short trial run; lookahead_kl is its trend "
         "extrapolated to the budget (a ranking score, not a calibrated KL)."
@@ -83,8 +96,9 @@ def build_report(results: dict[str, Any]) -> Report:
             for n in names
         ],
     )
-    shared = ", ".join(f"{k} {v:.1f} s" for k, v in results["shared_timings_s"].items())
+    shared = ", ".join(f"{k} {fmt(v)} s" for k, v in results["shared_timings_s"].items())
     rep.text(f"One-off work per model: {shared or 'none'}.")
+    rep.provenance(results)
     return rep
 
 
@@ -102,7 +116,5 @@ def write_rank_outputs(results: dict[str, Any], out: str | Path, overwrite: bool
     with OutputDir(out, overwrite=overwrite) as od:
         rank_chart(od.file(CHART), results)
         write_json_atomic(od.file("results.json"), results)
-        rep = build_report(results)
-        od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
-        od.file("report.html").write_text(rep.html(), encoding="utf-8")
+        build_report(results).write(od.staging)
     return Path(out)

@@ -7,17 +7,10 @@ from typing import Any
 
 import torch
 
-from alignscope.report.document import Report
+from alignscope.report.document import Code, Report
+from alignscope.report.format import fmt
 from alignscope.report.output import SUBSPACE_FILE, OutputDir, save_subspace, write_json_atomic
 from alignscope.report.plots import forecast_plot, series_plot
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def build_report(results: dict[str, Any]) -> Report:
@@ -26,32 +19,42 @@ def build_report(results: dict[str, Any]) -> Report:
     fc = diag["forecast"]
     rep = Report("alignscope verify")
     rep.text(
-        f"Model `{cfg['model']}` fine-tuned on `{cfg['data']}` with {cfg['optimizer']} at lr "
-        f"{cfg['lr']:g}, batch {cfg['batch_size']}, {sc['steps_run']} steps (weight decay 0); "
-        f"alignment set `{cfg['safety']}`; refusal judge {results['judge']} on "
-        f"`{cfg.get('eval_prompts') or cfg['safety']}`; seed {cfg['seed']}."
-        + (
-            f" Resumed from a checkpoint at step {results['resumed_from_step']}."
-            if results.get("resumed_from_step")
-            else ""
-        )
-    )
+        "Model ", Code(cfg["model"]), " fine-tuned on ", Code(cfg["data"]),
+        f" with {cfg['optimizer']} at lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+        f"{sc['steps_run']} steps (weight decay 0); alignment set ", Code(cfg["safety"]),
+        f"; refusal judge {results['judge']} on ", Code(cfg.get("eval_prompts") or cfg["safety"]),
+        f"; seed {cfg['seed']}.",
+        f" Resumed from a checkpoint at step {results['resumed_from_step']}."
+        if results.get("resumed_from_step") else "",
+    )  # fmt: skip
+    rep.headline(
+        [
+            ("relative L2 error of dL_a", sc["relative_l2_error"], "scores.relative_l2_error"),
+            ("forecast horizon (steps)", sc["horizon_steps"], "scores.horizon_steps"),
+            ("collapse step predicted", sc["collapse_step_predicted"],
+             "scores.collapse_step_predicted"),
+            ("collapse step observed", sc["collapse_step_observed"],
+             "scores.collapse_step_observed"),
+            ("refusal rate at start", sc["refusal_rate_start"], "scores.refusal_rate_start"),
+            ("refusal rate at end", sc["refusal_rate_end"], "scores.refusal_rate_end"),
+        ]
+    )  # fmt: skip
     rep.heading("How the forecast held")
     horizon = sc["horizon_steps"]
     rep.text(
-        f"The forecast is valid up to step {horizon} ({fc.get('horizon_reason')}); "
+        f"The forecast is valid up to step {fmt(horizon)} ({fc.get('horizon_reason')}); "
         f"{sc['window_points']} recorded step(s) fall inside that window. Relative L2 error of "
-        f"dL_a over the window: {_fmt(sc['relative_l2_error'])}. Predicted collapse step "
-        f"(dL_a >= {sc['threshold']:g}): {_fmt(sc['collapse_step_predicted'])} "
-        f"({sc['collapse_status_predicted']}); observed: {_fmt(sc['collapse_step_observed'])}"
+        f"dL_a over the window: {fmt(sc['relative_l2_error'])}. Predicted collapse step "
+        f"(dL_a >= {sc['threshold']:g}): {fmt(sc['collapse_step_predicted'])} "
+        f"({sc['collapse_status_predicted']}); observed: {fmt(sc['collapse_step_observed'])}"
         + (
             f" (first crossing in steps {sc['collapse_bracket_observed'][0]}.."
             f"{sc['collapse_bracket_observed'][1]})"
             if sc["collapse_bracket_observed"]
             else ""
         )
-        + f". Refusal rate {_fmt(sc['refusal_rate_start'])} -> {_fmt(sc['refusal_rate_end'])}; "
-        f"below half its start at step {_fmt(sc['refusal_collapse_step'])}."
+        + f". Refusal rate {fmt(sc['refusal_rate_start'])} -> {fmt(sc['refusal_rate_end'])}; "
+        f"below half its start at step {fmt(sc['refusal_collapse_step'])}."
         + (
             " The window is too short to fit a log-log exponent."
             if sc["exponent_observed"] is None
@@ -71,10 +74,10 @@ def build_report(results: dict[str, Any]) -> Report:
         ["observed exponent, steps 1..8 (may pass horizon)", sc["exponent_observed_steps_1_8"]],
         ["collapse step predicted", sc["collapse_step_predicted"]],
         ["collapse step observed", sc["collapse_step_observed"]],
-        ["refusal rate start / end", f"{_fmt(sc['refusal_rate_start'])} / "
-         f"{_fmt(sc['refusal_rate_end'])}"],
+        ["refusal rate start / end", f"{fmt(sc['refusal_rate_start'])} / "
+         f"{fmt(sc['refusal_rate_end'])}"],
         ["refusal rate below half at step", sc["refusal_collapse_step"]],
-        ["mean in-subspace fraction |P delta|/|delta|", sc["subspace_fraction_mean"]],
+        ["mean in-subspace fraction |P delta| / |delta|", sc["subspace_fraction_mean"]],
     ]  # fmt: skip
     rep.table(["score", "value"], rows)
     rep.image("dL_observed.png", "Predicted (line) vs observed (dots) dL_a, linear and log-log.")
@@ -84,14 +87,32 @@ def build_report(results: dict[str, Any]) -> Report:
     rep.heading("Trajectory")
     keys = ["step", "kl", "refusal_nll", "finetune_loss", "refusal_rate", "displacement",
             "subspace_fraction", "fisher_drift"]  # fmt: skip
-    rep.table(keys, [[r.get(k) for k in keys] for r in results["trajectory"]])
+    traj = results["trajectory"]
+    shown = [k for k in keys if k == "step" or any(r.get(k) is not None for r in traj)]
+    rep.table(shown, [[r.get(k) for k in shown] for r in traj])
+    empty = [k for k in keys if k not in shown]
+    if empty:
+        rep.note(f"Not measured in this run (no value at any step): {', '.join(empty)}.")
     rep.heading("Per-step forecast vs observation")
-    rep.table(
-        ["step", "predicted dL_a", "observed dL_a", "relative error"],
-        [[r["step"], r["predicted"], r["observed"], r["rel_error"]] for r in sc["per_step"]],
-    )
+    per = sc["per_step"]
+    forecast_rows = [r for r in per if r["predicted"] is not None]
+    if forecast_rows:
+        rep.table(
+            ["step", "predicted dL_a", "observed dL_a", "relative error"],
+            [[r["step"], r["predicted"], r["observed"], r["rel_error"]] for r in forecast_rows],
+        )
+    rest = len(per) - len(forecast_rows)
+    if not forecast_rows:
+        rep.note(f"The forecast covers none of the {len(per)} recorded steps.")
+    elif rest:
+        last = max(r["step"] for r in forecast_rows)
+        rep.note(
+            f"The forecast ends at step {last}; the other {rest} recorded step"
+            f"{'s are' if rest != 1 else ' is'} observations only (see the trajectory above)."
+        )
     rep.heading("Timings")
     rep.table(["stage", "seconds"], [[k, v] for k, v in results["timings_s"].items()])
+    rep.provenance(results)
     return rep
 
 
@@ -137,7 +158,5 @@ def write_verify_outputs(
         if subspace is not None and subspace[0] is not None:
             save_subspace(od.file(SUBSPACE_FILE), *subspace)
         write_json_atomic(od.file("results.json"), results)
-        rep = build_report(results)
-        od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
-        od.file("report.html").write_text(rep.html(), encoding="utf-8")
+        build_report(results).write(od.staging)
     return Path(out)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
-from alignscope.report.document import Report
+from alignscope import __version__
+from alignscope.report.document import Code, Report
 from alignscope.report.output import OutputDir
 from alignscope.report.plots import series_plot
 
@@ -47,18 +50,52 @@ def _message(rec: dict[str, Any]) -> str:
     return w.get("message", "") if isinstance(w, dict) else str(w or "")
 
 
-def write_watch_report(log: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Plots (KL, refusal rate, subspace drift), report.md and report.html from a watch log."""
-    records = read_log(log)
+def build_report(records: list[dict[str, Any]], log: str | Path) -> Report:
+    """The watch log as a :class:`Report` (plots referenced by file name, made separately)."""
     steps = [r["step"] for r in records]
     warnings = [r for r in records if r.get("warning")]
+    last = records[-1]
     rep = Report("alignscope watch")
-    rep.text(f"{len(records)} measurements from `{log}`, steps {steps[0]}..{steps[-1]}.")
+    rep.text(
+        f"{len(records)} measurements from ", Code(str(log)), f", steps {steps[0]}..{steps[-1]}."
+    )
+    rep.headline(
+        [
+            ("measurements", len(records), None),
+            ("first early warning at step", warnings[0]["step"] if warnings else "none", None),
+            (f"KL at step {last['step']}", last.get("kl"), None),
+            (f"refusal rate at step {last['step']}", last.get("refusal_rate"), None),
+        ]
+    )
     if warnings:
         first = warnings[0]
         rep.text(f"First early warning at step {first['step']}: {_message(first)}.")
     else:
         rep.text("No early warning was raised.")
+    for keys, name, _, title, _ in _SERIES:
+        if any(r.get(k) is not None for r in records for k in keys):
+            rep.image(name, title)
+    cols = [c for c in ("kl", "forecast_kl", "refusal_rate", "soft_refusal", "subspace_fraction")
+            if any(r.get(c) is not None for r in records)]  # fmt: skip
+    rep.heading("Measurements")
+    rep.table(
+        ["step", *cols, "warning"],
+        [[r["step"], *(r.get(c) for c in cols), _message(r)] for r in records],
+    )
+    rep.heading("How this was made")
+    rep.text("Rendered from the log ", Code(str(log)), " by:")
+    rep.code(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    rep.table(["", "value"], [["alignscope", __version__]])
+    rep.note("The watch log records measurements only; the training run's seed and versions "
+             "are those of the script that ran alignscope.train.watch.")  # fmt: skip
+    return rep
+
+
+def write_watch_report(log: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Plots (KL, refusal rate, subspace drift), report.md and report.html from a watch log."""
+    records = read_log(log)
+    steps = [r["step"] for r in records]
+    warnings = [r for r in records if r.get("warning")]
     with OutputDir(out, overwrite=overwrite) as od:
         for keys, name, ylabel, title, ylim in _SERIES:
             series = {k: [r.get(k) for r in records] for k in keys}
@@ -68,15 +105,5 @@ def write_watch_report(log: str | Path, out: str | Path, overwrite: bool = False
             series_plot(od.file(name), steps, series, ylabel, title, ylim=ylim,
                         vline=warnings[0]["step"] if warnings else None,
                         vline_label="first warning")  # fmt: skip
-            rep.image(name, title)
-        cols = [c for c in ("kl", "forecast_kl", "refusal_rate", "soft_refusal",
-                            "subspace_fraction")
-                if any(r.get(c) is not None for r in records)]  # fmt: skip
-        rep.heading("Measurements")
-        rep.table(
-            ["step", *cols, "warning"],
-            [[r["step"], *(r.get(c) for c in cols), _message(r)] for r in records],
-        )
-        od.file("report.md").write_text(rep.markdown(), encoding="utf-8")
-        od.file("report.html").write_text(rep.html(), encoding="utf-8")
+        build_report(records, log).write(od.staging)
     return Path(out)
