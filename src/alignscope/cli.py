@@ -276,20 +276,37 @@ def verify(
 
 @app.command()
 def report(
-    log: str = typer.Argument(..., help="JSONL log written by alignscope.train.watch."),
-    out: str = typer.Option(None, help="Output directory [default: <log>-report]."),
+    path: str = typer.Argument(
+        ..., help="A folder of alignscope outputs (writes DIR/index.html), or a watch log (JSONL)."
+    ),
+    out: str = typer.Option(
+        None, help="For a log: output directory [default: <log>-report]. For a folder: the "
+        "index file [default: DIR/index.html]."
+    ),
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Render a watch log (JSONL) as plots and a report, like verify's."""
+    """Index every alignscope output under a folder in one page, or render a watch log.
+
+    A folder: one index.html over every diagnose, verify and rank results.json and watch log
+    below it (verdicts, rankings, verify outcomes, links, key plots); re-running replaces only
+    that file. A JSONL watch log: plots and a report, like verify's.
+    """
+    from pathlib import Path
+
+    from alignscope.report.index import write_index
     from alignscope.report.watch_report import write_watch_report
 
-    target = out or str(log).removesuffix(".jsonl") + "-report"
     try:
-        path = write_watch_report(log, target, overwrite=overwrite)
+        if Path(path).is_dir():
+            index = write_index(path, out, overwrite=overwrite)
+            typer.echo(f"wrote {index}")
+            return
+        target = out or str(path).removesuffix(".jsonl") + "-report"
+        written = write_watch_report(path, target, overwrite=overwrite)
     except ERRORS as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"wrote {path}/report.md, report.html")
+    typer.echo(f"wrote {written}/report.md, report.html")
 
 
 def _print_summary(results: dict) -> None:
