@@ -282,8 +282,9 @@ dl.headline div{border:1px solid #d0d0d5;border-radius:6px;padding:.4rem .6rem}
 dl.headline dt{font-size:.85em;color:#555}dl.headline dd{margin:0;font-size:1.15em;
  font-weight:600;overflow-wrap:anywhere}
 figure{margin:1rem 0}img{max-width:100%;height:auto}figcaption{font-size:.9em;color:#555}
-.gallery{display:flex;flex-wrap:wrap;gap:1rem}.gallery figure{flex:1 1 18rem;min-width:0;
- margin:0}
+.gallery{display:grid;grid-template-columns:repeat(auto-fit,minmax(20rem,1fr));gap:1rem}
+.gallery figure{min-width:0;margin:0}
+td code{white-space:nowrap;overflow-wrap:normal}
 footer{margin-top:2rem;font-size:.85em;color:#666}
 </style>
 </head>

@@ -111,6 +111,11 @@ def _norm(name: Any) -> Any:
     return os.path.normpath(name) if isinstance(name, str) and name else name
 
 
+def _short(path: Any) -> str:
+    # the last two parts of a model's path ("org-test/aligned"); the full one is in each report
+    return "/".join(Path(str(path)).parts[-2:])
+
+
 def _run_key(cfg: dict[str, Any], data: str | None = None, lr: Any = None) -> tuple:
     lr = cfg.get("lr") if lr is None else lr
     return (_norm(cfg.get("model")), _norm(data or cfg.get("data")), cfg.get("optimizer"), lr)
@@ -177,7 +182,8 @@ def build_index(root: str | Path, index: str | Path | None = None) -> Report:
             for r in diag + ver + [r for r, _, _ in places.get(key, [])]:
                 links += [link(r), " "]
             rows.append([
-                Code(str(model)), Path(str(data)).stem, f"{optimizer} {lr:g}" if lr else optimizer,
+                Code(_short(model)), Path(str(data)).stem,
+                f"{optimizer} {lr:g}" if lr else optimizer,
                 verdict, collapse, observed, err, refusal, place or "n/a", links[:-1] or "n/a",
             ])  # fmt: skip
         rep.table(
