@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	@# the report tests open each page in headless Chromium; without it they skip
 	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
-	  (apt-get install -y chromium >/dev/null 2>&1 || \
+	  ( (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
 	   echo "chromium not installed: the browser tests of the reports will skip")
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
