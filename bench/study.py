@@ -79,7 +79,8 @@ def run_grid(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from alignscope.commands.predictors import RankConfig, RankState
+    from alignscope.commands.predictors import RankState
+    from alignscope.commands.rank import RankConfig
     from alignscope.commands.verify import VerifyConfig, run_verify
     from alignscope.organism import load_organism
     from alignscope.report.output import jsonable
@@ -103,7 +104,10 @@ def run_grid(args) -> None:
         lookahead_steps=args.lookahead,
         threads=1,
     )
-    state = RankState(cfg, model=model, tokenizer=tok)
+    state = RankState(
+        cfg.model_config(), lookahead_steps=cfg.n_lookahead, compliance=cfg.compliance,
+        model=model, tokenizer=tok,
+    )  # fmt: skip
     optimizers = args.optimizers or list(LRS)
     total = len(sets) * len(args.seeds) * sum(len(LRS[o]) for o in optimizers)
     n = len(done)

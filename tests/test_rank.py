@@ -146,8 +146,7 @@ def test_reused_subspace_gives_the_same_diagnosis(organism_test):
 
 
 def test_candidates_and_labels():
-    from alignscope.commands.predictors import RankConfig
-    from alignscope.commands.rank import _label
+    from alignscope.commands.rank import RankConfig, _label
 
     lrs = RankConfig(model="m", safety="s", data=["x/a.jsonl"], lrs=[1e-5, 3e-5])
     lrs.validate()
@@ -160,7 +159,7 @@ def test_candidates_and_labels():
 
 
 def test_lookahead_length_defaults_to_a_tenth_of_the_plan():
-    from alignscope.commands.predictors import RankConfig
+    from alignscope.commands.rank import RankConfig
 
     def n(**kw):
         return RankConfig(model="m", safety="s", data=["a", "b"], **kw).n_lookahead

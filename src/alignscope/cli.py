@@ -329,8 +329,7 @@ def demo(
     from rich.table import Table
 
     from alignscope.commands.diagnose import run_diagnose
-    from alignscope.commands.predictors import RankConfig
-    from alignscope.commands.rank import run_rank
+    from alignscope.commands.rank import RankConfig, run_rank
     from alignscope.commands.verify import VerifyConfig, run_verify
     from alignscope.organism import load_organism
     from alignscope.organism.cli import show
@@ -500,8 +499,8 @@ def rank(
     run) for every candidate, before any real fine-tuning; the recommended candidate (least
     predicted damage) comes first.
     """
-    from alignscope.commands.predictors import DEFAULT_PREDICTOR, RankConfig
-    from alignscope.commands.rank import run_rank
+    from alignscope.commands.predictors import DEFAULT_PREDICTOR
+    from alignscope.commands.rank import RankConfig, run_rank
     from alignscope.report.output import OutputDir
     from alignscope.report.rank_report import write_rank_outputs
 

@@ -33,7 +33,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -67,74 +67,6 @@ STEP_PREDICTORS = ("lookahead_collapse_step", "forecast_collapse_step")
 # README.md, "Which predictor works": Spearman 0.91 with the observed refusal drop, AUC 0.97 for
 # collapse, over 108 runs on the test organism).
 DEFAULT_PREDICTOR = "lookahead_kl_measured"
-
-
-@dataclass
-class RankConfig(DiagnoseConfig):
-    """diagnose's config for several candidates, recorded verbatim in results.json: ``data`` is
-    a list of fine-tuning sets and ``lrs`` the learning rates (default ``[lr]``); every set is
-    ranked at every learning rate."""
-
-    data: list[str]  # type: ignore[assignment]  # (a list here, one path in diagnose)
-    lrs: list[float] = field(default_factory=list)
-    compliance: str | None = None
-    predictor: str = DEFAULT_PREDICTOR
-    lookahead_steps: int | None = None  # None: max(12, steps / 10), see n_lookahead
-
-    def __post_init__(self) -> None:
-        self.data = list(self.data)
-        self.lrs = list(self.lrs) or [self.lr]
-        self.lr = self.lrs[0]  # what results.json records as lr is a rate that was ranked
-
-    @property
-    def n_lookahead(self) -> int:
-        """Optimizer steps of the lookahead: as given, else a tenth of the planned steps, at
-        least 12 (12 of 200 swapped two sets on the demo organism that 20 ordered right,
-        docs/rank.md), never more than the plan."""
-        if self.lookahead_steps is not None:
-            return self.lookahead_steps
-        return min(self.steps, max(12, math.ceil(self.steps / 10)))
-
-    def candidates(self) -> list[tuple[str, float]]:
-        """``(data, lr)`` pairs: every set at every learning rate."""
-        return [(d, lr) for d in self.data for lr in self.lrs]
-
-    def validate(self) -> None:
-        super().validate()  # optimizer, steps, batch, rank, formats, adapter / LoRA options
-        for lr in self.lrs:
-            if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"--lr {lr!r}: every learning rate must be a positive number")
-        if len(set(self.lrs)) != len(self.lrs):
-            raise ValueError(f"--lr {self.lrs}: the learning rates repeat")
-        if len(set(self.data)) != len(self.data):
-            raise ValueError("--data: the same fine-tuning set is given twice")
-        if len(self.candidates()) < 2:
-            raise ValueError(
-                "rank needs at least two candidates: pass two or more --data sets, or one set "
-                "with two or more learning rates (--lr 1e-5 3e-5 1e-4)"
-            )
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"--predictor {self.predictor!r}: use one of {', '.join(PREDICTORS)}")
-        if self.predictor == "gradient_similarity" and self.compliance is None:
-            raise ValueError("--predictor gradient_similarity needs --compliance FILE")
-        if self.lookahead_steps is not None and not 1 <= self.lookahead_steps <= self.steps:
-            raise ValueError("--lookahead-steps must be in 1..--steps")
-
-    def model_config(self) -> DiagnoseConfig:
-        """The model as configured (adapter included): loads it and resolves ``--params``."""
-        shared = {f.name: getattr(self, f.name) for f in fields(DiagnoseConfig)}
-        return DiagnoseConfig(**{**shared, "data": self.data[0], "lr": self.lrs[0]})
-
-    def diagnose_config(self, data: str, seed: int | None = None) -> DiagnoseConfig:
-        """The diagnosis of one candidate set, on the model already loaded (its adapter attached,
-        so the selection is resolved here). Always Adam's preconditioned direction too (so both
-        the SGD and the Adam AIC numbers exist); forecasts are made per candidate."""
-        base = self.model_config()
-        return replace(
-            base, data=data, params=base.param_spec(), optimizer="adamw",
-            seed=self.seed if seed is None else seed,
-            adapter=None, lora_r=None, lora_alpha=None, lora_targets=[],
-        )  # fmt: skip
 
 
 # --- data helpers (same seeded subset as diagnose/verify) ------------------------------------
@@ -281,19 +213,35 @@ class Geometry:
 
 
 class RankState:
-    """The model, tokenizer, alignment subspace and compliance gradient, computed once."""
+    """The model, tokenizer, alignment subspace and compliance gradient, computed once.
+
+    ``base``: the diagnosis config of the model as configured (its adapter included, any one
+    candidate set); every candidate is diagnosed with it, on the loaded model. ``compliance``:
+    harmful prompts with compliant answers (the gradient-similarity reference), or None.
+    ``lookahead_steps``: optimizer steps of each lookahead run.
+    """
 
     def __init__(
-        self, cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = True, subspace=None
+        self,
+        base: DiagnoseConfig,
+        *,
+        lookahead_steps: int,
+        compliance: str | None = None,
+        model=None,
+        tokenizer=None,
+        quiet: bool = True,
+        subspace=None,
     ):
-        self.cfg = cfg
+        self.cfg = base
+        self.compliance = compliance
+        self.lookahead_steps = lookahead_steps
         self.quiet = quiet
         self.shared_timings: dict[str, float] = {}
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+        if base.threads is not None:
+            torch.set_num_threads(base.threads)
         if model is None:
             start = time.perf_counter()
-            model, tokenizer = cfg.model_config().load_model()  # with its adapter, if any
+            model, tokenizer = base.load_model()  # with its adapter, if any
             self.shared_timings["load_model"] = time.perf_counter() - start
         self.model, self.tokenizer = model, tokenizer
         self.subspace = subspace  # an earlier diagnosis' (same model, safety set, params)
@@ -301,22 +249,33 @@ class RankState:
         self._flm: FunctionalLM | None = None
         self.compliance_grad: torch.Tensor | None = None
 
+    def diagnose_config(self, data: str, seed: int | None = None) -> DiagnoseConfig:
+        """The diagnosis of one candidate set, on the model already loaded (its adapter attached,
+        so the selection is resolved here). Always Adam's preconditioned direction too (so both
+        the SGD and the Adam AIC numbers exist); forecasts are made per candidate."""
+        base = self.cfg
+        return replace(
+            base, data=data, params=base.param_spec(), optimizer="adamw",
+            seed=base.seed if seed is None else seed,
+            adapter=None, lora_r=None, lora_alpha=None, lora_targets=[],
+        )  # fmt: skip
+
     @property
     def flm(self) -> FunctionalLM:
         if self._flm is None:
-            spec = self.cfg.model_config().param_spec()
+            spec = self.cfg.param_spec()
             self._flm = FunctionalLM(self.model, select_params(self.model, spec))
         return self._flm
 
     def _compliance(self) -> torch.Tensor | None:
-        if self.cfg.compliance is None:
+        if self.compliance is None:
             return None
         if self.compliance_grad is None:
             start = time.perf_counter()
-            rows = _load_rows(self.cfg.compliance, "data", self.cfg.data_format)
+            rows = _load_rows(self.compliance, "data", self.cfg.data_format)
             rows = subsample(rows, self.cfg.max_data, self.cfg.seed)
             if not rows:
-                raise ValueError(f"--compliance {self.cfg.compliance}: no rows")
+                raise ValueError(f"--compliance {self.compliance}: no rows")
             batch = batch_rows(self.tokenizer, rows, self.cfg.max_length, "rank")[0]
             self.compliance_grad = finetune_gradient(self.flm, batch).detach()
             self.shared_timings["compliance_gradient"] = time.perf_counter() - start
@@ -324,7 +283,7 @@ class RankState:
 
     def geometry(self, data: str, seed: int | None = None) -> Geometry:
         """Diagnose one candidate set (reusing the subspace) and its gradient similarity."""
-        dcfg = self.cfg.diagnose_config(data, seed)
+        dcfg = self.diagnose_config(data, seed)
         res = run_diagnose(
             dcfg, model=self.model, tokenizer=self.tokenizer, quiet=self.quiet,
             subspace=self.subspace,
@@ -363,7 +322,7 @@ class RankState:
         """The diagnosis' forecast for ``optimizer`` at ``lr`` (cheap: no new curvature)."""
         from alignscope.commands.diagnose import _forecast
 
-        dcfg = replace(self.cfg.diagnose_config(geo.data), optimizer=optimizer, lr=lr)
+        dcfg = replace(self.diagnose_config(geo.data), optimizer=optimizer, lr=lr)
         adam = optimizer in ("adam", "adamw")
         return _forecast(
             dcfg,
@@ -382,11 +341,11 @@ class RankState:
             geo.rows,
             optimizer=optimizer,
             lr=lr,
-            n_steps=self.cfg.n_lookahead,
+            n_steps=self.lookahead_steps,
             batch_size=self.cfg.batch_size,
             seed=self.cfg.seed if seed is None else seed,
             max_length=self.cfg.max_length,
-            params=self.cfg.model_config().param_spec(),
+            params=self.cfg.param_spec(),
         )
         return ks, kls, time.perf_counter() - start
 

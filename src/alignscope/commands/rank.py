@@ -1,25 +1,25 @@
 """``rank``: order candidate fine-tuning sets (or learning rates) by predicted alignment damage.
 
-Every predictor of :mod:`alignscope.commands.predictors` is computed for every candidate, side by
-side; the candidates are ordered by one of them (``RankConfig.predictor``, default the winner of
-bench/study.py), least predicted damage - the recommended candidate - first.
+Every predictor of :mod:`alignscope.commands.predictors` is computed for every candidate, side
+by side; the candidates are ordered by one of them (``RankConfig.predictor``, default the winner
+of bench/study.py), least predicted damage - the recommended candidate - first.
 :func:`run_rank` returns a :class:`RankResult` whose ``to_json()`` is the versioned results.json.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignscope.commands.diagnose import DiagnoseConfig
 from alignscope.commands.predictors import (
     DEFAULT_PREDICTOR,
     PREDICTORS,
     STEP_PREDICTORS,
-    RankConfig,
     RankState,
     order,
 )
@@ -29,6 +29,63 @@ from alignscope.report.output import jsonable, results_header
 SCHEMA = "alignscope.rank/1"
 
 __all__ = ["DEFAULT_PREDICTOR", "PREDICTORS", "RankConfig", "RankResult", "run_rank", "summary"]
+
+
+@dataclass
+class RankConfig(DiagnoseConfig):
+    """diagnose's config for several candidates, recorded verbatim in results.json: ``data`` is
+    a list of fine-tuning sets and ``lrs`` the learning rates (default ``[lr]``); every set is
+    ranked at every learning rate."""
+
+    data: list[str]  # type: ignore[assignment]  # (a list here, one path in diagnose)
+    lrs: list[float] = field(default_factory=list)
+    compliance: str | None = None
+    predictor: str = DEFAULT_PREDICTOR
+    lookahead_steps: int | None = None  # None: max(12, steps / 10), see n_lookahead
+
+    def __post_init__(self) -> None:
+        self.data = list(self.data)
+        self.lrs = list(self.lrs) or [self.lr]
+        self.lr = self.lrs[0]  # what results.json records as lr is a rate that was ranked
+
+    @property
+    def n_lookahead(self) -> int:
+        """Optimizer steps of the lookahead: as given, else a tenth of the planned steps, at
+        least 12 (12 of 200 swapped two sets on the demo organism that 20 ordered right,
+        docs/rank.md), never more than the plan."""
+        if self.lookahead_steps is not None:
+            return self.lookahead_steps
+        return min(self.steps, max(12, math.ceil(self.steps / 10)))
+
+    def candidates(self) -> list[tuple[str, float]]:
+        """``(data, lr)`` pairs: every set at every learning rate."""
+        return [(d, lr) for d in self.data for lr in self.lrs]
+
+    def validate(self) -> None:
+        super().validate()  # optimizer, steps, batch, rank, formats, adapter / LoRA options
+        for lr in self.lrs:
+            if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"--lr {lr!r}: every learning rate must be a positive number")
+        if len(set(self.lrs)) != len(self.lrs):
+            raise ValueError(f"--lr {self.lrs}: the learning rates repeat")
+        if len(set(self.data)) != len(self.data):
+            raise ValueError("--data: the same fine-tuning set is given twice")
+        if len(self.candidates()) < 2:
+            raise ValueError(
+                "rank needs at least two candidates: pass two or more --data sets, or one set "
+                "with two or more learning rates (--lr 1e-5 3e-5 1e-4)"
+            )
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"--predictor {self.predictor!r}: use one of {', '.join(PREDICTORS)}")
+        if self.predictor == "gradient_similarity" and self.compliance is None:
+            raise ValueError("--predictor gradient_similarity needs --compliance FILE")
+        if self.lookahead_steps is not None and not 1 <= self.lookahead_steps <= self.steps:
+            raise ValueError("--lookahead-steps must be in 1..--steps")
+
+    def model_config(self) -> DiagnoseConfig:
+        """The model as configured (adapter included): loads it and resolves ``--params``."""
+        shared = {f.name: getattr(self, f.name) for f in fields(DiagnoseConfig)}
+        return DiagnoseConfig(**{**shared, "data": self.data[0], "lr": self.lrs[0]})
 
 
 @dataclass
@@ -139,7 +196,10 @@ def run_rank(
         torch.set_num_threads(cfg.threads)
     stages = Stages(quiet=quiet)
     with stages.stage("load", cfg.model):
-        state = RankState(cfg, model=model, tokenizer=tokenizer, quiet=True, subspace=subspace)
+        state = RankState(
+            cfg.model_config(), lookahead_steps=cfg.n_lookahead, compliance=cfg.compliance,
+            model=model, tokenizer=tokenizer, quiet=True, subspace=subspace,
+        )  # fmt: skip
     candidates: list[dict[str, Any]] = []
     parameters = None
     for i, data in enumerate(cfg.data):
