@@ -93,7 +93,7 @@ def run_grid(args) -> None:
     proto = org.finetune_protocol
     model, tok = org.aligned_model(), org.tokenizer()
     sets = args.sets or SETS
-    cfg = RankConfig(
+    cfg = RankConfig.from_options(
         model=str(org.aligned_path),
         safety=str(ds / "harmful_align.jsonl"),
         data=[str(ds / f"{s}.jsonl") for s in sets],
@@ -105,7 +105,7 @@ def run_grid(args) -> None:
         threads=1,
     )
     state = RankState(
-        cfg.model_config(), lookahead_steps=cfg.n_lookahead, compliance=cfg.compliance,
+        cfg.model_config(), lookahead_steps=cfg.n_lookahead, compliance=cfg.ranking.compliance,
         model=model, tokenizer=tok,
     )  # fmt: skip
     optimizers = args.optimizers or list(LRS)
@@ -125,7 +125,7 @@ def run_grid(args) -> None:
                 preds, details = state.predict(geo, opt, lr, seed=seed)
                 vcfg = VerifyConfig.for_organism(
                     org, name, optimizer=opt, lr=lr, steps=args.steps, seed=seed, threads=1,
-                    rank=cfg.rank, eval_prompts=str(ds / "harmful_eval.jsonl"),
+                    rank=cfg.curvature.rank, eval_prompts=str(ds / "harmful_eval.jsonl"),
                     max_eval=args.max_eval,
                 )  # fmt: skip
                 diag = json.loads(json.dumps(jsonable(geo.diagnosis)))

@@ -7,7 +7,6 @@ import os
 import platform
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,13 @@ def environment() -> dict[str, str]:
 
 
 def results_header(schema: str, config: Any) -> dict[str, Any]:
-    """What every results.json opens with: schema, config (a dataclass), seed, environment."""
+    """What every results.json opens with: schema, config (a command config of specs, written
+    flat), seed, environment."""
+    flat = config.flat()
     return {
         "schema": schema,
-        "config": asdict(config),
-        "seed": config.seed,
+        "config": flat,
+        "seed": flat["seed"],
         "environment": environment(),
     }
 
