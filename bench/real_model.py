@@ -617,7 +617,7 @@ def align(base: Path, data: Path, out: Path, args) -> None:
 def verify_config(args, aligned: Path, data: Path, name: str):
     from alignscope.commands.verify import VerifyConfig
 
-    return VerifyConfig(
+    return VerifyConfig.from_options(
         model=str(aligned),
         safety=str(data / "safety.jsonl"),
         data=str(data / f"{name}.jsonl"),

@@ -79,7 +79,8 @@ def run_grid(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from alignscope.commands.predictors import RankConfig, RankState
+    from alignscope.commands.predictors import RankState
+    from alignscope.commands.rank import RankConfig
     from alignscope.commands.verify import VerifyConfig, run_verify
     from alignscope.organism import load_organism
     from alignscope.report.output import jsonable
@@ -92,7 +93,7 @@ def run_grid(args) -> None:
     proto = org.finetune_protocol
     model, tok = org.aligned_model(), org.tokenizer()
     sets = args.sets or SETS
-    cfg = RankConfig(
+    cfg = RankConfig.from_options(
         model=str(org.aligned_path),
         safety=str(ds / "harmful_align.jsonl"),
         data=[str(ds / f"{s}.jsonl") for s in sets],
@@ -103,7 +104,10 @@ def run_grid(args) -> None:
         lookahead_steps=args.lookahead,
         threads=1,
     )
-    state = RankState(cfg, model=model, tokenizer=tok)
+    state = RankState(
+        cfg.model_config(), lookahead_steps=cfg.n_lookahead, compliance=cfg.ranking.compliance,
+        model=model, tokenizer=tok,
+    )  # fmt: skip
     optimizers = args.optimizers or list(LRS)
     total = len(sets) * len(args.seeds) * sum(len(LRS[o]) for o in optimizers)
     n = len(done)
@@ -121,7 +125,7 @@ def run_grid(args) -> None:
                 preds, details = state.predict(geo, opt, lr, seed=seed)
                 vcfg = VerifyConfig.for_organism(
                     org, name, optimizer=opt, lr=lr, steps=args.steps, seed=seed, threads=1,
-                    rank=cfg.rank, eval_prompts=str(ds / "harmful_eval.jsonl"),
+                    rank=cfg.curvature.rank, eval_prompts=str(ds / "harmful_eval.jsonl"),
                     max_eval=args.max_eval,
                 )  # fmt: skip
                 diag = json.loads(json.dumps(jsonable(geo.diagnosis)))

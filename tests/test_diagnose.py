@@ -23,7 +23,15 @@ def _cfg(org, **kw):
 def diagnosis(organism_test, tmp_path_factory):
     out = tmp_path_factory.mktemp("diag") / "run"
     cfg = _cfg(organism_test)
-    args = ["diagnose", "--model", cfg.model, "--safety", cfg.safety, "--data", cfg.data]
+    args = [
+        "diagnose",
+        "--model",
+        cfg.model.model,
+        "--safety",
+        cfg.datasets.safety,
+        "--data",
+        cfg.finetune.data,
+    ]
     args += ["--optimizer", "sgd", "--lr", "1e-3", "--batch-size", "8", "--steps", "60"]
     args += ["--rank", "4", "--max-safety", "12", "--max-data", "24", "--threads", "1"]
     args += ["--out", str(out)]

@@ -193,9 +193,11 @@ def test_format_override(tmp_path):
 def test_diagnose_config_checks_the_format_names():
     from alignscope.commands.diagnose import DiagnoseConfig
 
-    DiagnoseConfig("m", "s", "d", safety_format="advbench", data_format="hf").validate()
+    DiagnoseConfig.from_options(
+        model="m", safety="s", data="d", safety_format="advbench", data_format="hf"
+    ).validate()
     with pytest.raises(ValueError, match="--data-format 'csv'"):
-        DiagnoseConfig("m", "s", "d", data_format="csv").validate()
+        DiagnoseConfig.from_options(model="m", safety="s", data="d", data_format="csv").validate()
 
 
 # --- malformed input: the error names the problem and the fix ---------------------------------
@@ -287,7 +289,7 @@ def test_fit_errors_only_when_every_prompt_is_dropped(tok):
 
 
 def test_cli_help_names_every_format():
-    from alignscope.cli import FORMATS_HELP
+    from alignscope.config import FORMATS_HELP
     from alignscope.data.loaders import CONTAINERS, FORMATS
 
     named = FORMATS_HELP.split("(")[0].replace(" ", "").split("|")

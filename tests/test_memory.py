@@ -20,14 +20,18 @@ def model():
     return LlamaForCausalLM(cfg).eval()
 
 
+def _specs(cfg):
+    return cfg.model, cfg.curvature, cfg.datasets
+
+
 def _cfg(**kw):
-    return DiagnoseConfig(model="m", safety="s", data="d", **kw)
+    return DiagnoseConfig.from_options(model="m", safety="s", data="d", **kw)
 
 
 def test_estimate_adds_what_stays_resident(model):
     cfg = _cfg(rank=4, max_new_tokens=10, memory_budget_gb=0.5)
     sel = select_params(model, ["all"])
-    est = estimate_memory(cfg, model, sel, n_safety=8, check_available=False)
+    est = estimate_memory(*_specs(cfg), model, sel, n_safety=8, check_available=False)
     n = sum(p.numel() for p in model.parameters())
     assert est.weights == 4 * n
     assert est.kl_reference == 8 * 10 * 64 * 4  # prompts x tokens x vocabulary x float32
@@ -37,7 +41,9 @@ def test_estimate_adds_what_stays_resident(model):
     assert "memory estimate" in est.describe() and est.to_json()["total"] == est.total
     # a reused subspace: no eigensolver, and a budget too small for one is no error
     reuse = _cfg(rank=4, max_new_tokens=10, memory_budget_gb=1e-6)
-    est = estimate_memory(reuse, model, sel, n_safety=8, check_available=False, eigensolver=False)
+    est = estimate_memory(
+        *_specs(reuse), model, sel, n_safety=8, check_available=False, eigensolver=False
+    )
     assert est.eigensolver == 0 and est.plan is None
 
 
@@ -57,7 +63,7 @@ def test_over_budget_names_the_options_that_fit(model):
     budget = 0.5 * 61 * n * 4 / 2**30
     cfg = _cfg(rank=1, memory_budget_gb=budget, max_safety=64, samples_per_prompt=64)
     with pytest.raises(MemoryError) as err:
-        estimate_memory(cfg, model, sel, n_safety=64, check_available=False)
+        estimate_memory(*_specs(cfg), model, sel, n_safety=64, check_available=False)
     msg = str(err.value)
     assert f"over {n:,} parameters" in msg and "--group layer (~" in msg
     assert "--lora-r 8 (~" in msg and "--memory-gb" in msg
@@ -71,10 +77,10 @@ def test_lora_size_counts_every_linear_but_the_head(model):
 
 def test_more_than_the_machine_has_available_is_an_error(model, monkeypatch):
     cfg, sel = _cfg(rank=4, memory_budget_gb=0.5), select_params(model, ["all"])
-    need = estimate_memory(cfg, model, sel, n_safety=8, check_available=False).still_needed
+    need = estimate_memory(*_specs(cfg), model, sel, n_safety=8, check_available=False).still_needed
     # the loaded weights are already out of what is available: only the rest must fit
     monkeypatch.setattr("alignscope.memory.available_memory", lambda device: need)
-    estimate_memory(cfg, model, sel, n_safety=8)
+    estimate_memory(*_specs(cfg), model, sel, n_safety=8)
     monkeypatch.setattr("alignscope.memory.available_memory", lambda device: need - 1)
     with pytest.raises(MemoryError, match="more than the .* still available"):
-        estimate_memory(cfg, model, sel, n_safety=8)
+        estimate_memory(*_specs(cfg), model, sel, n_safety=8)

@@ -35,7 +35,9 @@ def ranked(organism_test, tmp_path_factory):
     out = tmp_path_factory.mktemp("rank") / "run"
     comply = organism_test.datasets_path / "harmful_train_compliant.jsonl"
     args = _args(organism_test, "benign_neutral", "benign_affirmative")
-    args += ["--compliance", str(comply), "--out", str(out)]
+    evals = organism_test.datasets_path / "harmful_eval.jsonl"
+    args += ["--compliance", str(comply), "--eval-prompts", str(evals), "--max-eval", "4"]
+    args += ["--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "results.json").read_text())
@@ -56,6 +58,10 @@ def test_cli_writes_every_predictor_for_every_candidate(ranked):
             assert p["seconds"] is not None and p["seconds"] >= 0, name
         assert cand["predictors"]["gradient_similarity"]["value"] is not None
         assert -1 <= cand["predictors"]["gradient_similarity"]["value"] <= 1
+        # --eval-prompts: the lookahead's refusal rate at its first and last step (8)
+        refusal = cand["details"]["lookahead"]["refusal_rate"]
+        assert set(refusal) == {"0", "8"} and all(0 <= r <= 1 for r in refusal.values())
+    assert res["config"]["eval_prompts"].endswith("harmful_eval.jsonl")
     assert "subspace" in res["shared_timings_s"]
     md = (out / "report.md").read_text()
     assert "predicted to damage alignment most" in md and "ranking.png" in md
@@ -146,24 +152,25 @@ def test_reused_subspace_gives_the_same_diagnosis(organism_test):
 
 
 def test_candidates_and_labels():
-    from alignscope.commands.predictors import RankConfig
-    from alignscope.commands.rank import _label
+    from alignscope.commands.rank import RankConfig, _label
 
-    lrs = RankConfig(model="m", safety="s", data=["x/a.jsonl"], lrs=[1e-5, 3e-5])
+    lrs = RankConfig.from_options(model="m", safety="s", data=["x/a.jsonl"], lrs=[1e-5, 3e-5])
     lrs.validate()
     assert lrs.candidates() == [("x/a.jsonl", 1e-5), ("x/a.jsonl", 3e-5)]
     assert _label("x/a.jsonl", 3e-5, lrs) == "lr 3e-05"
-    sets = RankConfig(model="m", safety="s", data=["x/a.jsonl", "y/b.jsonl"])
+    sets = RankConfig.from_options(model="m", safety="s", data=["x/a.jsonl", "y/b.jsonl"])
     assert _label("y/b.jsonl", 2e-5, sets) == "b"
     with pytest.raises(ValueError, match="gradient_similarity needs --compliance"):
-        RankConfig("m", "s", ["a", "b"], predictor="gradient_similarity").validate()
+        RankConfig.from_options(
+            model="m", safety="s", data=["a", "b"], predictor="gradient_similarity"
+        ).validate()
 
 
 def test_lookahead_length_defaults_to_a_tenth_of_the_plan():
-    from alignscope.commands.predictors import RankConfig
+    from alignscope.commands.rank import RankConfig
 
     def n(**kw):
-        return RankConfig(model="m", safety="s", data=["a", "b"], **kw).n_lookahead
+        return RankConfig.from_options(model="m", safety="s", data=["a", "b"], **kw).n_lookahead
 
     assert n(steps=200) == 20 and n(steps=1000) == 100
     assert n(steps=50) == 12 and n(steps=8) == 8  # at least 12, never beyond the plan

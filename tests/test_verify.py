@@ -1,6 +1,5 @@
 """verify: the tracker's numbers, the scores, resume, and the command end to end."""
 
-import dataclasses
 import json
 import math
 
@@ -112,10 +111,18 @@ def test_score_on_a_synthetic_trajectory():
 def verified(organism_test, tmp_path_factory):
     cfg = _cfg(organism_test)
     out = tmp_path_factory.mktemp("verify") / "run"
-    args = ["verify", "--model", cfg.model, "--safety", cfg.safety, "--data", cfg.data]
+    args = [
+        "verify",
+        "--model",
+        cfg.model.model,
+        "--safety",
+        cfg.datasets.safety,
+        "--data",
+        cfg.finetune.data,
+    ]
     args += ["--optimizer", "adamw", "--lr", "1e-3", "--batch-size", "16", "--steps", "40"]
     args += ["--rank", "4", "--max-safety", "12", "--max-data", "24", "--threads", "1"]
-    args += ["--eval-prompts", cfg.eval_prompts, "--max-eval", "12", "--checkpoint-every", "2"]
+    args += ["--eval-prompts", cfg.eval.eval_prompts, "--max-eval", "12", "--checkpoint-every", "2"]
     args += ["--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -191,7 +198,7 @@ def test_resume_matches_an_uninterrupted_run(organism_test, tmp_path):
     with pytest.raises(Crash):
         run_verify(cfg, diagnosis=diag, judge=CrashingJudge(), partial_dir=partial, quiet=True)
     assert (partial / "checkpoint.pt").exists()
-    other_diag = run_diagnose(dataclasses.replace(cfg.diagnose_config(), rank=3), quiet=True)
+    other_diag = run_diagnose(cfg.diagnose_config().with_options(rank=3), quiet=True)
     with pytest.raises(ValueError, match="another diagnosis"):
         run_verify(cfg, diagnosis=other_diag, partial_dir=partial, quiet=True)
     resumed = run_verify(cfg, partial_dir=partial, quiet=True)  # diagnosis read from partial
@@ -218,7 +225,17 @@ def test_failed_verify_leaves_no_output(organism_test, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "add one and two"}\n')
     out = tmp_path / "run"
-    args = ["verify", "-m", cfg.model, "-s", cfg.safety, "-d", str(prompts), "--rank", "4"]
+    args = [
+        "verify",
+        "-m",
+        cfg.model.model,
+        "-s",
+        cfg.datasets.safety,
+        "-d",
+        str(prompts),
+        "--rank",
+        "4",
+    ]
     args += ["--max-safety", "4", "--threads", "1", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "no response" in result.output

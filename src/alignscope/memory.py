@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from alignscope.config import CurvatureSpec, DataSpec, ModelSpec
 from alignscope.curvature.spectrum import SpectrumPlan, block_dims, plan_spectrum
 from alignscope.params import select_params
 
@@ -91,7 +92,9 @@ def _lora_size(model: torch.nn.Module, r: int) -> int:
 
 
 def estimate_memory(
-    cfg,
+    spec: ModelSpec,
+    curvature: CurvatureSpec,
+    data: DataSpec,
     model: torch.nn.Module,
     selection,
     n_safety: int,
@@ -99,37 +102,42 @@ def estimate_memory(
     check_available: bool = True,
     eigensolver: bool = True,
 ) -> MemoryEstimate:
-    """The estimate for ``cfg`` (a DiagnoseConfig) on ``model`` with ``selection``; raises
-    :class:`MemoryError` naming the options that would fit when it cannot. ``eigensolver=False``:
-    the subspace is reused from an earlier diagnosis, so no eigensolver runs."""
-    budget = int(cfg.memory_budget_gb * GiB)
-    itemsize = 8 if cfg.dtype == "float64" else 4  # curvature runs in at least float32
-    k = cfg.rank if cfg.rank is not None else 40
-    n_rows = n_safety * cfg.samples_per_prompt
+    """The estimate for a diagnosis of ``model`` (loaded as ``spec`` says) with ``selection``,
+    the subspace as ``curvature`` says and generated responses of ``data.max_new_tokens``;
+    raises :class:`MemoryError` naming the options that would fit when it cannot.
+    ``eigensolver=False``: the subspace is reused from an earlier diagnosis, so no eigensolver
+    runs."""
+    budget = int(curvature.memory_budget_gb * GiB)
+    itemsize = 8 if spec.dtype == "float64" else 4  # curvature runs in at least float32
+    k = curvature.eigenpairs
+    n_rows = n_safety * curvature.samples_per_prompt
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if any(p.dtype != torch.float32 and p.dtype != torch.float64 for p in model.parameters()):
         weights += sum(p.numel() * itemsize for p in model.parameters())  # float32 copy
-    kl_reference = n_safety * cfg.max_new_tokens * vocab * itemsize
+    kl_reference = n_safety * data.max_new_tokens * vocab * itemsize
 
-    def plan(dim: int, rank: int, dims=None, method: str = cfg.solver) -> SpectrumPlan:
+    def plan(dim: int, rank: int, dims=None, method: str = curvature.solver) -> SpectrumPlan:
         return plan_spectrum(
             dim, rank, n_rows, method=method, memory_budget=budget, itemsize=itemsize,
             blockwise=dims is not None, block_dims=dims,
         )  # fmt: skip
 
     sp = None
-    if eigensolver and cfg.fisher == "ggn":
+    if eigensolver and curvature.fisher == "ggn":
         try:
-            sp = plan(selection.size, k, block_dims(selection) if cfg.group else None)
+            sp = plan(selection.size, k, block_dims(selection) if curvature.group else None)
         except MemoryError:
-            raise MemoryError(_advice(cfg, model, selection, plan, k, budget)) from None
+            advice = _advice(spec, curvature, model, selection, plan, k, budget)
+            raise MemoryError(advice) from None
     est = MemoryEstimate(
         weights=weights,
         kl_reference=kl_reference,
         eigensolver=(
-            0 if not eigensolver
-            else sp.bytes_needed if sp is not None
+            0
+            if not eigensolver
+            else sp.bytes_needed
+            if sp is not None
             else n_rows * selection.size * itemsize  # the empirical Fisher's rows
         ),  # fmt: skip
         gradient_chunks=budget,
@@ -142,13 +150,14 @@ def estimate_memory(
             f"model, more than the {est.available / GiB:.2f} GiB still available. Lower "
             f"--memory-gb (gradient "
             f"chunks and the eigensolver use it), --max-safety (the KL reference is "
-            f"{n_safety} prompts x {cfg.max_new_tokens} tokens x {vocab:,} vocabulary), or "
+            f"{n_safety} prompts x {data.max_new_tokens} tokens x {vocab:,} vocabulary), or "
             "analyse fewer parameters (--params, --lora-r)"
         )
     return est
 
 
-def _advice(cfg, model, selection, plan, k: int, budget: int) -> str:
+def _advice(spec: ModelSpec, curvature: CurvatureSpec, model, selection, plan, k: int,
+            budget: int) -> str:  # fmt: skip
     """What the eigensolver needs, and which options would fit the budget."""
     fits: list[str] = []
 
@@ -159,14 +168,14 @@ def _advice(cfg, model, selection, plan, k: int, budget: int) -> str:
             return
         fits.append(f"{label} (~{p.bytes_needed / GiB:.2f} GiB, {p.method})")
 
-    dims = block_dims(selection) if cfg.group else None  # the requested grouping, if any
-    if cfg.group is None:
-        layered = select_params(model, cfg.param_spec(), group="layer")
+    dims = block_dims(selection) if curvature.group else None  # the requested grouping, if any
+    if curvature.group is None:
+        layered = select_params(model, curvature.param_spec(spec), group="layer")
         trial("--group layer", selection.size, k, block_dims(layered))
     for rank in (10, 5):
         if rank < k:
             trial(f"--rank {rank}", selection.size, rank, dims)
-    if not cfg.uses_adapter:
+    if not spec.uses_adapter:
         for r in (16, 8):
             trial(f"--lora-r {r}", _lora_size(model, r), k)
     # a forced method never raises: it reports what it would need

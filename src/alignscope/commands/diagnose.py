@@ -8,11 +8,20 @@ curvature -> geometry -> forecast -> report. :func:`run_diagnose` returns a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from alignscope.config import (
+    Composed,
+    CurvatureSpec,
+    DataSpec,
+    FinetuneSpec,
+    ModelSpec,
+    OptimSpec,
+    RuntimeSpec,
+)
 from alignscope.curvature import (
     FisherOperator,
     FunctionalLM,
@@ -24,7 +33,7 @@ from alignscope.curvature import (
     response_weights,
 )
 from alignscope.data.encode import LMBatch, batch_rows
-from alignscope.data.loaders import CONTAINERS, FORMATS, load_data
+from alignscope.data.loaders import load_data
 from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, generate
 from alignscope.forecast import ForecastInputs, forecast
@@ -37,7 +46,7 @@ from alignscope.geometry import (
     noise_trace,
 )
 from alignscope.memory import estimate_memory
-from alignscope.models import LoraSpec, describe_adapter
+from alignscope.models import describe_adapter
 from alignscope.params import select_params
 from alignscope.progress import Stages
 from alignscope.report.output import results_header
@@ -46,120 +55,19 @@ SCHEMA = "alignscope.diagnose/1"
 
 
 @dataclass
-class DiagnoseConfig:
-    """Everything ``diagnose`` needs; recorded verbatim in results.json."""
+class DiagnoseConfig(Composed):
+    """Everything ``diagnose`` needs, as specs; recorded flat in results.json (``flat()``).
 
-    model: str
-    safety: str
-    data: str
-    params: list[str] = field(default_factory=lambda: ["all"])
-    group: str | None = None  # block-wise subspaces: "layer" | "module"
-    optimizer: str = "adamw"
-    lr: float = 2e-5
-    batch_size: int = 8
-    steps: int = 1000
-    rank: int | None = 20
-    explained: float | None = None
-    threshold: float = 0.1
-    seed: int = 0
-    fisher: str = "ggn"  # "ggn" (exact/MC true Fisher) | "empirical"
-    solver: str = "auto"  # auto | gram | lanczos
-    samples_per_prompt: int = 4
-    alignment_loss: str = "kl"  # "kl" | "nll"
-    max_safety: int | None = 64
-    max_data: int | None = 256
-    safety_format: str = "auto"  # auto | a key of data.loaders.FORMATS | hf
-    data_format: str = "auto"
-    noise_examples: int = 64
-    max_length: int = 256
-    max_new_tokens: int = 48
-    dtype: str = "float32"
-    device: str = "cpu"
-    memory_budget_gb: float = 2.0
-    adam_eps: float = 1e-8
-    threads: int | None = None  # torch CPU threads; 1 is fastest on a busy 2-core machine
-    # PEFT: an existing adapter directory, or a new LoRA adapter of rank lora_r (at most one)
-    adapter: str | None = None
-    lora_r: int | None = None
-    lora_alpha: float | None = None  # default 2 * lora_r
-    lora_targets: list[str] | None = None  # default: every attention/MLP linear layer
+    Build it from flat option names with ``DiagnoseConfig.from_options(model=..., safety=...,
+    data=..., lr=...)`` or for the organism with ``DiagnoseConfig.for_organism(org, set)``.
+    """
 
-    @classmethod
-    def for_organism(cls, org, dataset: str = "benign_affirmative", **overrides) -> DiagnoseConfig:
-        """The organism's aligned model and alignment prompts against one of its benign sets,
-        under its documented fine-tuning protocol (AdamW, lr, batch, steps)."""
-        proto = org.finetune_protocol
-        fields = dict(
-            model=str(org.aligned_path),
-            safety=str(org.datasets_path / "harmful_align.jsonl"),
-            data=str(org.datasets_path / f"{dataset}.jsonl"),
-            optimizer="adamw",
-            lr=proto.lr,
-            batch_size=proto.batch_size,
-            steps=proto.steps,
-        )
-        return cls(**{**fields, **overrides})
-
-    def validate(self) -> None:
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"--optimizer {self.optimizer!r}: use sgd, adam or adamw")
-        if not self.lr > 0:
-            raise ValueError("--lr must be positive")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("--steps and --batch-size must be at least 1")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError("--rank must be at least 1")
-        if self.explained is not None and not 0 < self.explained <= 1:
-            raise ValueError("--explained must be in (0, 1]")
-        if self.noise_examples < 2:
-            raise ValueError("noise_examples must be at least 2 (the gradient covariance)")
-        if self.fisher == "empirical" and self.group is not None:
-            raise ValueError("--fisher empirical has no block-wise variant; drop --group")
-        if self.fisher not in ("ggn", "empirical"):
-            raise ValueError("--fisher must be ggn or empirical")
-        if self.alignment_loss not in ("kl", "nll"):
-            raise ValueError("--alignment-loss must be kl or nll")
-        formats = ("auto", *FORMATS, *CONTAINERS)
-        for name in ("safety_format", "data_format"):
-            if getattr(self, name) not in formats:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} {getattr(self, name)!r}: use {', '.join(formats)}")
-        if self.adapter is not None and self.lora_r is not None:
-            raise ValueError("pass either --adapter (an existing adapter) or --lora-r (a new one)")
-        if self.lora_r is None and (self.lora_alpha is not None or self.lora_targets):
-            raise ValueError("--lora-alpha and --lora-targets need --lora-r")
-        self.lora_spec()  # checks r and alpha
-
-    def lora_spec(self) -> LoraSpec | None:
-        """The new LoRA adapter asked for (``--lora-r``), or None."""
-        if self.lora_r is None:
-            return None
-        targets = tuple(self.lora_targets) if self.lora_targets else None
-        return LoraSpec(self.lora_r, self.lora_alpha, targets)
-
-    @property
-    def uses_adapter(self) -> bool:
-        return self.adapter is not None or self.lora_r is not None
-
-    def param_spec(self) -> list[str]:
-        """The parameter selection analysed (and trained by verify): ``--params``, except that
-        with an adapter the default ``all`` means the adapter weights (``lora``)."""
-        if self.uses_adapter and list(self.params) == ["all"]:
-            return ["lora"]
-        return list(self.params)
-
-    def load_model(self):
-        """``(model, tokenizer)`` as configured: weights, dtype, device, adapter (seeded)."""
-        from alignscope.models import load_model
-
-        return load_model(
-            self.model,
-            dtype=self.dtype,
-            device=self.device,
-            adapter=self.adapter,
-            lora=self.lora_spec(),
-            seed=self.seed,
-        )
+    model: ModelSpec
+    datasets: DataSpec
+    finetune: FinetuneSpec
+    curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
 
 @dataclass
@@ -290,38 +198,39 @@ def run_diagnose(
     only on those, not on the fine-tuning set (``rank`` diagnoses many sets against one).
     """
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.runtime.seed)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(cfg.runtime.threads)
     stages = Stages(quiet=quiet)
     out: dict[str, Any] = {}
-    budget = int(cfg.memory_budget_gb * 2**30)
+    budget = int(cfg.curvature.memory_budget_gb * 2**30)
 
-    with stages.stage("load", cfg.model):
+    with stages.stage("load", cfg.model.model):
         if model is None:
             model, tokenizer = cfg.load_model()
-        elif cfg.uses_adapter:
+        elif cfg.model.uses_adapter:
             raise ValueError(
                 "--adapter/--lora-r apply when alignscope loads the model; wrap a model passed "
                 "in with PEFT yourself"
             )
-        safety = load_data(cfg.safety, "safety", format=cfg.safety_format)
-        data = load_data(cfg.data, "data", format=cfg.data_format)
-        safety_rows = subsample(safety.rows, cfg.max_safety, cfg.seed)
-        data_rows = subsample(data.rows, cfg.max_data, cfg.seed)
+        safety = load_data(cfg.datasets.safety, "safety", format=cfg.datasets.safety_format)
+        data = load_data(cfg.finetune.data, "data", format=cfg.datasets.data_format)
+        safety_rows = subsample(safety.rows, cfg.datasets.max_safety, cfg.runtime.seed)
+        data_rows = subsample(data.rows, cfg.datasets.max_data, cfg.runtime.seed)
 
     # Before any heavy work: the parameters analysed and the memory that will take.
     spec = cfg.param_spec()
-    selection = select_params(model, spec, group=cfg.group)
+    selection = select_params(model, spec, group=cfg.curvature.group)
     memory = estimate_memory(
-        cfg, model, selection, len(safety_rows), eigensolver=subspace is None
-    )
+        cfg.model, cfg.curvature, cfg.datasets, model, selection, len(safety_rows),
+        eigensolver=subspace is None,
+    )  # fmt: skip
     stages.note(memory.describe())
     out["memory"] = memory.to_json()
 
     with stages.stage("targets", f"{len(safety_rows)} safety prompts"):
         prompts = [r["prompt"] for r in safety_rows]
-        greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
+        greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.datasets.max_new_tokens)
         judge = KeywordRefusalJudge()
         refused = judge(greedy)
         explicit = all("response" in r for r in safety_rows)
@@ -335,14 +244,14 @@ def run_diagnose(
         safety_batch, safety_fit = batch_rows(
             tokenizer,
             [{"prompt": p, "response": t} for p, t in zip(prompts, targets, strict=True)],
-            cfg.max_length,
-            f"safety set {cfg.safety}",
+            cfg.datasets.max_length,
+            f"safety set {cfg.datasets.safety}",
         )
         # Prompts too long for the context are out of the batch: out of the record too.
         kept = safety_fit.kept
         prompts, targets, refused = ([x[i] for i in kept] for x in (prompts, targets, refused))
         data_batch, data_fit = batch_rows(
-            tokenizer, data_rows, cfg.max_length, f"fine-tuning set {cfg.data}"
+            tokenizer, data_rows, cfg.datasets.max_length, f"fine-tuning set {cfg.finetune.data}"
         )
         out["datasets"] = {
             "safety": {**safety.summary(), **safety_fit.summary()},
@@ -350,7 +259,7 @@ def run_diagnose(
         }
         out["alignment"] = {
             "reference": "explicit responses" if explicit else "the model's own greedy responses",
-            "loss": cfg.alignment_loss,
+            "loss": cfg.curvature.alignment_loss,
             "refusal_rate": sum(refused) / len(refused),
             "n_prompts": len(prompts),
             "responses": [
@@ -366,12 +275,14 @@ def run_diagnose(
         "n_tensors": len(selection),
         "blocks": {b: len(i) for b, i in selection.blocks.items()},
         "modules": selected_modules(selection.names),
-        "dtype": {"weights": cfg.dtype, "compute": str(flm.dtype).removeprefix("torch.")},
+        "dtype": {"weights": cfg.model.dtype, "compute": str(flm.dtype).removeprefix("torch.")},
         "adapter": describe_adapter(
-            model, cfg.adapter, None if cfg.lora_r is None else cfg.lora_targets or "all-linear"
+            model,
+            cfg.model.adapter,
+            None if cfg.model.lora_r is None else cfg.model.lora_targets or "all-linear",
         ),
     }
-    if spec != list(cfg.params):
+    if spec != list(cfg.curvature.params):
         out["parameters"]["note"] = "--params all with an adapter: the adapter weights only"
         stages.note(f"parameters: the adapter weights only ({selection.size:,}; --params all)")
     with torch.no_grad():
@@ -384,7 +295,8 @@ def run_diagnose(
     fisher = FisherOperator(
         flm, safety_batch, chunk_size=_fisher_chunk(model, safety_batch, budget)
     )
-    k = cfg.rank if cfg.rank is not None else 40
+    curv = cfg.curvature
+    k = curv.eigenpairs
     reused = subspace is not None
     if reused and subspace.vectors.shape[0] != selection.size:
         raise ValueError(
@@ -394,21 +306,21 @@ def run_diagnose(
     with stages.stage("subspace", f"top-{k} Fisher eigenpairs over {selection.size:,} params"):
         if reused:
             eig, trace, trace_err, plan_text = None, None, None, "reused"
-        elif cfg.fisher == "empirical":
+        elif cfg.curvature.fisher == "empirical":
             rows = fisher.empirical_factor_rows(memory_budget=budget)
-            eig = gram_eigs(rows, min(k, rows.shape[0]) if cfg.rank is None else k)
+            eig = gram_eigs(rows, min(k, rows.shape[0]) if curv.rank is None else k)
             trace, trace_err, plan_text = float((rows.double() ** 2).sum()), None, "empirical"
         else:
             eig, plan = fisher_eigs(
                 fisher,
-                k if cfg.rank is not None else min(k, safety_batch.size * cfg.samples_per_prompt),
-                method=cfg.solver,
-                samples_per_example=cfg.samples_per_prompt,
+                k if curv.rank is not None else min(k, safety_batch.size * curv.samples_per_prompt),
+                method=cfg.curvature.solver,
+                samples_per_example=cfg.curvature.samples_per_prompt,
                 memory_budget=budget,
-                seed=cfg.seed,
-                blockwise=cfg.group is not None,
+                seed=cfg.runtime.seed,
+                blockwise=cfg.curvature.group is not None,
             )
-            est = hutchpp(fisher.matvec, flm.dim, 30, seed=cfg.seed, op_dtype=flm.dtype)
+            est = hutchpp(fisher.matvec, flm.dim, 30, seed=cfg.runtime.seed, op_dtype=flm.dtype)
             trace, trace_err, plan_text = (
                 max(est.value, float(eig.values.sum())),
                 est.stderr,
@@ -416,12 +328,12 @@ def run_diagnose(
             )
         if not reused:
             subspace = make_subspace(eig, trace, trace_err)
-        d = cfg.rank if cfg.rank is not None else subspace.rank_for(cfg.explained or 0.9)
+        d = curv.rank if curv.rank is not None else subspace.rank_for(curv.explained or 0.9)
         d = min(d, subspace.k)
         out["subspace"] = {
             **subspace.summary(d),
             "plan": plan_text,
-            "fisher": cfg.fisher,
+            "fisher": cfg.curvature.fisher,
             "converged": None if reused else eig.converged,
             "max_residual": (
                 None if reused or eig.residuals is None else float(eig.residuals.max())
@@ -430,7 +342,9 @@ def run_diagnose(
 
     with stages.stage("gradients", f"{data_batch.size} fine-tuning examples"):
         g = finetune_gradient(flm, data_batch)
-        noise_rows = data_batch.select(list(range(min(cfg.noise_examples, data_batch.size))))
+        noise_rows = data_batch.select(
+            list(range(min(cfg.datasets.noise_examples, data_batch.size)))
+        )
         per_sample = per_sample_grads(
             flm.example_nll,
             flm.theta0,
@@ -440,16 +354,16 @@ def run_diagnose(
     _check_finite(float(g.norm()), "the fine-tuning gradient norm")
 
     ga = None
-    if cfg.alignment_loss == "nll":  # the refusal NLL is not stationary at theta0
+    if cfg.curvature.alignment_loss == "nll":  # the refusal NLL is not stationary at theta0
         ga = finetune_gradient(flm, safety_batch)
     with stages.stage("hvp", "curvature coupling H g"):
         hessian = HessianOperator(lambda t: flm.mean_nll(t, data_batch), flm.theta0)
         sgd = measure_direction(fisher, hessian, subspace, g, d, alignment_grad=ga)
         adam = None
         diag = None
-        if cfg.optimizer in ("adam", "adamw"):
+        if cfg.optim.optimizer in ("adam", "adamw"):
             grad_var = per_sample.var(dim=0) if per_sample.shape[0] > 1 else torch.zeros_like(g)
-            diag = adam_preconditioner(g, grad_var, cfg.batch_size, cfg.adam_eps)
+            diag = adam_preconditioner(g, grad_var, cfg.optim.batch_size, cfg.optim.adam_eps)
             adam = measure_direction(fisher, hessian, subspace, g, d, diag=diag, alignment_grad=ga)
         tr_f_sigma = noise_trace(fisher, per_sample)
         if diag is not None:
@@ -465,9 +379,7 @@ def run_diagnose(
             cfg, adam or sgd, tr_f_sigma if diag is None else tr_f_sigma_adam
         )
         if adam is not None:
-            out["forecast_sgd"] = _forecast(
-                replace(cfg, optimizer="sgd"), sgd, tr_f_sigma
-            )
+            out["forecast_sgd"] = _forecast(cfg.with_options(optimizer="sgd"), sgd, tr_f_sigma)
     return DiagnoseResult(
         cfg,
         out,
@@ -480,7 +392,7 @@ def run_diagnose(
 
 
 def _forecast(cfg: DiagnoseConfig, aic: AIC, tr_f_sigma: float) -> dict[str, Any]:
-    adam = cfg.optimizer in ("adam", "adamw")
+    adam = cfg.optim.adaptive
     inputs = ForecastInputs(
         gFg=aic.gFg,
         gFa=aic.gFa,
@@ -498,10 +410,10 @@ def _forecast(cfg: DiagnoseConfig, aic: AIC, tr_f_sigma: float) -> dict[str, Any
     )
     fc = forecast(
         inputs,
-        lr=cfg.lr,
-        n_steps=cfg.steps,
-        optimizer=cfg.optimizer,
-        batch_size=cfg.batch_size,
-        threshold=cfg.threshold,
+        lr=cfg.optim.lr,
+        n_steps=cfg.optim.steps,
+        optimizer=cfg.optim.optimizer,
+        batch_size=cfg.optim.batch_size,
+        threshold=cfg.optim.threshold,
     )
     return fc.to_dict()

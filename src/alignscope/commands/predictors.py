@@ -33,13 +33,14 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
+from alignscope.config import DEFAULT_PREDICTOR
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.data.encode import LMBatch, batch_rows, encode_pairs, fit_to_length
 from alignscope.data.sample import subsample
@@ -61,80 +62,11 @@ PREDICTORS: dict[str, str] = {
     "gamma_adam": "gamma of Adam's first-step flow (approximate)",
     "kappa_adam": "kappa of Adam's first-step flow (approximate)",
 }
+__all__ = ["DEFAULT_PREDICTOR", "PREDICTORS", "STEP_PREDICTORS", "RankState", "order"]
 # Predictors whose value is a step (smaller = more damage); the rest: larger = more damage.
 STEP_PREDICTORS = ("lookahead_collapse_step", "forecast_collapse_step")
-# The predictor rank orders by unless told otherwise: the winner of bench/study.py (see
-# README.md, "Which predictor works": Spearman 0.91 with the observed refusal drop, AUC 0.97 for
-# collapse, over 108 runs on the test organism).
-DEFAULT_PREDICTOR = "lookahead_kl_measured"
-
-
-@dataclass
-class RankConfig(DiagnoseConfig):
-    """diagnose's config for several candidates, recorded verbatim in results.json: ``data`` is
-    a list of fine-tuning sets and ``lrs`` the learning rates (default ``[lr]``); every set is
-    ranked at every learning rate."""
-
-    data: list[str]  # type: ignore[assignment]  # (a list here, one path in diagnose)
-    lrs: list[float] = field(default_factory=list)
-    compliance: str | None = None
-    predictor: str = DEFAULT_PREDICTOR
-    lookahead_steps: int | None = None  # None: max(12, steps / 10), see n_lookahead
-
-    def __post_init__(self) -> None:
-        self.data = list(self.data)
-        self.lrs = list(self.lrs) or [self.lr]
-        self.lr = self.lrs[0]  # what results.json records as lr is a rate that was ranked
-
-    @property
-    def n_lookahead(self) -> int:
-        """Optimizer steps of the lookahead: as given, else a tenth of the planned steps, at
-        least 12 (12 of 200 swapped two sets on the demo organism that 20 ordered right,
-        docs/rank.md), never more than the plan."""
-        if self.lookahead_steps is not None:
-            return self.lookahead_steps
-        return min(self.steps, max(12, math.ceil(self.steps / 10)))
-
-    def candidates(self) -> list[tuple[str, float]]:
-        """``(data, lr)`` pairs: every set at every learning rate."""
-        return [(d, lr) for d in self.data for lr in self.lrs]
-
-    def validate(self) -> None:
-        super().validate()  # optimizer, steps, batch, rank, formats, adapter / LoRA options
-        for lr in self.lrs:
-            if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-                raise ValueError(f"--lr {lr!r}: every learning rate must be a positive number")
-        if len(set(self.lrs)) != len(self.lrs):
-            raise ValueError(f"--lr {self.lrs}: the learning rates repeat")
-        if len(set(self.data)) != len(self.data):
-            raise ValueError("--data: the same fine-tuning set is given twice")
-        if len(self.candidates()) < 2:
-            raise ValueError(
-                "rank needs at least two candidates: pass two or more --data sets, or one set "
-                "with two or more learning rates (--lr 1e-5 3e-5 1e-4)"
-            )
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"--predictor {self.predictor!r}: use one of {', '.join(PREDICTORS)}")
-        if self.predictor == "gradient_similarity" and self.compliance is None:
-            raise ValueError("--predictor gradient_similarity needs --compliance FILE")
-        if self.lookahead_steps is not None and not 1 <= self.lookahead_steps <= self.steps:
-            raise ValueError("--lookahead-steps must be in 1..--steps")
-
-    def model_config(self) -> DiagnoseConfig:
-        """The model as configured (adapter included): loads it and resolves ``--params``."""
-        shared = {f.name: getattr(self, f.name) for f in fields(DiagnoseConfig)}
-        return DiagnoseConfig(**{**shared, "data": self.data[0], "lr": self.lrs[0]})
-
-    def diagnose_config(self, data: str, seed: int | None = None) -> DiagnoseConfig:
-        """The diagnosis of one candidate set, on the model already loaded (its adapter attached,
-        so the selection is resolved here). Always Adam's preconditioned direction too (so both
-        the SGD and the Adam AIC numbers exist); forecasts are made per candidate."""
-        base = self.model_config()
-        return replace(
-            base, data=data, params=base.param_spec(), optimizer="adamw",
-            seed=self.seed if seed is None else seed,
-            adapter=None, lora_r=None, lora_alpha=None, lora_targets=[],
-        )  # fmt: skip
+# DEFAULT_PREDICTOR (the predictor rank orders by unless told otherwise) is stated in config.py
+# with the options; it is re-exported here beside the predictors.
 
 
 # --- data helpers (same seeded subset as diagnose/verify) ------------------------------------
@@ -220,9 +152,11 @@ def run_lookahead(
     seed: int,
     max_length: int | None,
     params: Sequence[str] = ("all",),
-) -> tuple[list[int], list[float]]:
+    eval_prompts: Sequence[str] | None = None,
+) -> tuple[list[int], list[float], dict[int, float]]:
     """``n_steps`` real optimizer steps on a copy of ``model`` (the fine-tuning loop and the
-    tracker verify uses); the alignment KL at steps ``0..n_steps``."""
+    tracker verify uses); the alignment KL at steps ``0..n_steps`` and, with ``eval_prompts``,
+    the refusal rate on them at the first and the last step (``{step: rate}``, else empty)."""
     from alignscope.commands.verify import make_optimizer
     from alignscope.train.loop import finetune
     from alignscope.train.tracker import AlignmentTracker
@@ -230,17 +164,24 @@ def run_lookahead(
     work = copy.deepcopy(model)
     selection = select_params(work, list(params))
     selection.train_only(work)
-    tracker = AlignmentTracker(work, tokenizer, selection, safety_batch, generate_refusals=False)
+    tracker = AlignmentTracker(
+        work, tokenizer, selection, safety_batch, eval_prompts=eval_prompts,
+        generate_refusals=False,
+    )  # fmt: skip
     pairs = [(r["prompt"], r["response"]) for r in rows]
     encoded, _ = fit_to_length(encode_pairs(tokenizer, pairs), max_length)  # as diagnose fits
     opt = make_optimizer(optimizer, [p for p in work.parameters() if p.requires_grad], lr)
     ks: list[int] = []
     kls: list[float] = []
+    refusal: dict[int, float] = {}
 
     def callback(step: int, loss: float | None) -> bool:
-        rec = tracker.measure(step, loss, refusals=False)
+        ends = eval_prompts is not None and step in (0, n_steps)  # generation is the costly part
+        rec = tracker.measure(step, loss, refusals=ends)
         ks.append(step)
         kls.append(rec["kl"])
+        if rec["refusal_rate"] is not None:
+            refusal[step] = rec["refusal_rate"]
         return False
 
     torch.manual_seed(seed)
@@ -258,7 +199,7 @@ def run_lookahead(
         optimizer=opt,
         loss_weighting="example",
     )
-    return ks, kls
+    return ks, kls, refusal
 
 
 # --- shared state and per-candidate predictors -----------------------------------------------
@@ -281,19 +222,38 @@ class Geometry:
 
 
 class RankState:
-    """The model, tokenizer, alignment subspace and compliance gradient, computed once."""
+    """The model, tokenizer, alignment subspace and compliance gradient, computed once.
+
+    ``base``: the diagnosis config of the model as configured (its adapter included, any one
+    candidate set); every candidate is diagnosed with it, on the loaded model. ``compliance``:
+    harmful prompts with compliant answers (the gradient-similarity reference), or None.
+    ``lookahead_steps``: optimizer steps of each lookahead run. ``eval_prompts``: held-out
+    harmful prompts whose refusal rate each lookahead measures at its first and last step.
+    """
 
     def __init__(
-        self, cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = True, subspace=None
+        self,
+        base: DiagnoseConfig,
+        *,
+        lookahead_steps: int,
+        compliance: str | None = None,
+        eval_prompts: Sequence[str] | None = None,
+        model=None,
+        tokenizer=None,
+        quiet: bool = True,
+        subspace=None,
     ):
-        self.cfg = cfg
+        self.cfg = base
+        self.compliance = compliance
+        self.lookahead_steps = lookahead_steps
+        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else None
         self.quiet = quiet
         self.shared_timings: dict[str, float] = {}
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+        if base.runtime.threads is not None:
+            torch.set_num_threads(base.runtime.threads)
         if model is None:
             start = time.perf_counter()
-            model, tokenizer = cfg.model_config().load_model()  # with its adapter, if any
+            model, tokenizer = base.load_model()  # with its adapter, if any
             self.shared_timings["load_model"] = time.perf_counter() - start
         self.model, self.tokenizer = model, tokenizer
         self.subspace = subspace  # an earlier diagnosis' (same model, safety set, params)
@@ -301,30 +261,41 @@ class RankState:
         self._flm: FunctionalLM | None = None
         self.compliance_grad: torch.Tensor | None = None
 
+    def diagnose_config(self, data: str, seed: int | None = None) -> DiagnoseConfig:
+        """The diagnosis of one candidate set, on the model already loaded (its adapter attached,
+        so the selection is resolved here). Always Adam's preconditioned direction too (so both
+        the SGD and the Adam AIC numbers exist); forecasts are made per candidate."""
+        base = self.cfg
+        return base.with_options(
+            data=data, params=base.param_spec(), optimizer="adamw",
+            seed=base.runtime.seed if seed is None else seed,
+            adapter=None, lora_r=None, lora_alpha=None, lora_targets=None,
+        )  # fmt: skip
+
     @property
     def flm(self) -> FunctionalLM:
         if self._flm is None:
-            spec = self.cfg.model_config().param_spec()
+            spec = self.cfg.param_spec()
             self._flm = FunctionalLM(self.model, select_params(self.model, spec))
         return self._flm
 
     def _compliance(self) -> torch.Tensor | None:
-        if self.cfg.compliance is None:
+        if self.compliance is None:
             return None
         if self.compliance_grad is None:
             start = time.perf_counter()
-            rows = _load_rows(self.cfg.compliance, "data", self.cfg.data_format)
-            rows = subsample(rows, self.cfg.max_data, self.cfg.seed)
+            rows = _load_rows(self.compliance, "data", self.cfg.datasets.data_format)
+            rows = subsample(rows, self.cfg.datasets.max_data, self.cfg.runtime.seed)
             if not rows:
-                raise ValueError(f"--compliance {self.cfg.compliance}: no rows")
-            batch = batch_rows(self.tokenizer, rows, self.cfg.max_length, "rank")[0]
+                raise ValueError(f"--compliance {self.compliance}: no rows")
+            batch = batch_rows(self.tokenizer, rows, self.cfg.datasets.max_length, "rank")[0]
             self.compliance_grad = finetune_gradient(self.flm, batch).detach()
             self.shared_timings["compliance_gradient"] = time.perf_counter() - start
         return self.compliance_grad
 
     def geometry(self, data: str, seed: int | None = None) -> Geometry:
         """Diagnose one candidate set (reusing the subspace) and its gradient similarity."""
-        dcfg = self.cfg.diagnose_config(data, seed)
+        dcfg = self.diagnose_config(data, seed)
         res = run_diagnose(
             dcfg, model=self.model, tokenizer=self.tokenizer, quiet=self.quiet,
             subspace=self.subspace,
@@ -335,11 +306,13 @@ class RankState:
             self.shared_timings["subspace"] = timings.get("subspace", 0.0)
         if self.safety_batch is None:
             responses = res.data["alignment"]["responses"]
-            self.safety_batch = batch_rows(self.tokenizer, responses, dcfg.max_length, "rank")[0]
+            self.safety_batch = batch_rows(
+                self.tokenizer, responses, dcfg.datasets.max_length, "rank"
+            )[0]
         seconds = sum(v for k, v in timings.items() if k != "subspace")
         out = res.to_json()
         aic = out["aic"]
-        rows = _load_rows(data, "data", self.cfg.data_format)
+        rows = _load_rows(data, "data", self.cfg.datasets.data_format)
         sim, sim_seconds = None, 0.0
         reference = self._compliance()
         if reference is not None:  # the diagnosis' own gradient, over the same batch
@@ -363,7 +336,7 @@ class RankState:
         """The diagnosis' forecast for ``optimizer`` at ``lr`` (cheap: no new curvature)."""
         from alignscope.commands.diagnose import _forecast
 
-        dcfg = replace(self.cfg.diagnose_config(geo.data), optimizer=optimizer, lr=lr)
+        dcfg = self.diagnose_config(geo.data).with_options(optimizer=optimizer, lr=lr)
         adam = optimizer in ("adam", "adamw")
         return _forecast(
             dcfg,
@@ -373,36 +346,37 @@ class RankState:
 
     def lookahead(
         self, geo: Geometry, optimizer: str, lr: float, seed: int | None = None
-    ) -> tuple[list[int], list[float], float]:
+    ) -> tuple[list[int], list[float], dict[int, float], float]:
         start = time.perf_counter()
-        ks, kls = run_lookahead(
+        ks, kls, refusal = run_lookahead(
             self.model,
             self.tokenizer,
             self.safety_batch,
             geo.rows,
             optimizer=optimizer,
             lr=lr,
-            n_steps=self.cfg.n_lookahead,
-            batch_size=self.cfg.batch_size,
-            seed=self.cfg.seed if seed is None else seed,
-            max_length=self.cfg.max_length,
-            params=self.cfg.model_config().param_spec(),
+            n_steps=self.lookahead_steps,
+            batch_size=self.cfg.optim.batch_size,
+            seed=self.cfg.runtime.seed if seed is None else seed,
+            max_length=self.cfg.datasets.max_length,
+            params=self.cfg.param_spec(),
+            eval_prompts=self.eval_prompts,
         )
-        return ks, kls, time.perf_counter() - start
+        return ks, kls, refusal, time.perf_counter() - start
 
     def predict(
         self, geo: Geometry, optimizer: str, lr: float, seed: int | None = None
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Every predictor for one candidate: ``({name: {value, score, seconds}}, details)``."""
-        steps = self.cfg.steps
+        steps = self.cfg.optim.steps
         start = time.perf_counter()
         fc = self.forecast(geo, optimizer, lr)
         fc_seconds = geo.seconds + time.perf_counter() - start
         dl = [v for v in fc["dL"] if v is not None]
         fc_dl = dl[-1] if dl else None
         fc_step = fc["collapse_step"]
-        ks, kls, la_seconds = self.lookahead(geo, optimizer, lr, seed)
-        trend = extrapolate_trend(ks, kls, steps, self.cfg.threshold)
+        ks, kls, refusal, la_seconds = self.lookahead(geo, optimizer, lr, seed)
+        trend = extrapolate_trend(ks, kls, steps, self.cfg.optim.threshold)
 
         def step_score(k: int | None) -> float:
             return steps / k if k else 0.0
@@ -447,6 +421,7 @@ class RankState:
                 "exponent": trend.exponent,
                 "coefficient": trend.coefficient,
                 "fitted_points": trend.fitted_points,
+                "refusal_rate": refusal,  # {step: rate} on --eval-prompts (empty without)
             },
         }
         return {k: out[k] for k in PREDICTORS}, details

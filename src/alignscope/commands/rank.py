@@ -1,28 +1,40 @@
 """``rank``: order candidate fine-tuning sets (or learning rates) by predicted alignment damage.
 
-Every predictor of :mod:`alignscope.commands.predictors` is computed for every candidate, side by
-side; the candidates are ordered by one of them (``RankConfig.predictor``, default the winner of
-bench/study.py), least predicted damage - the recommended candidate - first.
+Every predictor of :mod:`alignscope.commands.predictors` is computed for every candidate, side
+by side; the candidates are ordered by one of them (``RankConfig.predictor``, default the winner
+of bench/study.py), least predicted damage - the recommended candidate - first.
 :func:`run_rank` returns a :class:`RankResult` whose ``to_json()`` is the versioned results.json.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignscope.commands.diagnose import DiagnoseConfig
 from alignscope.commands.predictors import (
     DEFAULT_PREDICTOR,
     PREDICTORS,
     STEP_PREDICTORS,
-    RankConfig,
     RankState,
     order,
 )
+from alignscope.config import (
+    Composed,
+    CurvatureSpec,
+    DataSpec,
+    EvalSpec,
+    FinetuneSpec,
+    ModelSpec,
+    OptimSpec,
+    RankingSpec,
+    RuntimeSpec,
+)
+from alignscope.data.sample import subsample
 from alignscope.progress import Stages
 from alignscope.report.format import fmt
 from alignscope.report.output import jsonable, results_header
@@ -30,6 +42,73 @@ from alignscope.report.output import jsonable, results_header
 SCHEMA = "alignscope.rank/1"
 
 __all__ = ["DEFAULT_PREDICTOR", "PREDICTORS", "RankConfig", "RankResult", "run_rank", "summary"]
+
+
+@dataclass
+class RankConfig(Composed):
+    """diagnose's specs for several candidates, recorded flat in results.json:
+    ``ranking.data`` is a list of fine-tuning sets and ``ranking.lrs`` the learning rates
+    (default ``[optim.lr]``); every set is ranked at every learning rate."""
+
+    model: ModelSpec
+    datasets: DataSpec
+    ranking: RankingSpec
+    curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+
+    def __post_init__(self) -> None:
+        self.ranking.lrs = self.ranking.lrs or [self.optim.lr]
+        self.optim.lr = self.ranking.lrs[0]  # the lr results.json records is a ranked one
+
+    @property
+    def n_lookahead(self) -> int:
+        """Optimizer steps of the lookahead: as given, else a tenth of the planned steps, at
+        least 12 (12 of 200 swapped two sets on the demo organism that 20 ordered right,
+        docs/rank.md), never more than the plan."""
+        if self.ranking.lookahead_steps is not None:
+            return self.ranking.lookahead_steps
+        steps = self.optim.steps
+        return min(steps, max(12, math.ceil(steps / 10)))
+
+    def candidates(self) -> list[tuple[str, float]]:
+        """``(data, lr)`` pairs: every set at every learning rate."""
+        return [(d, lr) for d in self.ranking.data for lr in self.ranking.lrs or ()]
+
+    def validate(self) -> None:
+        super().validate()  # each spec's own fields
+        r = self.ranking
+        if len(self.candidates()) < 2:
+            raise ValueError(
+                "rank needs at least two candidates: pass two or more --data sets, or one set "
+                "with two or more learning rates (--lr 1e-5 3e-5 1e-4)"
+            )
+        if r.predictor not in PREDICTORS:
+            raise ValueError(f"--predictor {r.predictor!r}: use one of {', '.join(PREDICTORS)}")
+        if r.predictor == "gradient_similarity" and r.compliance is None:
+            raise ValueError("--predictor gradient_similarity needs --compliance FILE")
+        if r.lookahead_steps is not None and r.lookahead_steps > self.optim.steps:
+            raise ValueError("--lookahead-steps must be in 1..--steps")
+
+    def eval_prompts(self) -> list[str] | None:
+        """The ``--eval-prompts`` (at most ``--max-eval``, seeded subset), or None."""
+        if self.eval.eval_prompts is None:
+            return None
+        from alignscope.data.loaders import load_data
+
+        rows = load_data(self.eval.eval_prompts, "safety", format=self.datasets.safety_format).rows
+        rows = subsample(rows, self.eval.max_eval, self.runtime.seed)
+        if not rows:
+            raise ValueError(f"--eval-prompts {self.eval.eval_prompts}: no prompts")
+        return [r["prompt"] for r in rows]
+
+    def model_config(self) -> DiagnoseConfig:
+        """The diagnosis config of the model as configured (adapter included; the first set)."""
+        return DiagnoseConfig(
+            self.model, self.datasets, FinetuneSpec(self.ranking.data[0]), self.curvature,
+            self.optim, self.runtime,
+        )  # fmt: skip
 
 
 @dataclass
@@ -43,9 +122,9 @@ class RankResult:
 
     @property
     def mode(self) -> str:
-        if len(self.config.data) > 1 and len(self.config.lrs) > 1:
+        if len(self.config.ranking.data) > 1 and len(self.config.ranking.lrs) > 1:
             return "datasets x learning rates"
-        return "learning rates" if len(self.config.lrs) > 1 else "datasets"
+        return "learning rates" if len(self.config.ranking.lrs) > 1 else "datasets"
 
     def to_json(self) -> dict[str, Any]:
         cands = self.candidates
@@ -54,13 +133,15 @@ class RankResult:
                 **results_header(SCHEMA, self.config),
                 "mode": self.mode,
                 "parameters": self.parameters,
-                "predictor": self.config.predictor,
+                "predictor": self.config.ranking.predictor,
                 "predictor_descriptions": PREDICTORS,
                 "candidates": cands,
                 "ranking": [cands[i]["label"] for i in self.ranking],
                 "recommended": cands[self.ranking[0]]["label"],
                 "most_damaging": cands[self.ranking[-1]]["label"],
-                "summary": summary(cands, self.ranking, self.config.predictor, self.config.steps),
+                "summary": summary(
+                    cands, self.ranking, self.config.ranking.predictor, self.config.optim.steps
+                ),
                 "shared_timings_s": self.shared_timings,
                 "timings_s": self.timings,
             }
@@ -69,9 +150,9 @@ class RankResult:
 
 def _label(data: str, lr: float, cfg: RankConfig) -> str:
     name = Path(data).stem
-    if len(cfg.lrs) == 1:
+    if len(cfg.ranking.lrs) == 1:
         return name
-    if len(cfg.data) == 1:
+    if len(cfg.ranking.data) == 1:
         return f"lr {lr:g}"
     return f"{name} @ lr {lr:g}"
 
@@ -122,37 +203,39 @@ def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: i
 def run_rank(
     cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = False, subspace=None
 ) -> RankResult:
-    """Compute every predictor for every candidate and order them by ``cfg.predictor``.
+    """Compute every predictor for every candidate and order them by ``cfg.ranking.predictor``.
 
     ``subspace``: the alignment subspace of an earlier diagnosis of the same model, safety set and
     parameters (``DiagnoseResult.subspace``), reused instead of recomputed."""
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.runtime.seed)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(cfg.runtime.threads)
     stages = Stages(quiet=quiet)
-    with stages.stage("load", cfg.model):
-        state = RankState(cfg, model=model, tokenizer=tokenizer, quiet=True, subspace=subspace)
+    with stages.stage("load", cfg.model.model):
+        state = RankState(
+            cfg.model_config(), lookahead_steps=cfg.n_lookahead,
+            compliance=cfg.ranking.compliance, eval_prompts=cfg.eval_prompts(), model=model,
+            tokenizer=tokenizer, quiet=True, subspace=subspace,
+        )  # fmt: skip
     candidates: list[dict[str, Any]] = []
     parameters = None
-    for i, data in enumerate(cfg.data):
+    for i, data in enumerate(cfg.ranking.data):
         first = i == 0 and subspace is None
         detail = "alignment subspace (once) + " if first else "reusing the subspace, "
         with stages.stage(f"diagnose {Path(data).stem}", detail + "AIC, gradient similarity"):
             geo = state.geometry(data)
         parameters = parameters or geo.diagnosis["parameters"]
-        for lr in cfg.lrs:
+        for lr in cfg.ranking.lrs:
             label = _label(data, lr, cfg)
-            with stages.stage(
-                f"predict {label}", f"forecast + {cfg.n_lookahead}-step lookahead"
-            ):
-                preds, details = state.predict(geo, cfg.optimizer, lr)
+            with stages.stage(f"predict {label}", f"forecast + {cfg.n_lookahead}-step lookahead"):
+                preds, details = state.predict(geo, cfg.optim.optimizer, lr)
             aic = geo.diagnosis["aic"]
             candidates.append(
                 {
                     "label": label,
                     "data": data,
-                    "optimizer": cfg.optimizer,
+                    "optimizer": cfg.optim.optimizer,
                     "lr": lr,
                     "predictors": preds,
                     "details": {
@@ -168,8 +251,10 @@ def run_rank(
                 }
             )
     # least predicted damage (recommended) first; candidates without a score at the end
-    damage = order(candidates, cfg.predictor)
-    missing = [i for i in damage if candidates[i]["predictors"][cfg.predictor]["score"] is None]
+    damage = order(candidates, cfg.ranking.predictor)
+    missing = [
+        i for i in damage if candidates[i]["predictors"][cfg.ranking.predictor]["score"] is None
+    ]
     ranking = [i for i in damage[::-1] if i not in missing] + missing
     return RankResult(
         cfg, candidates, ranking, dict(state.shared_timings), stages.timings, parameters

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,17 @@ import numpy as np
 import torch
 
 from alignscope.commands.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
+from alignscope.config import (
+    Composed,
+    CurvatureSpec,
+    DataSpec,
+    EvalSpec,
+    FinetuneSpec,
+    ModelSpec,
+    OptimSpec,
+    RecordSpec,
+    RuntimeSpec,
+)
 from alignscope.data.encode import batch_rows
 from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
@@ -51,28 +62,24 @@ _MUST_MATCH = ("model", "safety", "optimizer", "lr", "batch_size", "params", "gr
 
 
 @dataclass
-class VerifyConfig(DiagnoseConfig):
-    """``diagnose``'s config plus what the real fine-tuning run needs."""
+class VerifyConfig(Composed):
+    """``diagnose``'s specs plus what the real fine-tuning run needs: the held-out prompts of
+    the refusal rate and when to record and checkpoint."""
 
-    eval_prompts: str | None = None  # held-out harmful prompts (refusal rate, eval KL/NLL)
-    eval_every: str = "auto"  # "auto": log-spaced steps; or an integer: every N steps
-    max_eval: int | None = 64
-    checkpoint_every: int = 4  # recorded steps between checkpoints in partial_dir (0: never)
+    model: ModelSpec
+    datasets: DataSpec
+    finetune: FinetuneSpec
+    curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    record: RecordSpec = field(default_factory=RecordSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
     def diagnose_config(self) -> DiagnoseConfig:
-        return DiagnoseConfig(**{f.name: getattr(self, f.name) for f in fields(DiagnoseConfig)})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.eval_every != "auto":
-            try:
-                every = int(self.eval_every)
-            except ValueError:
-                raise ValueError("--eval-every must be 'auto' or a positive integer") from None
-            if every < 1:
-                raise ValueError("--eval-every must be 'auto' or a positive integer")
-        if self.checkpoint_every < 0:
-            raise ValueError("--checkpoint-every must be >= 0")
+        """The diagnosis this run scores (the same model, data, curvature, optimizer, seed)."""
+        return DiagnoseConfig(
+            self.model, self.datasets, self.finetune, self.curvature, self.optim, self.runtime
+        )
 
 
 @dataclass
@@ -231,7 +238,7 @@ def score(
 
 
 def _config_key(cfg: VerifyConfig) -> str:
-    return json.dumps(jsonable(asdict(cfg)), sort_keys=True)
+    return json.dumps(jsonable(cfg.flat()), sort_keys=True)
 
 
 class _Partial:
@@ -316,11 +323,12 @@ def _check_diagnosis(diag: dict, cfg: VerifyConfig) -> None:
     dc = diag.get("config", {})
     if "forecast" not in diag or "alignment" not in diag:
         raise ValueError("the diagnosis has no forecast/alignment section: not a diagnose result")
-    bad = [k for k in _MUST_MATCH if k in dc and dc[k] != jsonable(getattr(cfg, k))]
+    flat = cfg.flat()
+    bad = [k for k in _MUST_MATCH if k in dc and dc[k] != jsonable(flat[k])]
     if bad:
         raise ValueError(
             "the diagnosis was made for other settings ("
-            + ", ".join(f"{k}: {dc[k]!r} vs {getattr(cfg, k)!r}" for k in bad)
+            + ", ".join(f"{k}: {dc[k]!r} vs {flat[k]!r}" for k in bad)
             + "); rerun diagnose or pass matching options"
         )
 
@@ -349,9 +357,9 @@ def run_verify(
     from alignscope.data.loaders import load_data
 
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.runtime.seed)
+    if cfg.runtime.threads is not None:
+        torch.set_num_threads(cfg.runtime.threads)
     judge = judge or KeywordRefusalJudge()
     stages = Stages(quiet=quiet)
     partial = _Partial(Path(partial_dir), cfg) if partial_dir is not None else None
@@ -373,11 +381,11 @@ def run_verify(
     with stages.stage("setup", "model copy, data, tracker"):
         if model is None:
             model, tokenizer = cfg.load_model()  # a new LoRA adapter: same seed, same A
-        elif cfg.uses_adapter:
+        elif cfg.model.uses_adapter:
             raise ValueError("--adapter/--lora-r apply when alignscope loads the model")
         else:
             model = copy.deepcopy(model)
-        selection = select_params(model, cfg.param_spec(), group=cfg.group)
+        selection = select_params(model, cfg.param_spec(), group=cfg.curvature.group)
         if selection.size != diag["parameters"]["n_params"]:
             raise ValueError(
                 f"the diagnosis analysed {diag['parameters']['n_params']} parameters, this "
@@ -385,35 +393,43 @@ def run_verify(
             )
         selection.train_only(model)
         safety_batch, _ = batch_rows(
-            tokenizer, diag["alignment"]["responses"], cfg.max_length, f"safety set {cfg.safety}"
+            tokenizer,
+            diag["alignment"]["responses"],
+            cfg.datasets.max_length,
+            f"safety set {cfg.datasets.safety}",
         )
-        data = load_data(cfg.data, "data", format=cfg.data_format)
+        data = load_data(cfg.finetune.data, "data", format=cfg.datasets.data_format)
         data_rows = data.rows
         try:  # the whole set is fine-tuned on: fit all of it, not only the tracked subset
             encoded, data_fit = fit_to_length(
                 encode_pairs(tokenizer, [(r["prompt"], r["response"]) for r in data_rows]),
-                cfg.max_length,
+                cfg.datasets.max_length,
             )
         except ValueError as err:
-            raise ValueError(f"fine-tuning set {cfg.data}: {err}") from None
+            raise ValueError(f"fine-tuning set {cfg.finetune.data}: {err}") from None
         datasets = {"finetune": {**data.summary(), **data_fit.summary()}}
         ft_batch, _ = batch_rows(
-            tokenizer, subsample(data_rows, cfg.max_data, cfg.seed), cfg.max_length, cfg.data
+            tokenizer,
+            subsample(data_rows, cfg.datasets.max_data, cfg.runtime.seed),
+            cfg.datasets.max_length,
+            cfg.finetune.data,
         )
         eval_batch = None
         prompts = [r["prompt"] for r in diag["alignment"]["responses"]]
-        if cfg.eval_prompts is not None:
-            evals = load_data(cfg.eval_prompts, "safety", format=cfg.safety_format)
-            rows = subsample(evals.rows, cfg.max_eval, cfg.seed)
+        if cfg.eval.eval_prompts is not None:
+            evals = load_data(cfg.eval.eval_prompts, "safety", format=cfg.datasets.safety_format)
+            rows = subsample(evals.rows, cfg.eval.max_eval, cfg.runtime.seed)
             if not rows:
-                raise ValueError(f"eval prompts {cfg.eval_prompts}: no prompts")
+                raise ValueError(f"eval prompts {cfg.eval.eval_prompts}: no prompts")
             prompts = [r["prompt"] for r in rows]
             if not all(r.get("response") for r in rows):
-                greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
+                greedy = generate(
+                    model, tokenizer, prompts, max_new_tokens=cfg.datasets.max_new_tokens
+                )
                 pairs = zip(prompts, greedy, strict=True)
                 rows = [{"prompt": p, "response": g or "."} for p, g in pairs]
             eval_batch, eval_fit = batch_rows(
-                tokenizer, rows, cfg.max_length, f"eval set {cfg.eval_prompts}"
+                tokenizer, rows, cfg.datasets.max_length, f"eval set {cfg.eval.eval_prompts}"
             )
             prompts = [prompts[i] for i in eval_fit.kept]  # too long for the context: left out
             datasets["eval"] = {**evals.summary(), **eval_fit.summary()}
@@ -428,19 +444,23 @@ def run_verify(
             basis=basis,
             eigenvalues=values,
             judge=judge,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=cfg.datasets.max_new_tokens,
         )
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.adam_eps)
+        opt = make_optimizer(cfg.optim.optimizer, params, cfg.optim.lr, cfg.optim.adam_eps)
     fc = diag["forecast"]
     steps_to_record = set(
-        record_steps(cfg.steps, cfg.eval_every, (fc.get("collapse_step"), fc.get("horizon_steps")))
+        record_steps(
+            cfg.optim.steps,
+            cfg.record.eval_every,
+            (fc.get("collapse_step"), fc.get("horizon_steps")),
+        )
     )
     records: list[dict[str, Any]] = []
     start = 0
     # A fresh run starts from the seed whether or not the diagnosis ran in this process, so a
     # run that dies before its first checkpoint reruns identically (dropout draws included).
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.runtime.seed)
     if partial is not None:
         ckpt, records = partial.resume()
         if ckpt is not None:
@@ -466,21 +486,27 @@ def run_verify(
             if partial is not None:
                 partial.write_trajectory(records)
                 since_ckpt += 1
-                if cfg.checkpoint_every and since_ckpt >= cfg.checkpoint_every and step > 0:
+                if (
+                    cfg.record.checkpoint_every
+                    and since_ckpt >= cfg.record.checkpoint_every
+                    and step > 0
+                ):
                     partial.checkpoint(step, model, opt)
                     since_ckpt = 0
         return False
 
-    with stages.stage("finetune", f"{cfg.steps} {cfg.optimizer} steps on {len(encoded)} pairs"):
+    with stages.stage(
+        "finetune", f"{cfg.optim.steps} {cfg.optim.optimizer} steps on {len(encoded)} pairs"
+    ):
         finetune(
             model,
             tokenizer,
             None,
-            cfg.steps,
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            max_length=cfg.max_length,
+            cfg.optim.steps,
+            lr=cfg.optim.lr,
+            batch_size=cfg.optim.batch_size,
+            seed=cfg.runtime.seed,
+            max_length=cfg.datasets.max_length,
             encoded=encoded,
             callback=callback,
             optimizer=opt,
@@ -488,7 +514,7 @@ def run_verify(
             loss_weighting="example",  # the L_f of the diagnosis
         )
     timings.update(stages.timings)
-    scores = score(diag, records, cfg.threshold, cfg.alignment_loss)
+    scores = score(diag, records, cfg.optim.threshold, cfg.curvature.alignment_loss)
     return VerifyResult(
         cfg,
         diag,

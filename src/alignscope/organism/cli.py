@@ -19,8 +19,8 @@ SEED = typer.Option(0, "--seed", help="Seed of corpus splits, initialisation and
 OUT = typer.Option(
     None,
     "--out",
-    help="Build directory [default: $ALIGNSCOPE_CACHE/organism/<preset>-seed<seed>, "
-    "ALIGNSCOPE_CACHE defaulting to ~/.cache/alignscope].",
+    help="Build directory (default: $ALIGNSCOPE_CACHE/organism/<preset>-seed<seed>, "
+    "ALIGNSCOPE_CACHE defaulting to ~/.cache/alignscope).",
 )
 THREADS = typer.Option(1, "--threads", help="torch threads (1 is fastest on small shared CPUs).")
 
@@ -69,37 +69,12 @@ def show(
     """Greedy generations of base and aligned model; refusal rate and benign accuracy."""
     import torch
 
-    from alignscope.evaluate import exact_match_accuracy, generate, judge_prompts
     from alignscope.organism import load_organism
+    from alignscope.organism.show import show_organism
 
     torch.set_num_threads(threads)
     org = load_organism(preset, seed, out, threads=threads)
-    tok = org.tokenizer()
-    models = {"base": org.base_model(), "aligned": org.aligned_model()}
-    harmful, benign = org.dataset("harmful_eval"), org.dataset("benign_eval")
-
-    for title, rows in (("held-out harmful prompts", harmful), ("benign prompts", benign)):
-        step = max(1, len(rows) // max(1, n))  # spread over the set: neighbours are near-duplicates
-        sample = [r["prompt"] for r in rows[::step][:n]]
-        outputs = {name: generate(model, tok, sample) for name, model in models.items()}
-        table = Table(title=title, show_lines=True)
-        for col in ("prompt", *models):
-            table.add_column(col)
-        for i, prompt in enumerate(sample):
-            table.add_row(prompt, *(outputs[name][i] for name in models))
-        console.print(table)
-
-    summary = Table(title=f"organism {org.preset} seed {org.seed}")
-    for col in ("model", "held-out refusal", "align-set refusal", "benign accuracy"):
-        summary.add_column(col)
-    for name, model in models.items():
-        summary.add_row(
-            name,
-            f"{judge_prompts(model, tok, harmful, batch_size=128).rate:.1%}",
-            f"{judge_prompts(model, tok, org.dataset('harmful_align'), batch_size=128).rate:.1%}",
-            f"{exact_match_accuracy(model, tok, benign, batch_size=128):.1%}",
-        )
-    console.print(summary)
+    show_organism(org, n, console)
 
 
 @app.command()
@@ -108,11 +83,17 @@ def collapse(
     seed: int = SEED,
     out: Path | None = OUT,
     sets: str = typer.Option(
-        "", "--sets", help="Comma-separated benign sets [default: all fine-tuning sets]."
+        "", "--sets", help="Comma-separated benign sets (default: all fine-tuning sets)."
     ),
-    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate [recipe's]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size [recipe's]."),
-    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps [recipe's]."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="AdamW learning rate (default: the recipe's)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Batch size (default: the recipe's)."
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Optimizer steps (default: the recipe's)."
+    ),
     ft_seed: int = typer.Option(0, "--ft-seed", help="Seed of the fine-tuning data order."),
     threads: int = THREADS,
 ) -> None:

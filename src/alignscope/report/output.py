@@ -8,7 +8,6 @@ import platform
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,13 @@ def environment() -> dict[str, str]:
 
 
 def results_header(schema: str, config: Any) -> dict[str, Any]:
-    """What every results.json opens with: schema, config (a dataclass), seed, environment, and
-    the process's command line (``argv``), which the reports show."""
+    """What every results.json opens with: schema, config (a command config of specs, written
+    flat), seed, environment, and the process's command line (``argv``), which the reports show."""
+    flat = config.flat()
     return {
         "schema": schema,
-        "config": asdict(config),
-        "seed": config.seed,
+        "config": flat,
+        "seed": flat["seed"],
         "argv": list(sys.argv),
         "environment": environment(),
     }

@@ -1,0 +1,406 @@
+"""The specs every command is configured from, each default and each option's help stated once.
+
+A command's config (``DiagnoseConfig``, ``VerifyConfig``, ``RankConfig``) combines the specs it
+needs; each spec validates its own fields. A field's ``metadata`` holds its command-line help
+(``help``), its flags where they are not ``--field-name`` (``flags``) and ``cli=False`` for the
+fields only the Python API sets; :mod:`alignscope.cli` generates the options from them. Field
+names are unique across the specs, so a config reads and writes flat (``from_options``,
+``flat()``: the ``config`` block of results.json).
+
+Torch-free: ``alignscope --help`` imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import MISSING, dataclass, field
+from typing import Any, TypeVar
+
+DEFAULT_RANK = 20  # subspace dimension d unless --explained
+EXPLAINED_MAX_RANK = 40  # eigenpairs computed when --explained chooses d
+DEFAULT_LR = 2e-5
+# The predictor rank orders by unless told otherwise: the winner of bench/study.py (see
+# README.md, "Which predictor works": Spearman 0.91 with the observed refusal drop, AUC 0.97 for
+# collapse, over 108 runs on the test organism).
+DEFAULT_PREDICTOR = "lookahead_kl_measured"
+OPTIMIZERS = ("sgd", "adam", "adamw")
+# Spelled out rather than read from data.loaders, which would import torch before --help;
+# tests/test_loaders.py checks that it names every format.
+FORMATS = ("auto", "chat", "advbench", "harmbench", "dolly", "alpaca", "qa", "donotanswer",
+           "plain", "lines", "hf")  # fmt: skip
+FORMATS_HELP = " | ".join(FORMATS) + " (docs/diagnose.md, Data formats)"
+
+
+def option(default: Any = MISSING, help: str = "", *, flags: tuple[str, ...] = (),
+           cli: bool = True, factory: Any = MISSING) -> Any:  # fmt: skip
+    """A spec field with its command-line help (and flags, where not ``--field-name``)."""
+    meta = {"help": help, "flags": flags, "cli": cli}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class ModelSpec:
+    """The model: weights, dtype, device and its PEFT adapter (an existing one or a new LoRA)."""
+
+    model: str = option(
+        help="Hugging Face model directory, hub id, or a local .gguf file.",
+        flags=("--model", "-m"),
+    )
+    dtype: str = option(
+        "float32", "Weights dtype: float32 | bfloat16 | float16 | float64 (16-bit: math in "
+        "float32).",
+    )  # fmt: skip
+    device: str = option("cpu", "cpu | cuda | auto.")
+    adapter: str | None = option(
+        None, "PEFT adapter directory to load on top of --model (trainable)."
+    )
+    lora_r: int | None = option(None, "Add a new LoRA adapter of this rank (B = 0).")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: 2 x --lora-r).")
+    lora_targets: list[str] | None = option(
+        None, "Module names to adapt (repeatable; default: all attention/MLP linear layers)."
+    )
+
+    def __post_init__(self) -> None:
+        self.lora_targets = list(self.lora_targets) if self.lora_targets else None
+
+    def validate(self) -> None:
+        if self.adapter is not None and self.lora_r is not None:
+            raise ValueError("pass either --adapter (an existing adapter) or --lora-r (a new one)")
+        if self.lora_r is None and (self.lora_alpha is not None or self.lora_targets):
+            raise ValueError("--lora-alpha and --lora-targets need --lora-r")
+        self.lora_spec()  # checks r and alpha
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.adapter is not None or self.lora_r is not None
+
+    def lora_spec(self):
+        """The new LoRA adapter asked for (``--lora-r``) as a ``models.LoraSpec``, or None."""
+        if self.lora_r is None:
+            return None
+        from alignscope.models import LoraSpec
+
+        targets = tuple(self.lora_targets) if self.lora_targets else None
+        return LoraSpec(self.lora_r, self.lora_alpha, targets)
+
+    def load_model(self, seed: int = 0):
+        """``(model, tokenizer)`` as configured: weights, dtype, device, adapter (seeded)."""
+        from alignscope.models import load_model
+
+        return load_model(
+            self.model, dtype=self.dtype, device=self.device, adapter=self.adapter,
+            lora=self.lora_spec(), seed=seed,
+        )  # fmt: skip
+
+    def bare(self) -> ModelSpec:
+        """The same weights without the adapter options (for a model already loaded with it)."""
+        return dataclasses.replace(self, adapter=None, lora_r=None, lora_alpha=None,
+                                   lora_targets=None)  # fmt: skip
+
+
+@dataclass
+class DataSpec:
+    """The safety set and how every data file is read, subsampled and cut."""
+
+    safety: str = option(
+        help="Harmful prompts, optionally with aligned responses: JSONL, JSON, CSV, TXT or a "
+        "datasets.save_to_disk folder (DIR::SPLIT picks a split); format detected, or "
+        "--safety-format.",
+        flags=("--safety", "-s"),
+    )
+    safety_format: str = option(
+        "auto", f"Format of --safety (and of --eval-prompts): {FORMATS_HELP}."
+    )
+    data_format: str = option("auto", f"Format of --data: {FORMATS_HELP}.")
+    max_safety: int | None = option(64, "Use at most this many safety prompts.")
+    max_data: int | None = option(256, "Fine-tuning examples used for curvature and loss tracking.")
+    max_length: int = option(256, cli=False)  # tokens of prompt + response
+    max_new_tokens: int = option(48, cli=False)  # greedy responses (targets, refusal judge)
+    noise_examples: int = option(64, cli=False)  # per-sample gradients of the noise trace
+
+    def validate(self) -> None:
+        for name in ("safety_format", "data_format"):
+            if getattr(self, name) not in FORMATS:
+                raise ValueError(f"{_flag(name)} {getattr(self, name)!r}: use {', '.join(FORMATS)}")
+        if self.noise_examples < 2:
+            raise ValueError("noise_examples must be at least 2 (the gradient covariance)")
+        if self.max_length < 1 or self.max_new_tokens < 1:
+            raise ValueError("max_length and max_new_tokens must be at least 1")
+
+
+@dataclass
+class CurvatureSpec:
+    """The parameters analysed and the alignment subspace: Fisher, rank, solver, budget."""
+
+    params: list[str] = option(
+        help="all (with --adapter/--lora-r: the adapter weights) | lora | glob over parameter "
+        "names (repeatable).",
+        factory=lambda: ["all"],
+    )
+    group: str | None = option(None, "Block-wise subspaces: layer | module (default: one block).")
+    rank: int | None = option(
+        None, f"Subspace dimension d (default: {DEFAULT_RANK} unless --explained)."
+    )
+    explained: float | None = option(None, "Choose d to explain this fraction of tr F.")
+    fisher: str = option("ggn", "ggn (true Fisher) | empirical (not recommended).")
+    solver: str = option("auto", "auto | gram | lanczos.")
+    alignment_loss: str = option("kl", "kl | nll (refusal NLL).")
+    samples_per_prompt: int = option(4, cli=False)  # Monte Carlo samples of the GGN Fisher
+    memory_budget_gb: float = option(
+        2.0, "Memory budget for curvature work (GiB).", flags=("--memory-gb",)
+    )
+
+    def __post_init__(self) -> None:
+        self.params = list(self.params)
+        if self.rank is None and self.explained is None:
+            self.rank = DEFAULT_RANK
+
+    @property
+    def eigenpairs(self) -> int:
+        """How many Fisher eigenpairs to compute: d, or enough for ``--explained`` to choose."""
+        return self.rank if self.rank is not None else EXPLAINED_MAX_RANK
+
+    def param_spec(self, model: ModelSpec) -> list[str]:
+        """The parameter selection analysed (and trained by verify): ``--params``, except that
+        with an adapter the default ``all`` means the adapter weights (``lora``)."""
+        if model.uses_adapter and self.params == ["all"]:
+            return ["lora"]
+        return list(self.params)
+
+    def validate(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise ValueError("--rank must be at least 1")
+        if self.explained is not None and not 0 < self.explained <= 1:
+            raise ValueError("--explained must be in (0, 1]")
+        if self.fisher not in ("ggn", "empirical"):
+            raise ValueError("--fisher must be ggn or empirical")
+        if self.fisher == "empirical" and self.group is not None:
+            raise ValueError("--fisher empirical has no block-wise variant; drop --group")
+        if self.group not in (None, "layer", "module"):
+            raise ValueError(f"--group {self.group!r}: use layer or module")
+        if self.solver not in ("auto", "gram", "lanczos"):
+            raise ValueError(f"--solver {self.solver!r}: use auto, gram or lanczos")
+        if self.alignment_loss not in ("kl", "nll"):
+            raise ValueError("--alignment-loss must be kl or nll")
+        if self.samples_per_prompt < 1:
+            raise ValueError("samples_per_prompt must be at least 1")
+        if not self.memory_budget_gb > 0:
+            raise ValueError("--memory-gb must be positive")
+
+
+@dataclass
+class OptimSpec:
+    """The fine-tuning the forecast is for (and that verify runs): optimizer, lr, batch, budget."""
+
+    optimizer: str = option("adamw", "sgd | adam | adamw.")
+    lr: float = option(DEFAULT_LR, "Learning rate of the fine-tuning.")
+    batch_size: int = option(8, "Batch size of the fine-tuning.")
+    steps: int = option(
+        1000, "Optimizer steps of the fine-tuning (diagnose and rank: planned; verify: run)."
+    )
+    threshold: float = option(0.1, "dL_a (nats/token) that counts as collapse.")
+    adam_eps: float = option(1e-8, cli=False)
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer!r}: use sgd, adam or adamw")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError("--lr must be positive")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("--steps and --batch-size must be at least 1")
+        if not self.threshold > 0:
+            raise ValueError("--threshold must be positive")
+
+    @property
+    def adaptive(self) -> bool:
+        """Adam or AdamW (a preconditioned step)."""
+        return self.optimizer in ("adam", "adamw")
+
+
+@dataclass
+class EvalSpec:
+    """Held-out harmful prompts to measure the refusal rate on."""
+
+    eval_prompts: str | None = option(
+        None, "Held-out harmful prompts for the refusal rate (format: --safety-format).",
+        flags=("--eval-prompts", "-e"),
+    )  # fmt: skip
+    max_eval: int | None = option(64, "Use at most this many eval prompts.")
+
+    def validate(self) -> None:
+        if self.max_eval is not None and self.max_eval < 1:
+            raise ValueError("--max-eval must be at least 1")
+
+
+@dataclass
+class RuntimeSpec:
+    """Seed and CPU threads."""
+
+    seed: int = option(0, "Random seed (recorded in results.json).")
+    threads: int | None = option(None, "torch CPU threads (1 is best on a busy 2-core box).")
+
+    def validate(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("--threads must be at least 1")
+
+    def apply(self) -> None:
+        """Seed torch and set its threads."""
+        import torch
+
+        torch.manual_seed(self.seed)
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+
+@dataclass
+class FinetuneSpec:
+    """The fine-tuning set diagnosed (and, by verify, trained on)."""
+
+    data: str = option(
+        help="Fine-tuning set of prompt/response pairs, in the same file types; format detected, "
+        "or --data-format.",
+        flags=("--data", "-d"),
+    )
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("--data: no fine-tuning set given")
+
+
+@dataclass
+class RecordSpec:
+    """When verify measures and checkpoints its run."""
+
+    eval_every: str = option("auto", "auto (log-spaced steps) | N (every N steps).")
+    checkpoint_every: int = option(
+        4, "Checkpoint into <out>.partial every N recorded steps (0: never)."
+    )
+
+    def validate(self) -> None:
+        if self.eval_every != "auto":
+            try:
+                every = int(self.eval_every)
+            except ValueError:
+                raise ValueError("--eval-every must be 'auto' or a positive integer") from None
+            if every < 1:
+                raise ValueError("--eval-every must be 'auto' or a positive integer")
+        if self.checkpoint_every < 0:
+            raise ValueError("--checkpoint-every must be >= 0")
+
+
+@dataclass
+class RankingSpec:
+    """rank's candidates (every set at every learning rate) and how it orders them."""
+
+    data: list[str] = option(
+        help="Candidate fine-tuning sets: --data A B C (two or more, or one with several --lr).",
+        flags=("--data", "-d"),
+    )
+    lrs: list[float] | None = option(
+        None, "Learning rate(s): several rank the learning rates for one set (default: "
+        f"{DEFAULT_LR:g}, the --lr of diagnose).", flags=("--lr",),
+    )  # fmt: skip
+    compliance: str | None = option(
+        None, "Harmful prompts with compliant answers (prompt/response), for the "
+        "gradient-similarity baseline; without it that predictor is skipped.",
+    )  # fmt: skip
+    predictor: str = option(
+        DEFAULT_PREDICTOR, "Predictor to order by (the default won bench/study.py; docs/rank.md)."
+    )
+    lookahead_steps: int | None = option(
+        None, "Optimizer steps of the trial run (lookahead) (default: a tenth of --steps, at "
+        "least 12).",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        self.data = list(self.data)
+        self.lrs = list(self.lrs) if self.lrs else None
+
+    def validate(self) -> None:
+        for lr in self.lrs or ():
+            if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+                raise ValueError(f"--lr {lr!r}: every learning rate must be a positive number")
+        if self.lrs and len(set(self.lrs)) != len(self.lrs):
+            raise ValueError(f"--lr {self.lrs}: the learning rates repeat")
+        if len(set(self.data)) != len(self.data):
+            raise ValueError("--data: the same fine-tuning set is given twice")
+        if self.lookahead_steps is not None and self.lookahead_steps < 1:
+            raise ValueError("--lookahead-steps must be in 1..--steps")
+
+
+SPECS = (ModelSpec, DataSpec, FinetuneSpec, CurvatureSpec, OptimSpec, EvalSpec, RecordSpec,
+         RankingSpec, RuntimeSpec)  # fmt: skip
+_BY_NAME = {spec.__name__: spec for spec in SPECS}
+C = TypeVar("C", bound="Composed")
+
+
+class Composed:
+    """What a command config composed of specs shares: flat construction and serialisation.
+
+    A subclass is a dataclass whose fields are specs; every field name of those specs is unique
+    within the config, so a flat mapping of names (the command line's, results.json's) routes
+    each name to one spec.
+    """
+
+    @classmethod
+    def spec_fields(cls) -> dict[str, type]:
+        """``{attribute: spec class}`` in field order."""
+        return {f.name: _BY_NAME[str(f.type)] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_options(cls: type[C], **options: Any) -> C:
+        """The config from flat field names (``model=..., lr=..., rank=...``), defaults for the
+        rest; unknown names raise :class:`TypeError`."""
+        left = dict(options)
+        kwargs = {}
+        for name, spec in cls.spec_fields().items():
+            own = {f.name for f in dataclasses.fields(spec)}
+            kwargs[name] = spec(**{k: left.pop(k) for k in list(left) if k in own})
+        if left:
+            raise TypeError(f"{cls.__name__}: unknown options {', '.join(sorted(left))}")
+        return cls(**kwargs)
+
+    def flat(self) -> dict[str, Any]:
+        """Every spec field by its own name (the results.json ``config`` block)."""
+        out: dict[str, Any] = {}
+        for name in self.spec_fields():
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    def with_options(self: C, **options: Any) -> C:
+        """A copy with some flat fields changed."""
+        return type(self).from_options(**{**self.flat(), **options})
+
+    @classmethod
+    def for_organism(cls: type[C], org, dataset: str = "benign_affirmative", **overrides) -> C:
+        """The organism's aligned model and alignment prompts against one of its benign sets,
+        under its documented fine-tuning protocol (AdamW, lr, batch, steps); ``overrides`` are
+        flat option names."""
+        proto = org.finetune_protocol
+        options = dict(
+            model=str(org.aligned_path), safety=str(org.datasets_path / "harmful_align.jsonl"),
+            data=str(org.datasets_path / f"{dataset}.jsonl"), optimizer="adamw", lr=proto.lr,
+            batch_size=proto.batch_size, steps=proto.steps,
+        )  # fmt: skip
+        return cls.from_options(**{**options, **overrides})
+
+    def validate(self) -> None:
+        """Each spec checks its own fields."""
+        for name in self.spec_fields():
+            getattr(self, name).validate()
+
+    # The three commands all hold a model, curvature and runtime spec.
+    def param_spec(self) -> list[str]:
+        """The parameter selection analysed (``CurvatureSpec.param_spec``)."""
+        return self.curvature.param_spec(self.model)  # type: ignore[attr-defined]
+
+    def load_model(self):
+        """``(model, tokenizer)`` as configured, seeded with the run's seed."""
+        return self.model.load_model(self.runtime.seed)  # type: ignore[attr-defined]
