@@ -16,16 +16,29 @@ from alignscope.curvature.functional import (
 )
 from alignscope.curvature.hvp import HessianOperator, hvp_forward, hvp_reverse
 from alignscope.curvature.losses import AlignmentKL, ResponsePositions
+from alignscope.curvature.operator import (
+    BlockOperator,
+    CallableOperator,
+    DenseOperator,
+    FactorSource,
+    LinearOperator,
+    stacked_matvecs,
+)
 from alignscope.curvature.per_sample import per_sample_grads
 from alignscope.curvature.spectrum import SpectrumPlan, fisher_eigs, plan_spectrum
 from alignscope.curvature.trace import TraceEstimate, hutchinson, hutchpp
 
 __all__ = [
     "AlignmentKL",
+    "BlockOperator",
+    "CallableOperator",
+    "DenseOperator",
     "EigenResult",
+    "FactorSource",
     "FisherOperator",
     "FunctionalLM",
     "HessianOperator",
+    "LinearOperator",
     "ResponsePositions",
     "SpectrumPlan",
     "TraceEstimate",
@@ -43,4 +56,5 @@ __all__ = [
     "per_sample_grads",
     "plan_spectrum",
     "response_weights",
+    "stacked_matvecs",
 ]

@@ -21,6 +21,7 @@ from alignscope.curvature.functional import (
     response_weights,
 )
 from alignscope.curvature.losses import ResponsePositions
+from alignscope.curvature.operator import check_matmat_input
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET, per_sample_grads
 from alignscope.data.encode import LMBatch
 
@@ -40,11 +41,25 @@ class _Chunk:
 class FisherOperator:
     """Exact Fisher / GGN products of the softmax outputs at the response positions of ``batch``.
 
-    ``theta`` defaults to the aligned parameters ``flm.theta0``. ``chunk_size`` limits how many
-    examples go through the model at once; ``cache_vjp`` keeps each chunk's backward graph so a
-    product costs one forward-mode pass and one backward pass. ``jvp_mode`` is ``"forward"``
-    (forward-mode AD, needs eager attention), ``"reverse"`` (the double-vjp trick, works with any
-    kernel) or ``"auto"`` (forward, falling back to reverse with a warning).
+    Implements :class:`~alignscope.curvature.operator.LinearOperator`; ``matmat`` pushes several
+    vectors through one vmapped pass.
+
+    Args:
+        flm: the model as a function of the selected parameters.
+        batch: the (prompt, response) examples whose response positions define ``F``.
+        theta: where ``F`` is measured; defaults to the aligned parameters ``flm.theta0``.
+        chunk_size: how many examples go through the model at once (default: all).
+        cache_vjp: keep each chunk's backward graph, so a product costs one forward-mode pass
+            and one backward pass.
+        jvp_mode: ``"forward"`` (forward-mode AD, needs eager attention), ``"reverse"`` (the
+            double-vjp trick, works with any kernel) or ``"auto"`` (forward, falling back to
+            reverse with a warning).
+        memory_budget: bytes that the vectors of one batched pass may take (their output
+            perturbations ``[m, N_c, V]`` and parameter-sized results); ``matmat``, ``gram`` and
+            ``quad_diag`` split their vectors into blocks that fit it.
+
+    Raises:
+        ValueError: an unknown ``jvp_mode``.
     """
 
     def __init__(
@@ -56,6 +71,7 @@ class FisherOperator:
         chunk_size: int | None = None,
         cache_vjp: bool = True,
         jvp_mode: str = "auto",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
         if jvp_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jvp_mode {jvp_mode!r}; use auto, forward or reverse")
@@ -64,6 +80,8 @@ class FisherOperator:
             jvp_mode = "reverse"  # fused attention kernels have no forward-mode AD
         self.theta = (flm.theta0 if theta is None else theta).detach()
         self.cache_vjp, self.jvp_mode = cache_vjp, jvp_mode
+        self.memory_budget = int(memory_budget)
+        self.vmap_ok = True  # set False (with one warning) when vmap cannot run the model
         size = chunk_size or batch.size
         self.chunks = [
             _Chunk(flm, batch.select(slice(s, s + size)), self.theta, batch.size)
@@ -74,6 +92,23 @@ class FisherOperator:
     @property
     def dim(self) -> int:
         return self.theta.numel()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta.device
+
+    @property
+    def n_examples(self) -> int:
+        """How many examples ``F`` averages over (the rows per draw of the Gram route)."""
+        return self.batch.size
 
     # -- the three factors J, Lambda, J^T -------------------------------------------------------
     def _jvp_chunk(self, chunk: _Chunk, v: torch.Tensor) -> torch.Tensor:
@@ -107,13 +142,73 @@ class FisherOperator:
         q = chunk.q
         return chunk.positions.weights[:, None] * (q * jv - q * (q * jv).sum(-1, keepdim=True))
 
-    def _vjp_chunk(self, chunk: _Chunk, u: torch.Tensor) -> torch.Tensor:
+    def _chunk_vjp_fn(self, chunk: _Chunk) -> Callable:
         if chunk.vjp_fn is not None:
-            return chunk.vjp_fn(u)[0]
+            return chunk.vjp_fn
         _, fn = vjp(chunk.fn, self.theta)
         if self.cache_vjp:
             chunk.vjp_fn = fn
-        return fn(u)[0]
+        return fn
+
+    def _vjp_chunk(self, chunk: _Chunk, u: torch.Tensor) -> torch.Tensor:
+        return self._chunk_vjp_fn(chunk)(u)[0]
+
+    # -- the same factors for a block of vectors at once ----------------------------------------
+    def _block_size(self, chunk: _Chunk) -> int:
+        """How many vectors one vmapped pass over ``chunk`` takes within the memory budget.
+
+        Per vector: its output perturbation and curvature-weighted copy ``[N_c, V]`` (and the
+        vmapped pass's own copy of it), plus the parameter-sized result and its tangent.
+        """
+        n, v = chunk.q.shape
+        per_vector = (3 * n * v + 2 * self.dim) * self.theta.element_size()
+        return max(1, self.memory_budget // max(1, per_vector))
+
+    def _jvp_vmapped(self, chunk: _Chunk, tangents: torch.Tensor) -> torch.Tensor:
+        if self.jvp_mode == "reverse":
+            # J t = the vjp of the linear map u -> J^T u, taken at u = 0: vmappable, and it
+            # reuses the chunk's cached backward graph.
+            fn = self._chunk_vjp_fn(chunk)
+            _, lin = vjp(lambda u: fn(u)[0], torch.zeros_like(chunk.q))
+            return vmap(lambda t: lin(t)[0])(tangents)
+        return vmap(lambda t: jvp(chunk.fn, (self.theta,), (t,))[1])(tangents)
+
+    def _vmap_failed(self, err: Exception) -> None:
+        warnings.warn(
+            f"batched Fisher products failed under vmap ({type(err).__name__}: {err}); "
+            "multiplying one vector at a time",
+            stacklevel=4,
+        )
+        self.vmap_ok = False
+
+    def _jvp_block(self, chunk: _Chunk, tangents: torch.Tensor) -> torch.Tensor:
+        """``J t`` for every row ``t`` of ``tangents`` ``[m, P]``: ``[m, N_c, V]`` in one pass."""
+        if self.vmap_ok:
+            try:
+                return self._jvp_vmapped(chunk, tangents)
+            except (NotImplementedError, RuntimeError) as err:
+                failure = err
+                if self.jvp_mode == "auto":
+                    # Forward mode itself may be what failed: one plain product decides (it warns
+                    # and switches to reverse mode if so), then the batched reverse route.
+                    self._jvp_chunk(chunk, tangents[0])
+                    if self.jvp_mode == "reverse":
+                        try:
+                            return self._jvp_vmapped(chunk, tangents)
+                        except (NotImplementedError, RuntimeError) as again:
+                            failure = again
+                self._vmap_failed(failure)
+        return torch.stack([self._jvp_chunk(chunk, t) for t in tangents])
+
+    def _vjp_block(self, chunk: _Chunk, cotangents: torch.Tensor) -> torch.Tensor:
+        """``J^T u`` for every ``u`` in ``cotangents`` ``[m, N_c, V]``: ``[m, P]``."""
+        fn = self._chunk_vjp_fn(chunk)
+        if self.vmap_ok:
+            try:
+                return vmap(lambda u: fn(u)[0])(cotangents)
+            except (NotImplementedError, RuntimeError) as err:
+                self._vmap_failed(err)
+        return torch.stack([fn(u)[0] for u in cotangents])
 
     # -- public products -------------------------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -127,6 +222,27 @@ class FisherOperator:
 
     __call__ = matvec
 
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``F V`` for the columns of ``vectors`` ``[P, k]``: exact, several vectors per pass.
+
+        Each chunk of examples runs one vmapped forward-mode pass (``J V``) and one vmapped
+        backward pass (``J^T Lambda J V``) per block of vectors that fits ``memory_budget``;
+        falls back to one vector at a time (with one warning naming the error) when vmap cannot
+        run the model.
+        """
+        vectors = check_matmat_input(self, vectors)
+        k = vectors.shape[1]
+        self.n_products += k
+        rows = vectors.T.contiguous()  # vmap maps over the leading dimension
+        out = torch.zeros((k, self.dim), dtype=self.theta.dtype, device=self.theta.device)
+        for chunk in self.chunks:
+            block = self._block_size(chunk)
+            for start in range(0, k, block):
+                part = rows[start : start + block]
+                lam = self._lambda(chunk, self._jvp_block(chunk, part))
+                out[start : start + part.shape[0]] += self._vjp_block(chunk, lam)
+        return out.T
+
     def quad(self, u: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """``u^T F w`` (``u^T F u`` when ``w`` is None) from J u and J w alone: no backward pass."""
         ju = self.output_jvp(u)
@@ -136,42 +252,47 @@ class FisherOperator:
         )
 
     def quad_diag(
-        self, vectors: torch.Tensor, memory_budget: int = DEFAULT_MEMORY_BUDGET
+        self, vectors: torch.Tensor, memory_budget: int | None = None
     ) -> torch.Tensor:
         """``[v_m^T F v_m for each row v_m]``: forward-mode products batched with vmap.
 
         The tangents go through the model together in blocks sized so their output
-        perturbations ``[m, N_c, V]`` fit ``memory_budget``; falls back to one at a time when
-        vmap or forward mode cannot run the model.
+        perturbations ``[m, N_c, V]`` fit ``memory_budget`` (default: the operator's); falls
+        back to one at a time when vmap cannot run the model.
         """
         vectors = vectors.to(self.theta.dtype)
         out = torch.zeros(vectors.shape[0], dtype=self.theta.dtype, device=self.theta.device)
         for chunk in self.chunks:
-            n, v = chunk.q.shape
-            block = max(1, memory_budget // max(1, 3 * n * v * self.theta.element_size()))
+            block = self._forms_block(chunk, memory_budget)
             for start in range(0, vectors.shape[0], block):
                 part = vectors[start : start + block]
-                try:
-                    if self.jvp_mode == "reverse":
-                        raise NotImplementedError("forward mode disabled")
-                    jv = vmap(lambda t, c=chunk: jvp(c.fn, (self.theta,), (t,))[1])(part)
-                except (NotImplementedError, RuntimeError):
-                    jv = torch.stack([self._jvp_chunk(chunk, t) for t in part])
+                jv = self._jvp_block(chunk, part)
                 lam = self._lambda(chunk, jv)
                 out[start : start + part.shape[0]] += (jv * lam).sum(dim=(-1, -2))
         return out
 
     def gram(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``V F V^T`` for the rows of ``vectors`` ``[k, P]``: all pairwise exact forms."""
-        jvs = [self.output_jvp(v) for v in vectors]
-        k = len(jvs)
+        """``V F V^T`` for the rows of ``vectors`` ``[k, P]``: all pairwise exact forms.
+
+        ``(J V)^T Lambda (J V)`` per chunk from batched forward-mode products alone: the same
+        numbers as ``V @ matmat(V.T)`` without its backward pass.
+        """
+        vectors = vectors.to(self.theta.dtype)
+        k = vectors.shape[0]
         out = torch.zeros((k, k), dtype=self.theta.dtype, device=self.theta.device)
-        for i in range(k):
-            lam = [self._lambda(c, j) for c, j in zip(self.chunks, jvs[i], strict=True)]
-            for j in range(i, k):
-                val = sum((a * b).sum() for a, b in zip(jvs[j], lam, strict=True))
-                out[i, j] = out[j, i] = val
-        return out
+        for chunk in self.chunks:
+            block = self._forms_block(chunk, None)
+            jv = torch.cat(
+                [self._jvp_block(chunk, vectors[s : s + block]) for s in range(0, k, block)]
+            )
+            out += torch.einsum("inv,jnv->ij", jv, self._lambda(chunk, jv))
+        return (out + out.T) / 2  # symmetric to the last bit, as a Gram matrix must be
+
+    def _forms_block(self, chunk: _Chunk, memory_budget: int | None) -> int:
+        """Vectors per pass for forms (no backward): ``J v`` and ``Lambda J v`` and vmap's copy."""
+        n, v = chunk.q.shape
+        budget = self.memory_budget if memory_budget is None else memory_budget
+        return max(1, budget // max(1, 3 * n * v * self.theta.element_size()))
 
     # -- factor rows -----------------------------------------------------------------------------
     def mc_factor_rows(

@@ -1,0 +1,157 @@
+"""The linear-operator protocol and batched matmat against stacked matvecs and dense float64."""
+
+import pytest
+import torch
+from torch.autograd.functional import hessian
+
+import alignscope.curvature.fisher as fisher_module
+import alignscope.curvature.hvp as hvp_module
+from _tiny import TinyMLPLM, random_batch, tiny_llama
+from alignscope.curvature import (
+    BlockOperator,
+    CallableOperator,
+    DenseOperator,
+    FactorSource,
+    FisherOperator,
+    FunctionalLM,
+    HessianOperator,
+    LinearOperator,
+    stacked_matvecs,
+)
+from alignscope.params import select_params
+from test_fisher import dense_fisher
+
+
+@pytest.fixture(scope="module", params=["llama", "mlp"])
+def setup(request):
+    if request.param == "llama":
+        model = tiny_llama()
+        sel = select_params(model, ["model.layers.1.*", "lm_head.weight"], group="tensor")
+    else:
+        model = TinyMLPLM()
+        sel = select_params(model, group="tensor")
+    flm = FunctionalLM(model, sel)
+    batch = random_batch(4)
+    return flm, batch, dense_fisher(flm, batch, flm.theta0)
+
+
+def _mat(dim, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, k, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("jvp_mode", ["forward", "reverse"])
+def test_fisher_matmat_equals_stacked_matvecs_and_dense(setup, chunk_size, jvp_mode):
+    flm, batch, dense = setup
+    vs = _mat(flm.dim, 5, 0)
+    for budget in (2**30, 1):  # all five vectors in one pass; one vector per pass
+        op = FisherOperator(
+            flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, memory_budget=budget
+        )
+        out = op.matmat(vs)
+        assert out.shape == (flm.dim, 5) and op.n_products == 5
+        torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out, stacked_matvecs(op, vs), rtol=1e-12, atol=1e-14)
+        # the pairwise forms, also split into blocks by the budget
+        torch.testing.assert_close(op.gram(vs.T), vs.T @ dense @ vs, rtol=1e-9, atol=1e-12)
+        assert op.vmap_ok
+
+
+def test_hessian_matmat_equals_stacked_matvecs_and_dense(setup):
+    flm, batch, _ = setup
+
+    def f(theta):
+        return flm.mean_nll(theta, batch)
+
+    dense = hessian(f, flm.theta0, vectorize=True)
+    vs = _mat(flm.dim, 4, 1)
+    for mode in ("reverse", "forward"):
+        for budget in (2**30, 1):
+            op = HessianOperator(f, flm.theta0, mode=mode, memory_budget=budget)
+            out = op.matmat(vs)
+            assert op.n_products == 4 and op.mode == mode and op.vmap_ok
+            torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(out, stacked_matvecs(op, vs), rtol=1e-10, atol=1e-12)
+
+
+def test_operators_satisfy_the_protocol(setup):
+    flm, batch, dense = setup
+    fisher = FisherOperator(flm, batch)
+    hess = HessianOperator(lambda t: flm.mean_nll(t, batch), flm.theta0)
+    dense_op = DenseOperator(dense)
+    ops = [
+        fisher,
+        hess,
+        dense_op,
+        CallableOperator(lambda v: dense @ v, flm.dim),
+        BlockOperator(fisher, torch.arange(3)),
+    ]
+    for op in ops:
+        assert isinstance(op, LinearOperator), type(op).__name__
+        assert op.dtype == torch.float64 and op.device == torch.device("cpu")
+    assert fisher.shape == hess.shape == dense_op.shape == (flm.dim, flm.dim)
+    assert isinstance(fisher, FactorSource) and fisher.n_examples == batch.size
+    assert not isinstance(hess, FactorSource)
+    assert not isinstance(lambda v: v, LinearOperator)
+    with pytest.raises(ValueError, match=r"\[P, k\]"):
+        fisher.matmat(torch.zeros(flm.dim, dtype=torch.float64))
+
+
+def test_block_operator_is_the_diagonal_block(setup):
+    flm, batch, dense = setup
+    index = torch.tensor([0, 2, 5, 7])
+    block = BlockOperator(FisherOperator(flm, batch), index)
+    vs = _mat(4, 3, 2)
+    expected = dense[index][:, index] @ vs
+    torch.testing.assert_close(block.matmat(vs), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(block.matvec(vs[:, 0]), expected[:, 0], rtol=1e-9, atol=1e-12)
+
+
+def test_fisher_matmat_falls_back_to_one_vector_at_a_time(setup, monkeypatch):
+    flm, batch, dense = setup
+    op = FisherOperator(flm, batch, jvp_mode="forward")
+
+    def broken_vmap(*args, **kwargs):
+        raise RuntimeError("no batching rule for this op")
+
+    monkeypatch.setattr(fisher_module, "vmap", broken_vmap)
+    vs = _mat(flm.dim, 3, 3)
+    with pytest.warns(UserWarning, match="one vector at a time"):
+        out = op.matmat(vs)
+    assert not op.vmap_ok
+    torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-12)
+
+
+def test_fisher_matmat_batches_reverse_mode_when_forward_mode_fails(setup, monkeypatch):
+    flm, batch, dense = setup
+    op = FisherOperator(flm, batch)
+
+    def broken_jvp(*args, **kwargs):
+        raise NotImplementedError("forward AD not implemented for this kernel")
+
+    monkeypatch.setattr(fisher_module, "jvp", broken_jvp)
+    vs = _mat(flm.dim, 3, 4)
+    with pytest.warns(UserWarning, match="double-vjp"):
+        out = op.matmat(vs)
+    assert op.jvp_mode == "reverse" and op.vmap_ok  # still batched, on the reverse route
+    torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-12)
+
+
+def test_hessian_matmat_falls_back_to_one_vector_at_a_time(setup, monkeypatch):
+    flm, batch, _ = setup
+
+    def f(theta):
+        return flm.mean_nll(theta, batch)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vmap: no batching rule")
+
+    monkeypatch.setattr(hvp_module, "hvp_reverse_batched", broken)
+    op = HessianOperator(f, flm.theta0)
+    vs = _mat(flm.dim, 3, 5)
+    with pytest.warns(UserWarning, match="one vector at a time"):
+        out = op.matmat(vs)
+    assert not op.vmap_ok and op.n_products == 3
+    expected = hessian(f, flm.theta0, vectorize=True) @ vs
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-11)
