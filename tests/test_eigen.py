@@ -6,6 +6,7 @@ import torch
 
 from _tiny import random_batch, tiny_llama
 from alignscope.curvature import (
+    DenseOperator,
     FisherOperator,
     FunctionalLM,
     block_gram_eigs,
@@ -41,13 +42,13 @@ def _subspace_sine(a, b):
 def test_lanczos_warns_when_it_stops_unconverged():
     dense, _, _ = _spiked(dim=200, rank=150)
     with pytest.warns(UserWarning, match="without reaching tol"):
-        res = lanczos_eigs(lambda v: dense @ v, 200, 10, max_iter=12, tol=1e-12)
+        res = lanczos_eigs(DenseOperator(dense), 10, max_iter=12, tol=1e-12)
     assert not res.converged
 
 
 def test_lanczos_matches_eigh_on_a_low_rank_matrix():
     dense, _, values = _spiked()
-    res = lanczos_eigs(lambda v: dense @ v, dense.shape[0], 8)
+    res = lanczos_eigs(DenseOperator(dense), 8)
     ref_vals, ref_vecs = np.linalg.eigh(dense.numpy())
     ref_vals, ref_vecs = ref_vals[::-1][:8], ref_vecs[:, ::-1][:, :8]
     np.testing.assert_allclose(res.values.numpy(), ref_vals, rtol=1e-8)
@@ -58,7 +59,7 @@ def test_lanczos_matches_eigh_on_a_low_rank_matrix():
 def test_lanczos_on_a_float32_operator_keeps_float32_accuracy():
     dense, _, _ = _spiked()
     d32 = dense.float()
-    res = lanczos_eigs(lambda v: d32 @ v, 60, 5, op_dtype=torch.float32, tol=1e-6)
+    res = lanczos_eigs(DenseOperator(d32), 5, tol=1e-6)
     assert res.vectors.dtype == torch.float32
     ref = np.linalg.eigvalsh(dense.numpy())[::-1][:5]
     np.testing.assert_allclose(res.values.numpy(), ref, rtol=1e-5)
@@ -70,14 +71,14 @@ def test_lanczos_finds_both_copies_of_a_repeated_eigenvalue():
     vals = torch.zeros(50, dtype=torch.float64)
     vals[:3] = torch.tensor([5.0, 5.0, 1.0])
     dense = q @ torch.diag(vals) @ q.T
-    res = lanczos_eigs(lambda v: dense @ v, 50, 2)
+    res = lanczos_eigs(DenseOperator(dense), 2)
     np.testing.assert_allclose(res.values.numpy(), [5.0, 5.0], rtol=1e-8)
     assert res.converged
 
 
 def test_lanczos_handles_rank_deficiency_past_the_rank():
     dense, _, _ = _spiked(dim=30, rank=6)
-    res = lanczos_eigs(lambda v: dense @ v, 30, 10, max_iter=30)
+    res = lanczos_eigs(DenseOperator(dense), 10, max_iter=30)
     np.testing.assert_allclose(
         res.values[:6].numpy(), np.linalg.eigvalsh(dense)[::-1][:6], rtol=1e-8
     )
@@ -101,7 +102,7 @@ def test_lanczos_on_the_exact_fisher_of_a_tiny_llama():
     batch = random_batch(4)
     dense = dense_fisher(flm, batch, flm.theta0)
     op = FisherOperator(flm, batch)
-    res = lanczos_eigs(op.matvec, flm.dim, 5, tol=1e-12)
+    res = lanczos_eigs(op, 5, tol=1e-12)
     ref_vals, ref_vecs = np.linalg.eigh(dense.numpy())
     np.testing.assert_allclose(res.values.numpy(), ref_vals[::-1][:5], rtol=1e-8)
     ref_top = torch.from_numpy(ref_vecs[:, ::-1][:, :3].copy())
@@ -114,7 +115,7 @@ def test_block_variants_match_dense_block_diagonal():
     blockdiag = torch.zeros_like(dense)
     blockdiag[:5, :5], blockdiag[5:, 5:] = dense[:5, :5], dense[5:, 5:]
     expected = np.sort(np.linalg.eigvalsh(blockdiag))[::-1]
-    lz = block_lanczos_eigs(lambda v: dense @ v, sel, 3)
+    lz = block_lanczos_eigs(DenseOperator(dense), sel, 3)
     gr = block_gram_eigs(factor, sel, 3)
     for res in (lz, gr):
         assert res.k == 6 and set(res.blocks) == {"a", "b"}
@@ -130,13 +131,13 @@ def test_block_variants_match_dense_block_diagonal():
 def test_trace_estimators_within_their_expected_error():
     dense, _, values = _spiked(dim=200, rank=40)
     exact = float(values.sum())
-    mv = lambda v: dense @ v  # noqa: E731
-    h = hutchinson(mv, 200, 60, seed=0)
+    op = DenseOperator(dense)
+    h = hutchinson(op, 60, seed=0)
     # Hutchinson's variance for Rademacher probes is 2 (||A||_F^2 - sum diag^2) / n
     sd = float(torch.sqrt(2 * (dense.norm() ** 2 - (dense.diagonal() ** 2).sum()) / 60))
     assert abs(h.value - exact) < 4 * sd
     assert 0.3 * sd < h.stderr < 3 * sd  # its own error estimate is the right size
-    hpp = hutchpp(mv, 200, 60, seed=0)
+    hpp = hutchpp(op, 60, seed=0)
     # the spiked top is captured exactly by the sketch: far more accurate than Hutchinson
     assert abs(hpp.value - exact) < 0.01 * exact
     assert abs(hpp.value - exact) < sd / 5

@@ -33,7 +33,7 @@ def problem():
 def test_aic_quantities_equal_dense_computations(problem):
     flm, safety, finetune, dense_f, dense_h = problem
     fisher = FisherOperator(flm, safety)
-    eig = lanczos_eigs(fisher.matvec, flm.dim, 6, tol=1e-12)
+    eig = lanczos_eigs(fisher, 6, tol=1e-12)
     trace = float(torch.trace(dense_f))
     sub = make_subspace(eig, trace, None)
     d = 3
@@ -74,7 +74,7 @@ def test_aic_quantities_equal_dense_computations(problem):
 def test_subspace_rank_for_explained_fraction(problem):
     flm, safety, *_ = problem
     fisher = FisherOperator(flm, safety)
-    eig = lanczos_eigs(fisher.matvec, flm.dim, 6, tol=1e-12)
+    eig = lanczos_eigs(fisher, 6, tol=1e-12)
     total = float(eig.values.sum())
     sub = make_subspace(eig, total, None)
     cum = np.cumsum(eig.values.numpy()) / total
@@ -100,7 +100,7 @@ def test_noise_trace_equals_dense_trace_of_f_sigma(problem):
 def test_preconditioned_direction_uses_d_g_and_d_h_d_g(problem):
     flm, safety, finetune, dense_f, dense_h = problem
     fisher = FisherOperator(flm, safety)
-    sub = make_subspace(lanczos_eigs(fisher.matvec, flm.dim, 3, tol=1e-12), 1.0, None)
+    sub = make_subspace(lanczos_eigs(fisher, 3, tol=1e-12), 1.0, None)
     g = finetune_gradient(flm, finetune)
     diag = 1.0 / (g.abs() + 1e-3)
     hess = HessianOperator(lambda t: flm.mean_nll(t, finetune), flm.theta0)

@@ -293,7 +293,10 @@ def run_diagnose(
     out["losses_at_theta0"] = {"finetune_nll": ft_loss, "refusal_nll": ref_nll}
 
     fisher = FisherOperator(
-        flm, safety_batch, chunk_size=_fisher_chunk(model, safety_batch, budget)
+        flm,
+        safety_batch,
+        chunk_size=_fisher_chunk(model, safety_batch, budget),
+        memory_budget=budget,
     )
     curv = cfg.curvature
     k = curv.eigenpairs
@@ -318,9 +321,9 @@ def run_diagnose(
                 samples_per_example=cfg.curvature.samples_per_prompt,
                 memory_budget=budget,
                 seed=cfg.runtime.seed,
-                blockwise=cfg.curvature.group is not None,
+                blocks=selection if cfg.curvature.group is not None else None,
             )
-            est = hutchpp(fisher.matvec, flm.dim, 30, seed=cfg.runtime.seed, op_dtype=flm.dtype)
+            est = hutchpp(fisher, 30, seed=cfg.runtime.seed)
             trace, trace_err, plan_text = (
                 max(est.value, float(eig.values.sum())),
                 est.stderr,

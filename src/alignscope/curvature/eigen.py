@@ -11,16 +11,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from alignscope.curvature.operator import BlockOperator, LinearOperator, require_operator
 from alignscope.params import ParamSelection
-
-MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -61,16 +60,14 @@ def gram_eigs(rows: torch.Tensor, k: int) -> EigenResult:
 
 
 def lanczos_eigs(
-    matvec: MatVec,
-    dim: int,
+    op: LinearOperator,
     k: int,
     *,
     max_iter: int | None = None,
     tol: float = 1e-10,
     seed: int = 0,
-    op_dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
     check_every: int = 5,
+    basis_dtype: torch.dtype | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -79,7 +76,21 @@ def lanczos_eigs(
     ``converged=False``. On breakdown (an invariant
     subspace, common for low-rank Fishers) it continues from a fresh random direction orthogonal
     to the basis, so zero eigenvalues are still returned with their vectors.
+
+    Args:
+        op: the operator (one ``matvec`` per iteration, on ``op.device`` in ``op.dtype``).
+        k: how many of the largest eigenpairs.
+        max_iter, tol, seed, check_every: see above; ``check_every``: iterations between
+            convergence checks.
+        basis_dtype: the Krylov basis's precision; default float64 for a float64 operator, else
+            float32 (a tighter reference on a float32 operator asks for float64).
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: ``k`` outside ``1..P``.
     """
+    op = require_operator(op, "lanczos_eigs")
+    dim, op_dtype, device = op.shape[0], op.dtype, op.device
     if k < 1 or k > dim:
         raise ValueError(f"k must be between 1 and the dimension {dim}, got {k}")
     m_max = min(dim, max_iter or max(6 * k, k + 60))
@@ -88,7 +99,7 @@ def lanczos_eigs(
     # model carry float32 errors anyway, and reorthogonalisation against a float64 basis was
     # 60% of Lanczos's time in bench/curvature.py. The tridiagonal problem stays float64.
     # empty, not zeros: untouched rows of a large allocation never become resident memory.
-    bdtype = torch.float64 if op_dtype == torch.float64 else torch.float32
+    bdtype = basis_dtype or (torch.float64 if op_dtype == torch.float64 else torch.float32)
     basis = torch.empty((m_max + 1, dim), dtype=bdtype, device=device)
     q = torch.randn(dim, generator=gen, dtype=bdtype).to(device)
     basis[0] = q / q.norm()
@@ -99,7 +110,7 @@ def lanczos_eigs(
     converged = False
     block_start = 0  # where the current Krylov block began (after the last restart)
     for j in range(m_max):
-        w = matvec(basis[j].to(op_dtype)).to(bdtype)
+        w = op.matvec(basis[j].to(op_dtype)).to(bdtype)
         alpha = float(basis[j] @ w)
         alphas.append(alpha)
         # Full reorthogonalisation (classical Gram-Schmidt against the whole basis) keeps it
@@ -199,30 +210,24 @@ def _merge_blocks(
 
 
 def block_lanczos_eigs(
-    matvec: MatVec, selection: ParamSelection, k: int, keep: int | None = None, **kwargs
+    op: LinearOperator, selection: ParamSelection, k: int, keep: int | None = None, **kwargs
 ) -> EigenResult:
     """Top-``k`` eigenpairs of every diagonal block of the operator (block-diagonal approximation),
     merged largest first (the top ``keep`` of them when given).
 
     Each block's product embeds the block vector in the full space, applies the operator and keeps
-    the block's rows: exactly the diagonal block, never the cross-block coupling.
+    the block's rows (:class:`BlockOperator`): exactly the diagonal block, never the cross-block
+    coupling. ``kwargs`` go to :func:`lanczos_eigs`.
     """
+    op = require_operator(op, "block_lanczos_eigs")
     dim = selection.size
+    if op.shape[0] != dim:
+        raise ValueError(f"the operator has dimension {op.shape[0]}, the selection {dim}")
     parts = {}
     for name in selection.blocks:
         index = selection.block_index(name)
-        op_dtype = kwargs.get("op_dtype", torch.float64)
-
-        def block_mv(x: torch.Tensor, index: torch.Tensor = index) -> torch.Tensor:
-            full = torch.zeros(dim, dtype=x.dtype, device=x.device)
-            full[index] = x
-            return matvec(full)[index]
-
         kb = min(k, index.numel())
-        parts[name] = (
-            lanczos_eigs(block_mv, index.numel(), kb, **{**kwargs, "op_dtype": op_dtype}),
-            index,
-        )
+        parts[name] = (lanczos_eigs(BlockOperator(op, index), kb, **kwargs), index)
     return _merge_blocks(parts, dim, "block-lanczos", keep)
 
 

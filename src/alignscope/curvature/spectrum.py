@@ -15,7 +15,7 @@ from alignscope.curvature.eigen import (
     gram_eigs,
     lanczos_eigs,
 )
-from alignscope.curvature.fisher import FisherOperator
+from alignscope.curvature.operator import FactorSource, LinearOperator, require_operator
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET
 from alignscope.params import ParamSelection
 
@@ -93,42 +93,62 @@ def block_dims(selection: ParamSelection) -> list[int]:
 
 
 def fisher_eigs(
-    op: FisherOperator,
+    op: LinearOperator,
     k: int,
     *,
     method: str = "auto",
     samples_per_example: int = 4,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     seed: int = 0,
-    blockwise: bool = False,
+    blocks: ParamSelection | None = None,
     tol: float = 1e-8,
 ) -> tuple[EigenResult, SpectrumPlan]:
     """Top-``k`` eigenpairs of the alignment Fisher, by the route ``plan_spectrum`` chooses.
 
     Lanczos is exact to ``tol`` on exact F-products; the Gram route is Monte-Carlo
     (``samples_per_example`` draws per prompt), cheaper, and biased upward at small sample
-    counts. ``blockwise`` solves each block of the parameter
-    selection separately (block-diagonal approximation).
+    counts.
+
+    Args:
+        op: the Fisher as a :class:`LinearOperator`; the Gram route also needs it to be a
+            :class:`FactorSource` (``n_examples`` and ``mc_factor_rows``), as
+            :class:`~alignscope.curvature.fisher.FisherOperator` is.
+        k: how many eigenpairs.
+        blocks: solve each block of this parameter selection separately (block-diagonal
+            approximation); None: the whole operator at once.
+
+    Raises:
+        TypeError: ``op`` is not a LinearOperator, or the Gram route on one without factor rows.
+        ValueError: the selection's size differs from the operator's.
+        MemoryError: neither route fits ``memory_budget``.
     """
-    n_rows = op.batch.size * samples_per_example
+    op = require_operator(op, "fisher_eigs")
+    dim = op.shape[0]
+    if blocks is not None and blocks.size != dim:
+        raise ValueError(f"the selection has {blocks.size} parameters, the operator {dim}")
+    factors = isinstance(op, FactorSource)
+    n_rows = op.n_examples * samples_per_example if factors else 0
     plan = plan_spectrum(
-        op.dim,
+        dim,
         k,
         n_rows,
         method=method,
         memory_budget=memory_budget,
-        itemsize=op.theta.element_size(),
-        blockwise=blockwise,
-        block_dims=block_dims(op.flm.selection) if blockwise else None,
+        itemsize=torch.empty((), dtype=op.dtype).element_size(),
+        blockwise=blocks is not None,
+        block_dims=block_dims(blocks) if blocks is not None else None,
     )
-    selection = op.flm.selection
     if plan.method == "gram":
+        if not factors:
+            raise TypeError(
+                f"the Gram route needs Monte-Carlo factor rows, which {type(op).__name__} does "
+                "not draw (no n_examples / mc_factor_rows): use method='lanczos'"
+            )
         gen = torch.Generator().manual_seed(seed)
         rows = op.mc_factor_rows(samples_per_example, generator=gen, memory_budget=memory_budget)
-        if blockwise:
-            return block_gram_eigs(rows, selection, k, keep=k), plan
+        if blocks is not None:
+            return block_gram_eigs(rows, blocks, k, keep=k), plan
         return gram_eigs(rows, k), plan
-    kwargs = {"tol": tol, "seed": seed, "op_dtype": op.theta.dtype, "device": op.theta.device}
-    if blockwise:
-        return block_lanczos_eigs(op.matvec, selection, k, keep=k, **kwargs), plan
-    return lanczos_eigs(op.matvec, op.dim, k, **kwargs), plan
+    if blocks is not None:
+        return block_lanczos_eigs(op, blocks, k, keep=k, tol=tol, seed=seed), plan
+    return lanczos_eigs(op, k, tol=tol, seed=seed), plan

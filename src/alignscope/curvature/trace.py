@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignscope.curvature.eigen import MatVec
+from alignscope.curvature.operator import LinearOperator, require_operator
 
 
 @dataclass
@@ -28,35 +28,50 @@ def _rademacher(n: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (n, dim), generator=gen, dtype=torch.float64) * 2 - 1
 
 
-def _apply(matvec: MatVec, xs: torch.Tensor, op_dtype: torch.dtype) -> torch.Tensor:
-    return torch.stack([matvec(x.to(op_dtype)).to(torch.float64) for x in xs])
+def _apply(op: LinearOperator, xs: torch.Tensor) -> torch.Tensor:
+    """``A x`` for every row of ``xs`` (float64 in and out) through one batched ``matmat``."""
+    out = op.matmat(xs.T.to(device=op.device, dtype=op.dtype))
+    return out.T.to(device=xs.device, dtype=torch.float64)
 
 
-def hutchinson(
-    matvec: MatVec, dim: int, n: int, *, seed: int = 0, op_dtype: torch.dtype = torch.float64
-) -> TraceEstimate:
-    """``tr A ~= mean_i z_i^T A z_i`` with Rademacher ``z_i``; stderr from the sample spread."""
+def hutchinson(op: LinearOperator, n: int, *, seed: int = 0) -> TraceEstimate:
+    """``tr A ~= mean_i z_i^T A z_i`` with Rademacher ``z_i``; stderr from the sample spread.
+
+    The ``n`` probes go through one ``op.matmat``.
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: fewer than 2 probes.
+    """
+    op = require_operator(op, "hutchinson")
     if n < 2:
         raise ValueError("Hutchinson needs at least 2 probe vectors for an error estimate")
     gen = torch.Generator().manual_seed(seed)
-    z = _rademacher(n, dim, gen)
-    samples = (z * _apply(matvec, z, op_dtype)).sum(dim=1)
+    z = _rademacher(n, op.shape[0], gen)
+    samples = (z * _apply(op, z)).sum(dim=1)
     return TraceEstimate(float(samples.mean()), float(samples.std() / n**0.5), n, "hutchinson")
 
 
-def hutchpp(
-    matvec: MatVec, dim: int, n: int, *, seed: int = 0, op_dtype: torch.dtype = torch.float64
-) -> TraceEstimate:
-    """Hutch++ with ``n`` products in all (``n // 3`` sketch, ``n // 3`` exact, rest Hutchinson)."""
+def hutchpp(op: LinearOperator, n: int, *, seed: int = 0) -> TraceEstimate:
+    """Hutch++ with ``n`` products in all (``n // 3`` sketch, ``n // 3`` exact, rest Hutchinson).
+
+    The sketch, the exact block and the Hutchinson probes each go through one ``op.matmat``.
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: fewer than 3 products.
+    """
+    op = require_operator(op, "hutchpp")
     m = n // 3
     if m < 1:
         raise ValueError("Hutch++ needs at least 3 products")
+    dim = op.shape[0]
     gen = torch.Generator().manual_seed(seed)
     s = _rademacher(m, dim, gen)
-    q, _ = torch.linalg.qr(_apply(matvec, s, op_dtype).T)  # [dim, m] orthonormal
-    top = float((q * _apply(matvec, q.T, op_dtype).T).sum())
+    q, _ = torch.linalg.qr(_apply(op, s).T)  # [dim, m] orthonormal
+    top = float((q * _apply(op, q.T).T).sum())
     g = _rademacher(n - 2 * m, dim, gen)
     g = g - (g @ q) @ q.T
-    rest = (g * _apply(matvec, g, op_dtype)).sum(dim=1)
+    rest = (g * _apply(op, g)).sum(dim=1)
     stderr = float(rest.std() / rest.numel() ** 0.5) if rest.numel() > 1 else None
     return TraceEstimate(top + float(rest.mean()), stderr, n, "hutch++")
