@@ -83,7 +83,7 @@ class BenchConfig:
     align_lr: float = 1e-3
     repeats: int = 5
     psg_repeats: int = 2  # no warm-up: with the slicing backward, vmap takes ~20 s a call
-    # 20 until the shared 2-core machine ran ~8x slower than idle: 10 keeps the run near 20 min
+    # 20 until the shared 2-core machine ran ~8x slower than idle: 10 kept the run to ~16 min
     k: int = 10
     eig_patterns: list[str] = field(default_factory=list)  # filled in from `layers`
     ref_max_iter: int = 300
