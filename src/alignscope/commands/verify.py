@@ -53,6 +53,7 @@ from alignscope.report.output import (
     write_text_atomic,
 )
 from alignscope.train.loop import finetune
+from alignscope.train.stream import training_stream
 from alignscope.train.tracker import AlignmentTracker
 
 SCHEMA = "alignscope.verify/1"
@@ -353,7 +354,6 @@ def run_verify(
     judge for generated responses (default :class:`KeywordRefusalJudge`). ``partial_dir``: keep
     checkpoints there and resume from them (the caller removes it after a successful run).
     """
-    from alignscope.data.encode import encode_pairs, fit_to_length
     from alignscope.data.loaders import load_data
 
     cfg.validate()
@@ -400,14 +400,12 @@ def run_verify(
         )
         data = load_data(cfg.finetune.data, "data", format=cfg.datasets.data_format)
         data_rows = data.rows
-        try:  # the whole set is fine-tuned on: fit all of it, not only the tracked subset
-            encoded, data_fit = fit_to_length(
-                encode_pairs(tokenizer, [(r["prompt"], r["response"]) for r in data_rows]),
-                cfg.datasets.max_length,
-            )
-        except ValueError as err:
-            raise ValueError(f"fine-tuning set {cfg.finetune.data}: {err}") from None
-        datasets = {"finetune": {**data.summary(), **data_fit.summary()}}
+        # the whole set is fine-tuned on: fit all of it, not only the tracked subset
+        stream = training_stream(
+            tokenizer, data_rows, batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed,
+            max_length=cfg.datasets.max_length, what=f"fine-tuning set {cfg.finetune.data}",
+        )  # fmt: skip
+        datasets = {"finetune": {**data.summary(), **stream.summary()}}
         ft_batch, _ = batch_rows(
             tokenizer,
             subsample(data_rows, cfg.datasets.max_data, cfg.runtime.seed),
@@ -496,7 +494,7 @@ def run_verify(
         return False
 
     with stages.stage(
-        "finetune", f"{cfg.optim.steps} {cfg.optim.optimizer} steps on {len(encoded)} pairs"
+        "finetune", f"{cfg.optim.steps} {cfg.optim.optimizer} steps on {len(stream)} pairs"
     ):
         finetune(
             model,
@@ -504,10 +502,7 @@ def run_verify(
             None,
             cfg.optim.steps,
             lr=cfg.optim.lr,
-            batch_size=cfg.optim.batch_size,
-            seed=cfg.runtime.seed,
-            max_length=cfg.datasets.max_length,
-            encoded=encoded,
+            stream=stream,
             callback=callback,
             optimizer=opt,
             start_step=start,
