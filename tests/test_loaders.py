@@ -326,7 +326,18 @@ def test_semicolons_inside_prompts_are_still_prompts(tmp_path):
     assert [r["prompt"] for r in load_data(quoted).rows] == ["one; two", "three; four"]
 
 
-@pytest.mark.parametrize("bad", ["semicolon"])
+def test_a_binary_or_non_utf8_file_names_itself_and_the_fix(tmp_path):
+    blob = tmp_path / "data.parquet"
+    blob.write_bytes(b"\xff\xfe\x00PAR1\x00\x81")
+    with pytest.raises(ValueError, match=r"data.parquet: not UTF-8 text \(byte 0xff at offset 0\)"):
+        load_data(blob)
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("caf\xe9 prompt\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts.txt: not UTF-8 .*saved as UTF-8"):
+        load_data(latin)
+
+
+@pytest.mark.parametrize("bad", ["semicolon", "binary"])
 def test_cli_data_errors_are_one_line_exit_2_nothing_written(organism_test, tmp_path, bad):
     from typer.testing import CliRunner
 

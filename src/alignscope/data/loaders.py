@@ -302,7 +302,15 @@ def load_data(
             raise ValueError(f"{p}: format hf needs a directory written by save_to_disk")
         records, source = _read_hf(p, split)
     else:
-        text = p.read_text(encoding="utf-8-sig")  # spreadsheet exports start with a BOM
+        try:
+            text = p.read_text(encoding="utf-8-sig")  # spreadsheet exports start with a BOM
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{p}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}): "
+                "a binary file (e.g. Parquet, Excel, a compressed archive) or text in another "
+                "encoding; pass a JSON, JSONL, CSV or text file saved as UTF-8 (e.g. "
+                "`iconv -f latin1 -t utf-8`), or a directory written by datasets' save_to_disk"
+            ) from None
         if not text.strip():
             raise ValueError(f"{p}: the dataset is empty")
         if format == "lines":  # never JSON, never a header
