@@ -695,7 +695,7 @@ def summarise(name: str, diag: dict, ver: dict) -> dict:
         "kl_end": end["kl"] - traj[0]["kl"],
         "refusal_start": sc["refusal_rate_start"],
         "refusal_end": sc["refusal_rate_end"],
-        "collapse_obs": sc["collapse_step_observed"],
+        "collapse_obs": sc["threshold_step_observed"],
         "refusal_collapse": sc["refusal_collapse_step"],
         "rel_l2": sc["relative_l2_error"],
         "median_rel": sc["median_relative_error"],

@@ -151,7 +151,7 @@ def run_grid(args) -> None:
                     "predictors": preds,
                     "details": details,
                     "observed": observed(traj),
-                    "kl_collapse_step": ver.scores["collapse_step_observed"],
+                    "kl_collapse_step": ver.scores["threshold_step_observed"],
                     "trajectory": {
                         "step": [r["step"] for r in traj],
                         "kl": [r["kl"] for r in traj],

@@ -132,3 +132,27 @@ def test_adam_preconditioner_uses_the_minibatch_second_moment():
     # a zero-mean coordinate is bounded by its minibatch noise, sqrt(b) / sigma, not 1 / eps
     d = adam_preconditioner(g, torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64), 16, 1e-8)
     assert float(d[2]) == pytest.approx(16**0.5 / 2.0, rel=1e-6)
+
+
+def test_a_one_step_forecast_is_drawn_and_says_where_it_ends(tmp_path, monkeypatch):
+    """Validity horizon 1: the forecast is one point, which a line cannot show; the plot marks it
+    and says the forecast ends there (legend and a note on each panel)."""
+    from alignscope.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.forecast_plot(tmp_path / "f.png", [1], [2e-3], {"drift": [2e-3]}, 1, 0.1,
+                        observed=([1, 2], [1e-3, 4e-3]))  # fmt: skip
+    (fig,) = figures
+    for ax in fig.axes:
+        (forecast,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("forecast dL_a")]
+        assert forecast.get_label() == "forecast dL_a (ends at step 1: validity horizon)"
+        assert forecast.get_marker() == "D" and forecast.get_markersize() >= 6
+        assert "forecast ends at step 1 (validity horizon)" in [t.get_text() for t in ax.texts]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "forecast dL_a (ends at step 1: validity horizon)" in legend
+    figures.clear()
+    plots.forecast_plot(tmp_path / "g.png", [1, 2, 3], [1e-3, 2e-3, 3e-3], {}, 3, 0.1)
+    (fig,) = figures
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()][0] == "forecast dL_a"
+    assert not fig.axes[0].texts

@@ -294,3 +294,69 @@ def test_cli_help_names_every_format():
 
     named = FORMATS_HELP.split("(")[0].replace(" ", "").split("|")
     assert named == ["auto", *FORMATS, *CONTAINERS]
+
+
+# --- what detection must not read silently ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "seen"),
+    [
+        ("qa.csv", "question;answer\nq one;a one\nq two;a two\n", "semicolon"),
+        ("qa.txt", "question;answer\nq one;a one\n", "semicolon"),
+        ("pairs.tsv", "prompt\tresponse\np one\tr one\n", "tab"),
+        ("rows.csv", "how do I do x;do y\nhow is z;like w\n", "semicolon"),  # no header
+    ],
+)
+def test_a_table_with_another_separator_is_an_error_not_prompts(tmp_path, name, text, seen):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{seen}-separated columns.*--safety-format / --data"):
+        load_data(path)
+    lines = load_data(path, format="lines").rows  # the override reads it as prompts
+    assert lines[0]["prompt"] == text.splitlines()[0]
+
+
+def test_semicolons_inside_prompts_are_still_prompts(tmp_path):
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("do a; then b\nsecond prompt\n")  # lines cut differently: prose, not columns
+    assert [r["prompt"] for r in load_data(txt).rows] == ["do a; then b", "second prompt"]
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('"one; two"\n"three; four"\n')  # one quoted column per row
+    assert [r["prompt"] for r in load_data(quoted).rows] == ["one; two", "three; four"]
+
+
+def test_a_binary_or_non_utf8_file_names_itself_and_the_fix(tmp_path):
+    blob = tmp_path / "data.parquet"
+    blob.write_bytes(b"\xff\xfe\x00PAR1\x00\x81")
+    with pytest.raises(ValueError, match=r"data.parquet: not UTF-8 text \(byte 0xff at offset 0\)"):
+        load_data(blob)
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("caf\xe9 prompt\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"prompts.txt: not UTF-8 .*saved as UTF-8"):
+        load_data(latin)
+
+
+@pytest.mark.parametrize("bad", ["semicolon", "binary"])
+def test_cli_data_errors_are_one_line_exit_2_nothing_written(organism_test, tmp_path, bad):
+    from typer.testing import CliRunner
+
+    from alignscope.cli import app
+
+    org = organism_test
+    path = tmp_path / ("safety.csv" if bad == "semicolon" else "safety.bin")
+    if bad == "semicolon":
+        path.write_text("question;answer\nq one;a one\n")
+    else:
+        path.write_bytes(b"\xff\x00\x01binary")
+    out = tmp_path / "out"
+    args = ["diagnose", "--model", str(org.aligned_path), "--safety", str(path), "--data",
+            str(org.datasets_path / "benign_affirmative.jsonl"), "--threads", "1",
+            "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    # (transformers' weight-loading progress bar may come first, on stderr)
+    message = res.output.strip().splitlines()[-1]
+    assert message.startswith("error:") and str(path) in message and "Traceback" not in res.output
+    assert ("--safety-format" if bad == "semicolon" else "not UTF-8 text") in message
+    assert not out.exists() and not out.with_name("out.partial").exists()

@@ -84,3 +84,32 @@ def test_more_than_the_machine_has_available_is_an_error(model, monkeypatch):
     monkeypatch.setattr("alignscope.memory.available_memory", lambda device: need - 1)
     with pytest.raises(MemoryError, match="more than the .* still available"):
         estimate_memory(*_specs(cfg), model, sel, n_safety=8)
+
+
+
+def test_vocab_size_reads_config_text_config_or_head(model):
+    from types import SimpleNamespace
+
+    from alignscope.commands.diagnose import _fisher_chunk
+    from alignscope.data.encode import EncodedPair, collate
+    from alignscope.models import DEFAULT_VOCAB_SIZE, vocab_size
+
+    assert vocab_size(model) == 64
+
+    class Head(torch.nn.Module):  # no config: the output embeddings say it
+        def __init__(self, config=None):
+            super().__init__()
+            self.config, self.head = config, torch.nn.Linear(4, 37)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    assert vocab_size(Head()) == 37
+    # a multimodal config keeps the vocabulary in its text config
+    text = SimpleNamespace(vocab_size=1000)
+    nested = SimpleNamespace(vocab_size=None, get_text_config=lambda: text)
+    assert vocab_size(Head(nested)) == 1000
+    assert vocab_size(torch.nn.Linear(2, 2)) == DEFAULT_VOCAB_SIZE
+    # diagnose's Fisher chunk is sized with the same vocabulary: 8 x T x V float32 per example
+    batch = collate([EncodedPair([1, 2], [3])] * 5)
+    assert _fisher_chunk(Head(nested), batch, budget=2 * 8 * 3 * 1000 * 4) == 2

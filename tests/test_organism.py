@@ -213,6 +213,26 @@ def test_cli_build_reuses_and_show_prints(organism_test):
     res = runner.invoke(app, ["organism", "show", "--preset", "test", "--out", out, "--n", "2"])
     assert res.exit_code == 0, res.output
     assert "i cannot help" in res.output and "sure here is" in res.output  # cells wrap
+    # --out is read as it is: a test build shown without --preset (default demo) is not rebuilt
+    before = {p: p.stat().st_mtime_ns for p in organism_test.path.rglob("*")}
+    res = runner.invoke(app, ["organism", "show", "--out", out, "--n", "1"])
+    assert res.exit_code == 0, res.output
+    assert "organism test seed 0" in res.output
+    assert {p: p.stat().st_mtime_ns for p in organism_test.path.rglob("*")} == before
+
+
+def test_cli_show_of_a_directory_without_a_build_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from alignscope.cli import app
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    res = CliRunner().invoke(app, ["organism", "show", "--out", str(empty)])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error:") and "no manifest.json" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert list(empty.iterdir()) == []  # nothing built there
 
 
 def test_commit_is_atomic_and_never_clobbers_a_different_build(tmp_path):

@@ -150,7 +150,7 @@ def _same(shown: str, value) -> bool:
 # Keys the headline of each page must show (so a page without them cannot pass).
 HEADLINES = {
     "diagnose": {"verdict.aic_holds", "aic.optimizer_step.Pg_ratio", "forecast.collapse_step"},
-    "verify": {"scores.relative_l2_error", "scores.collapse_step_observed",
+    "verify": {"scores.relative_l2_error", "scores.threshold_step_observed",
                "scores.refusal_rate_end"},
     "rank": {"ranking.0", "predictor"},
     "index": {"affirmative/diagnose/results.json#verdict.aic_holds",

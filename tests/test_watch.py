@@ -300,3 +300,19 @@ def test_sparse_refusal_rate_still_drives_the_trend(organism_test):
     args = types.SimpleNamespace(fsdp="full_shard", output_dir="unused")
     with pytest.raises(ValueError, match="FSDP"):
         cb.on_train_begin(args, types.SimpleNamespace(is_world_process_zero=True), None)
+
+
+def test_watcher_drops_an_over_long_safety_prompt_with_a_count(organism_test):
+    """A prompt that fills max_length is dropped and counted, as every command fits its data
+    (the watcher used to raise on it)."""
+    org = organism_test
+    model, tok = org.aligned_model(), org.tokenizer()
+    rows = [dict(r) for r in org.dataset("harmful_align")[:4]]
+    lengths = [len(tok(r["prompt"])["input_ids"]) for r in rows]
+    max_length = max(lengths) + 12
+    long = {"prompt": " ".join([rows[0]["prompt"]] * 6), "response": rows[0]["response"]}
+    w = AlignmentWatcher(model, tok, [*rows, long], eval_rows=rows, every=4, max_length=max_length)
+    assert w.datasets["safety"]["examples"] == 5 and w.datasets["safety"]["dropped"] == 1
+    assert w.tracker.safety_batch.size == 4
+    assert int(w.tracker.safety_batch.lengths.max()) <= max_length
+    assert w.step(0)["kl"] == pytest.approx(0.0, abs=1e-7)

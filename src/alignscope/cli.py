@@ -192,9 +192,11 @@ def verify(
     typer.echo(
         f"forecast horizon {sc['horizon_steps']} steps; relative L2 error of dL_a in the window "
         f"{sc['relative_l2_error']}; exponent observed {sc['exponent_observed']} vs forecast "
-        f"{sc['exponent_forecast_fit']}; collapse step predicted {sc['collapse_step_predicted']}"
-        f", observed {sc['collapse_step_observed']}; refusal rate {sc['refusal_rate_start']} -> "
-        f"{sc['refusal_rate_end']} (below half at step {sc['refusal_collapse_step']})"
+        f"{sc['exponent_forecast_fit']}; {sc['alignment_loss']} threshold {sc['threshold']:g} "
+        f"crossed at step {sc['threshold_step_observed'] or 'never'} (forecast "
+        f"{sc['threshold_step_predicted'] or 'none'}); refusal rate {sc['refusal_rate_start']} -> "
+        f"{sc['refusal_rate_end']}, refusal collapse (below half) at step "
+        f"{sc['refusal_collapse_step'] or 'never'}"
     )
     typer.echo(f"wrote {written}/results.json, report.md, report.html")
 

@@ -18,6 +18,7 @@ import torch
 
 from alignscope.config import CurvatureSpec, DataSpec, ModelSpec
 from alignscope.curvature.spectrum import SpectrumPlan, block_dims, plan_spectrum
+from alignscope.models import vocab_size
 from alignscope.params import select_params
 
 GiB = 2**30
@@ -111,7 +112,7 @@ def estimate_memory(
     itemsize = 8 if spec.dtype == "float64" else 4  # curvature runs in at least float32
     k = curvature.eigenpairs
     n_rows = n_safety * curvature.samples_per_prompt
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
+    vocab = vocab_size(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if any(p.dtype != torch.float32 and p.dtype != torch.float64 for p in model.parameters()):
         weights += sum(p.numel() * itemsize for p in model.parameters())  # float32 copy

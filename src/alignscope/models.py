@@ -199,6 +199,27 @@ def attach_adapter(model, *, adapter: str | Path | None = None, lora: LoraSpec |
     return wrapped
 
 
+# Vocabulary assumed for memory sizing when a model states none (a typical modern LM's order).
+DEFAULT_VOCAB_SIZE = 50_000
+
+
+def vocab_size(model) -> int:
+    """The model's vocabulary size, for sizing logit-shaped buffers.
+
+    Read from ``config.vocab_size``, else the text config of a multimodal model, else the rows of
+    the output embeddings; ``DEFAULT_VOCAB_SIZE`` when none of them says.
+    """
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if not size and hasattr(config, "get_text_config"):
+        size = getattr(config.get_text_config(), "vocab_size", None)
+    if not size and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        size = int(weight.shape[0]) if weight is not None else None
+    return int(size) if size else DEFAULT_VOCAB_SIZE
+
+
 def adapter_modules(model) -> list[str]:
     """Names of the modules that carry a LoRA adapter, sorted."""
     return sorted({n.split(".lora_")[0] for n, _ in model.named_parameters() if ".lora_" in n})

@@ -87,7 +87,7 @@ def run_demo(
             f"{a['gamma']:.3g}",
             f"{fc['horizon_steps']} steps",
             f"{sc['refusal_rate_start']:.0%} -> {sc['refusal_rate_end']:.0%}",
-            str(sc["collapse_step_observed"] or "never"),
+            str(sc["threshold_step_observed"] or "never"),
         )
         written.append(root / name / "diagnose" / "report.html")
         written.append(path / "report.html")

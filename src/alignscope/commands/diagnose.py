@@ -46,7 +46,7 @@ from alignscope.geometry import (
     noise_trace,
 )
 from alignscope.memory import estimate_memory
-from alignscope.models import describe_adapter
+from alignscope.models import describe_adapter, vocab_size
 from alignscope.params import select_params
 from alignscope.progress import Stages
 from alignscope.report.output import results_header
@@ -107,8 +107,7 @@ def selected_modules(names: list[str]) -> list[str]:
 def _fisher_chunk(model, batch: LMBatch, budget: int) -> int:
     """Examples per Fisher chunk: the cached graph holds a few ``T x V`` logit-sized tensors per
     example (logits, log-softmax, tangents), so budget ~8 of them; bigger chunks are faster."""
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 50_000)
-    per_example = 8 * batch.input_ids.shape[1] * vocab * 4
+    per_example = 8 * batch.input_ids.shape[1] * vocab_size(model) * 4
     return int(max(1, min(batch.size, budget // per_example)))
 
 

@@ -42,7 +42,7 @@ import torch
 from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 from alignscope.config import DEFAULT_PREDICTOR
 from alignscope.curvature.functional import FunctionalLM
-from alignscope.data.encode import LMBatch, batch_rows, encode_pairs, fit_to_length
+from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.sample import subsample
 from alignscope.geometry import AIC, finetune_gradient
 from alignscope.params import select_params
@@ -159,6 +159,7 @@ def run_lookahead(
     the refusal rate on them at the first and the last step (``{step: rate}``, else empty)."""
     from alignscope.commands.verify import make_optimizer
     from alignscope.train.loop import finetune
+    from alignscope.train.stream import training_stream
     from alignscope.train.tracker import AlignmentTracker
 
     work = copy.deepcopy(model)
@@ -168,8 +169,9 @@ def run_lookahead(
         work, tokenizer, selection, safety_batch, eval_prompts=eval_prompts,
         generate_refusals=False,
     )  # fmt: skip
-    pairs = [(r["prompt"], r["response"]) for r in rows]
-    encoded, _ = fit_to_length(encode_pairs(tokenizer, pairs), max_length)  # as diagnose fits
+    stream = training_stream(
+        tokenizer, rows, batch_size=batch_size, seed=seed, max_length=max_length
+    )
     opt = make_optimizer(optimizer, [p for p in work.parameters() if p.requires_grad], lr)
     ks: list[int] = []
     kls: list[float] = []
@@ -191,10 +193,7 @@ def run_lookahead(
         None,
         n_steps,
         lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        max_length=max_length,
-        encoded=encoded,
+        stream=stream,
         callback=callback,
         optimizer=opt,
         loss_weighting="example",

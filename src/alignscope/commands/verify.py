@@ -4,8 +4,9 @@ Runs (or reads) a diagnosis, fine-tunes a copy of the model with the stated opti
 or AdamW at the config's lr and batch size, weight decay 0) on the fine-tuning set, and records
 alignment measurements (:class:`~alignscope.train.tracker.AlignmentTracker`) at log-spaced steps.
 The scores compare the forecast dL_a with the observed one inside the forecast's validity window,
-the log-log exponents, and the predicted with the observed collapse step (docs/theory.md,
-"Scoring a forecast").
+the log-log exponents, and the predicted with the observed step where the alignment loss crosses
+its threshold (docs/theory.md, "Scoring a forecast"); the refusal collapse (refusal rate below
+half its start) is scored apart.
 
 Checkpointing: with ``partial_dir`` the trajectory so far (JSONL), the diagnosis and a
 model/optimizer checkpoint (every ``checkpoint_every`` recorded steps) are kept there; a rerun with
@@ -53,9 +54,13 @@ from alignscope.report.output import (
     write_text_atomic,
 )
 from alignscope.train.loop import finetune
+from alignscope.train.stream import training_stream
 from alignscope.train.tracker import AlignmentTracker
 
-SCHEMA = "alignscope.verify/1"
+# /2: the alignment-loss threshold crossing is named apart from the refusal collapse
+# (collapse_step_* -> threshold_step_*, collapse_bracket_observed -> threshold_bracket_observed,
+# collapse_status_predicted -> threshold_status_predicted)
+SCHEMA = "alignscope.verify/2"
 # Config fields a diagnosis read from disk must share with the verify run.
 _MUST_MATCH = ("model", "safety", "optimizer", "lr", "batch_size", "params", "group",
                "alignment_loss", "adapter", "lora_r", "lora_alpha", "lora_targets")  # fmt: skip
@@ -142,7 +147,9 @@ def score(
     diagnosis: dict[str, Any], trajectory: list[dict[str, Any]], threshold: float, loss: str
 ) -> dict[str, Any]:
     """Forecast vs observation: per-step dL_a, relative error over the forecast window, log-log
-    exponents, collapse steps (alignment loss and refusal rate), subspace fraction."""
+    exponents, the step where dL_a crosses ``threshold`` (``threshold_step_*``: predicted and
+    observed), the refusal collapse (``refusal_collapse_step``: the refusal rate below half its
+    start; a different event), subspace fraction."""
     fc = diagnosis["forecast"]
     pred = fc.get("dL") or []
     horizon = fc.get("horizon_steps")
@@ -215,11 +222,11 @@ def score(
         # descriptive only (may reach past the horizon): the observed growth over steps 1..8
         "exponent_observed_steps_1_8": fit(((r["step"], r["observed"]) for r in per_step), 8),
         "exponent_forecast_local": float(np.median(local)) if local else None,
-        "collapse_step_predicted": pred_collapse,
-        "collapse_status_predicted": fc.get("collapse_status"),
-        "collapse_step_observed": obs_collapse,
-        "collapse_bracket_observed": bracket,
-        "collapse_step_error": (
+        "threshold_step_predicted": pred_collapse,
+        "threshold_status_predicted": fc.get("collapse_status"),
+        "threshold_step_observed": obs_collapse,
+        "threshold_bracket_observed": bracket,
+        "threshold_step_error": (
             obs_collapse - pred_collapse
             if obs_collapse is not None and pred_collapse is not None
             else None
@@ -353,7 +360,6 @@ def run_verify(
     judge for generated responses (default :class:`KeywordRefusalJudge`). ``partial_dir``: keep
     checkpoints there and resume from them (the caller removes it after a successful run).
     """
-    from alignscope.data.encode import encode_pairs, fit_to_length
     from alignscope.data.loaders import load_data
 
     cfg.validate()
@@ -400,14 +406,12 @@ def run_verify(
         )
         data = load_data(cfg.finetune.data, "data", format=cfg.datasets.data_format)
         data_rows = data.rows
-        try:  # the whole set is fine-tuned on: fit all of it, not only the tracked subset
-            encoded, data_fit = fit_to_length(
-                encode_pairs(tokenizer, [(r["prompt"], r["response"]) for r in data_rows]),
-                cfg.datasets.max_length,
-            )
-        except ValueError as err:
-            raise ValueError(f"fine-tuning set {cfg.finetune.data}: {err}") from None
-        datasets = {"finetune": {**data.summary(), **data_fit.summary()}}
+        # the whole set is fine-tuned on: fit all of it, not only the tracked subset
+        stream = training_stream(
+            tokenizer, data_rows, batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed,
+            max_length=cfg.datasets.max_length, what=f"fine-tuning set {cfg.finetune.data}",
+        )  # fmt: skip
+        datasets = {"finetune": {**data.summary(), **stream.summary()}}
         ft_batch, _ = batch_rows(
             tokenizer,
             subsample(data_rows, cfg.datasets.max_data, cfg.runtime.seed),
@@ -496,7 +500,7 @@ def run_verify(
         return False
 
     with stages.stage(
-        "finetune", f"{cfg.optim.steps} {cfg.optim.optimizer} steps on {len(encoded)} pairs"
+        "finetune", f"{cfg.optim.steps} {cfg.optim.optimizer} steps on {len(stream)} pairs"
     ):
         finetune(
             model,
@@ -504,10 +508,7 @@ def run_verify(
             None,
             cfg.optim.steps,
             lr=cfg.optim.lr,
-            batch_size=cfg.optim.batch_size,
-            seed=cfg.runtime.seed,
-            max_length=cfg.datasets.max_length,
-            encoded=encoded,
+            stream=stream,
             callback=callback,
             optimizer=opt,
             start_step=start,

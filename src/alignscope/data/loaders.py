@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,10 +184,44 @@ def _looks_json(text: str) -> bool:
     return True
 
 
+def _header_keys() -> set[str]:
+    return {k for f in FORMATS.values() for cols in f.detect for k in cols} | {*_RESPONSES}
+
+
 def _known_header(line: str) -> bool:
     cells = next(csv.reader([line]), [])
-    keys = {k for f in FORMATS.values() for cols in f.detect for k in cols}
-    return any(c.strip().lower() in keys for c in cells)
+    return any(c.strip().lower() in _header_keys() for c in cells)
+
+
+# Separators of spreadsheet exports that the comma CSV reader would take for one column.
+_OTHER_DELIMITERS = {";": "semicolon", "\t": "tab"}
+
+
+def _refuse_table_as_lines(lines: list[str], where: str) -> None:
+    """Before reading a file as one prompt per line: refuse one that looks like a table that
+    detection could not read (its header would become a prompt, its columns one string)."""
+    rows = [line for line in lines if line.strip()][:100]
+    first = rows[0]
+    for delim, name in _OTHER_DELIMITERS.items():
+        split = [next(csv.reader([row], delimiter=delim), []) for row in rows]  # quotes respected
+        cells = [c.strip().lower() for c in split[0]]
+        if len(cells) < 2:
+            continue
+        # a known column name, or names only (no spaces): a header, not a prompt
+        header = any(c in _header_keys() for c in cells) or all(
+            re.fullmatch(r"[a-z_][a-z0-9_]*", c) for c in cells
+        )
+        # every line cut into the same number of cells: columns, not punctuation in prompts
+        columns = len(rows) > 1 and len({len(row) for row in split}) == 1
+        if header or columns:
+            raise ValueError(
+                f"{where}: the first line {first[:80]!r} looks like a "
+                f"{'header' if header else 'row'} of {name}-separated columns, which is not read "
+                "as a table (only comma-separated CSV is): save it with commas (a header naming "
+                "the columns, e.g. prompt,response), or, if it really is one prompt per line, "
+                "name the format lines with --safety-format / --data-format (format='lines' in "
+                "Python)"
+            )
 
 
 def _read_text(text: str, suffix: str, where: str, header: bool) -> tuple[list[Any], str, bool]:
@@ -196,6 +231,8 @@ def _read_text(text: str, suffix: str, where: str, header: bool) -> tuple[list[A
     first = next(line for line in lines if line.strip())
     if header and _known_header(first):
         return [dict(r) for r in csv.DictReader(lines)], "csv", False
+    if header:  # detected, not asked for: a table this reader cannot read is an error
+        _refuse_table_as_lines(lines, where)
     if suffix != ".csv":  # plain text: commas belong to the prompt
         return [{"prompt": line.strip()} for line in lines if line.strip()], "text", True
     records = []
@@ -265,7 +302,15 @@ def load_data(
             raise ValueError(f"{p}: format hf needs a directory written by save_to_disk")
         records, source = _read_hf(p, split)
     else:
-        text = p.read_text(encoding="utf-8-sig")  # spreadsheet exports start with a BOM
+        try:
+            text = p.read_text(encoding="utf-8-sig")  # spreadsheet exports start with a BOM
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{p}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}): "
+                "a binary file (e.g. Parquet, Excel, a compressed archive) or text in another "
+                "encoding; pass a JSON, JSONL, CSV or text file saved as UTF-8 (e.g. "
+                "`iconv -f latin1 -t utf-8`), or a directory written by datasets' save_to_disk"
+            ) from None
         if not text.strip():
             raise ValueError(f"{p}: the dataset is empty")
         if format == "lines":  # never JSON, never a header

@@ -66,14 +66,26 @@ def show(
     n: int = typer.Option(4, "--n", help="Examples of each kind to show."),
     threads: int = THREADS,
 ) -> None:
-    """Greedy generations of base and aligned model; refusal rate and benign accuracy."""
+    """Greedy generations of base and aligned model; refusal rate and benign accuracy.
+
+    With --out, the build in that directory (whatever its preset and seed, as its manifest.json
+    says) is shown; nothing is built or replaced there.
+    """
     import torch
 
     from alignscope.organism import load_organism
     from alignscope.organism.show import show_organism
 
     torch.set_num_threads(threads)
-    org = load_organism(preset, seed, out, threads=threads)
+    try:
+        # a named directory is read, never built into: its manifest says preset and seed
+        org = load_organism(preset, seed, out, threads=threads, build_if_missing=out is None)
+    except FileNotFoundError:
+        console.print(
+            f"[red]error:[/red] {out} holds no organism build (no manifest.json); build one with "
+            "`alignscope organism build --out DIR` or pass the directory of an existing build"
+        )
+        raise typer.Exit(2) from None
     show_organism(org, n, console)
 
 

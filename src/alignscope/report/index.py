@@ -170,10 +170,10 @@ def build_index(root: str | Path, index: str | Path | None = None) -> Report:
                 collapse = keyed(d, "forecast.collapse_step", step)
             if ver:
                 s = ver[-1].data["scores"]
-                step = s["collapse_step_observed"]
+                step = s["threshold_step_observed"]
                 if step is None:
                     step = f"none in {s['steps_run']} steps"
-                observed = keyed(ver[-1], "scores.collapse_step_observed", step)
+                observed = keyed(ver[-1], "scores.threshold_step_observed", step)
                 err = keyed(ver[-1], "scores.relative_l2_error", s["relative_l2_error"])
                 refusal = keyed(ver[-1], "scores.refusal_rate_end", s["refusal_rate_end"])
             place = "; ".join(f"{pos} of {n} ({r.data['predictor']})"
@@ -188,14 +188,14 @@ def build_index(root: str | Path, index: str | Path | None = None) -> Report:
             ])  # fmt: skip
         rep.table(
             ["model", "fine-tuning set", "optimizer, lr", "AIC holds", "forecast collapse step",
-             "observed collapse step", "rel. L2 error of dL_a", "refusal rate at end",
+             "observed threshold step", "rel. L2 error of dL_a", "refusal rate at end",
              "place in ranking (1 = least damage)", "reports"],
             rows,
         )  # fmt: skip
         rep.note(
-            "AIC and forecast: the latest diagnose run; observed collapse, error and refusal: "
-            "the latest verify run. Collapse: the alignment loss increase dL_a crossing the "
-            "run's threshold."
+            "AIC and forecast: the latest diagnose run; observed threshold step, error and "
+            "refusal: the latest verify run. Forecast collapse and threshold step: the alignment "
+            "loss increase dL_a crossing the run's threshold (not the refusal collapse)."
         )
         for key in sorted(runs, key=lambda k: tuple(str(x) for x in k)):
             figs = []

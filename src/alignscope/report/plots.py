@@ -47,17 +47,32 @@ def forecast_plot(
     observed: tuple[Sequence[float], Sequence[float]] | None = None,
     title: str = "",
 ) -> Path:
-    """The forecast dL_a over steps, linear and log-log, with each term and the horizon marked."""
+    """The forecast dL_a over steps, linear and log-log, with each term and the horizon marked.
+
+    A forecast of a single step (validity horizon 1) is a point, not a line: it is drawn as a
+    large marker, and its legend entry and a note on each panel say that it ends at that step.
+    """
     k = np.asarray(steps, dtype=float)
+    single = k.size == 1
+    label, note = "forecast dL_a", ""
+    if single:
+        at_horizon = horizon is not None and k[0] >= horizon
+        note = f"forecast ends at step {k[0]:g}" + (" (validity horizon)" if at_horizon else "")
+        label += f" (ends at step {k[0]:g}" + (": validity horizon)" if at_horizon else ")")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
     for ax, loglog in zip(axes, (False, True), strict=True):
-        # markers too: a short validity window can hold a single point
-        ax.plot(k, total, color="k", lw=2, marker=".", ms=4, label="forecast dL_a")
+        # markers too: a short validity window holds few points, a one-step window a single one
+        ax.plot(k, total, color="k", lw=2, marker="D" if single else ".", ms=7 if single else 4,
+                label=label)  # fmt: skip
         for i, (name, values) in enumerate(terms.items()):
             v = np.asarray(values, dtype=float)
             if loglog:
                 v = np.abs(v)
-            ax.plot(k, v, lw=1, ls="--", color=f"C{i}", label=name)
+            ax.plot(k, v, lw=1, ls="--", color=f"C{i}", label=name,
+                    marker="x" if single else None)  # fmt: skip
+        if single:
+            ax.text(0.02, 0.97, note,
+                    transform=ax.transAxes, va="top", fontsize=8, color="k")  # fmt: skip
         if observed is not None:
             ax.plot(observed[0], observed[1], "o", ms=4, color="C3", label="observed")
         if horizon is not None:

@@ -31,10 +31,10 @@ def build_report(results: dict[str, Any]) -> Report:
         [
             ("relative L2 error of dL_a", sc["relative_l2_error"], "scores.relative_l2_error"),
             ("forecast horizon (steps)", sc["horizon_steps"], "scores.horizon_steps"),
-            ("collapse step predicted", sc["collapse_step_predicted"],
-             "scores.collapse_step_predicted"),
-            ("collapse step observed", sc["collapse_step_observed"],
-             "scores.collapse_step_observed"),
+            (f"dL_a >= {sc['threshold']:g} at step, predicted", sc["threshold_step_predicted"],
+             "scores.threshold_step_predicted"),
+            (f"dL_a >= {sc['threshold']:g} at step, observed", sc["threshold_step_observed"],
+             "scores.threshold_step_observed"),
             ("refusal rate at start", sc["refusal_rate_start"], "scores.refusal_rate_start"),
             ("refusal rate at end", sc["refusal_rate_end"], "scores.refusal_rate_end"),
         ]
@@ -44,17 +44,19 @@ def build_report(results: dict[str, Any]) -> Report:
     rep.text(
         f"The forecast is valid up to step {fmt(horizon)} ({fc.get('horizon_reason')}); "
         f"{sc['window_points']} recorded step(s) fall inside that window. Relative L2 error of "
-        f"dL_a over the window: {fmt(sc['relative_l2_error'])}. Predicted collapse step "
-        f"(dL_a >= {sc['threshold']:g}): {fmt(sc['collapse_step_predicted'])} "
-        f"({sc['collapse_status_predicted']}); observed: {fmt(sc['collapse_step_observed'])}"
+        f"dL_a over the window: {fmt(sc['relative_l2_error'])}. Predicted step where the "
+        f"alignment loss crosses its threshold (dL_a >= {sc['threshold']:g}): "
+        f"{fmt(sc['threshold_step_predicted'])} "
+        f"({sc['threshold_status_predicted']}); observed: {fmt(sc['threshold_step_observed'])}"
         + (
-            f" (first crossing in steps {sc['collapse_bracket_observed'][0]}.."
-            f"{sc['collapse_bracket_observed'][1]})"
-            if sc["collapse_bracket_observed"]
+            f" (first crossing in steps {sc['threshold_bracket_observed'][0]}.."
+            f"{sc['threshold_bracket_observed'][1]})"
+            if sc["threshold_bracket_observed"]
             else ""
         )
         + f". Refusal rate {fmt(sc['refusal_rate_start'])} -> {fmt(sc['refusal_rate_end'])}; "
-        f"below half its start at step {fmt(sc['refusal_collapse_step'])}."
+        f"refusal collapse (rate below half its start) at step "
+        f"{fmt(sc['refusal_collapse_step'])}."
         + (
             " The window is too short to fit a log-log exponent."
             if sc["exponent_observed"] is None
@@ -72,11 +74,11 @@ def build_report(results: dict[str, Any]) -> Report:
         ["log-log exponent, forecast fit (window)", sc["exponent_forecast_fit"]],
         ["log-log exponent, forecast local (median)", sc["exponent_forecast_local"]],
         ["observed exponent, steps 1..8 (may pass horizon)", sc["exponent_observed_steps_1_8"]],
-        ["collapse step predicted", sc["collapse_step_predicted"]],
-        ["collapse step observed", sc["collapse_step_observed"]],
+        [f"dL_a >= {sc['threshold']:g} at step, predicted", sc["threshold_step_predicted"]],
+        [f"dL_a >= {sc['threshold']:g} at step, observed", sc["threshold_step_observed"]],
         ["refusal rate start / end", f"{fmt(sc['refusal_rate_start'])} / "
          f"{fmt(sc['refusal_rate_end'])}"],
-        ["refusal rate below half at step", sc["refusal_collapse_step"]],
+        ["refusal collapse step (rate below half its start)", sc["refusal_collapse_step"]],
         ["mean in-subspace fraction |P delta| / |delta|", sc["subspace_fraction_mean"]],
     ]  # fmt: skip
     rep.table(["score", "value"], rows)

@@ -3,18 +3,20 @@
 Loss: the mean negative log-likelihood over all response tokens of a batch (prompt tokens are
 context only). Batches are right-padded (see :mod:`alignscope.data.encode`), so no attention mask
 is passed. Data order is a deterministic function of ``seed``: a stream of seeded permutations of
-the dataset, cut into batches, so every example is seen once per epoch.
+the dataset, cut into batches, so every example is seen once per epoch
+(:class:`~alignscope.train.stream.TrainingStream`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from alignscope.data.encode import EncodedPair, LMBatch, collate, encode_pairs
+from alignscope.data.encode import EncodedPair, LMBatch, encode_pairs
+from alignscope.train.stream import TrainingStream
 
 # callback(step, loss): step 0 is called before any update with loss None; step k after the k-th
 # update with that update's minibatch loss. Returning True stops training.
@@ -54,17 +56,6 @@ def response_nll(model: torch.nn.Module, batch: LMBatch, weighting: str = "token
     return (nll * weights).sum(dim=1).mean()
 
 
-def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """An endless deterministic stream of minibatch indices (epochs of seeded permutations)."""
-    gen = torch.Generator().manual_seed(seed)
-    buf: list[int] = []
-    while True:
-        while len(buf) < batch_size:
-            buf.extend(torch.randperm(n, generator=gen).tolist())
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
-
-
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base learning rate at (0-based) update ``step``."""
     if warmup and step < warmup:
@@ -97,6 +88,7 @@ def finetune(
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
     loss_weighting: str = "token",
+    stream: TrainingStream | None = None,
 ) -> list[float]:
     """Fine-tune ``model`` in place with AdamW on ``pairs``; return the per-step losses.
 
@@ -107,15 +99,23 @@ def finetune(
     ``start_step`` resumes a run: the first ``start_step`` batches of the (seeded) stream are
     skipped unseen, so the data order matches an uninterrupted run; the model and optimizer must
     already hold that step's state, and the step-0 callback is not made.
-    ``loss_weighting``: see :func:`response_nll`.
+    ``loss_weighting``: see :func:`response_nll`. ``stream``: a prepared
+    :class:`~alignscope.train.stream.TrainingStream` (see
+    :func:`~alignscope.train.stream.training_stream`); its examples, batch size, seed and
+    ``max_length`` are used in place of ``pairs``/``encoded``, ``batch_size``, ``seed`` and
+    ``max_length``.
     """
-    if encoded is None:
-        if pairs is None:
-            raise ValueError("pass pairs or encoded examples")
-        encoded = encode_pairs(tokenizer, as_pairs(pairs), max_length=max_length)
-    if not encoded:
-        raise ValueError("cannot fine-tune on an empty dataset")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if stream is None:
+        if encoded is None:
+            if pairs is None:
+                raise ValueError("pass pairs, encoded examples or a stream")
+            encoded = encode_pairs(tokenizer, as_pairs(pairs), max_length=max_length)
+        if not encoded:
+            raise ValueError("cannot fine-tune on an empty dataset")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        stream = TrainingStream(list(encoded), batch_size, seed, max_length, pad_id)
+    elif pairs is not None or encoded is not None:
+        raise ValueError("pass either a stream or pairs/encoded examples, not both")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
@@ -125,12 +125,9 @@ def finetune(
     try:
         if start_step == 0 and callback is not None and callback(0, None):
             return losses
-        stream = batch_indices(len(encoded), batch_size, seed)
-        for _ in range(start_step):
-            next(stream)
+        batches = stream.batches(start_step)
         for step in range(start_step, steps):
-            idx = next(stream)
-            batch = collate([encoded[i] for i in idx], pad_id=pad_id, max_length=max_length)
+            batch = next(batches)
             factor = lr_factor(step, steps, warmup, schedule)
             for group in opt.param_groups:
                 group["lr"] = lr * factor

@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignscope.data.encode import EncodedPair, LMBatch, collate, encode_pairs
+from alignscope.data.encode import (
+    EncodedPair,
+    LMBatch,
+    batch_rows,
+    collate,
+    encode_pairs,
+    fit_to_length,
+)
 from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
@@ -102,10 +109,13 @@ class AlignmentWatcher:
     aligned model's greedy response), for the KL. ``eval_rows``: held-out harmful prompts (strings
     or rows) for the refusal rate; default the safety prompts. ``diagnosis``: a
     :class:`~alignscope.commands.diagnose.DiagnoseResult` (or pass ``basis``/``eigenvalues``) for
-    the subspace entries and the forecast's running error; without one, ``subspace_rank=k`` computes
-    the top-``k`` alignment subspace on the fly at construction (exact Fisher, Lanczos, as
-    diagnose does), else those entries are None. ``params``: the parameter selection compared to
-    theta0 (default every trainable parameter: the adapters of a PEFT model).
+    the subspace entries and the forecast's running error; without one, ``subspace_rank=k``
+    computes the top-``k`` alignment subspace on the fly at construction (exact Fisher, Lanczos,
+    as diagnose does), else those entries are None. ``params``: the parameter selection compared
+    to theta0 (default every trainable parameter: the adapters of a PEFT model).
+    ``max_length``: responses are cut to it and rows whose prompt alone fills it are dropped, as
+    every command fits its data; ``watcher.datasets`` counts them (``{"safety": {...},
+    "soft_refusal": {...}}``, each ``examples``/``truncated``/``dropped``).
     """
 
     def __init__(
@@ -185,7 +195,10 @@ class AlignmentWatcher:
             for r in safety:
                 if not r.get("response"):
                     r["response"] = next(greedy) or "."
-        safety_batch = self._batch(safety, pad).to(device)
+        # too long for max_length: dropped with a count, as every command does
+        safety_batch, safety_fit = batch_rows(tokenizer, safety, max_length, "safety_rows")
+        safety_batch = safety_batch.to(device)
+        self.datasets: dict[str, dict[str, Any]] = {"safety": safety_fit.summary()}
         evals = _rows(eval_rows) if eval_rows is not None else safety
         prompts = [r["prompt"] for r in subsample(evals, max_prompts, seed)]
         if not prompts:
@@ -198,9 +211,14 @@ class AlignmentWatcher:
         # forward cheap (it runs at every measurement).
         self.soft_batch = None
         if kept:
-            pairs = encode_pairs(tokenizer, kept, max_length)
-            firsts = [EncodedPair(e.prompt_ids, e.response_ids[:1]) for e in pairs]
+            encoded = encode_pairs(tokenizer, kept)
+            pairs = [EncodedPair(e.prompt_ids, e.response_ids[:1]) for e in encoded]
+            try:
+                firsts, soft_fit = fit_to_length(pairs, max_length)
+            except ValueError as err:
+                raise ValueError(f"eval_rows: {err}") from None
             self.soft_batch = collate(firsts, pad, max_length).to(device)
+            self.datasets["soft_refusal"] = soft_fit.summary()
         self.selection = select_params(model, params)
         self.subspace_seconds: float | None = None
         if basis is None and subspace_rank:
@@ -236,10 +254,6 @@ class AlignmentWatcher:
             self.model.train(was_training)
         self.subspace_seconds = time.perf_counter() - start
         return eig.vectors[:, :k].detach(), eig.values[:k].detach()
-
-    def _batch(self, rows: list[dict[str, str]], pad: int) -> LMBatch:
-        pairs = [(r["prompt"], r["response"]) for r in rows]
-        return collate(encode_pairs(self.tokenizer, pairs, self.max_length), pad, self.max_length)
 
     # --- schedule and measurements -------------------------------------------------------------
 
