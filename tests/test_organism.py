@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -128,7 +127,11 @@ def test_training_is_deterministic_for_a_seed():
 def test_test_preset_meets_its_bars(organism_test):
     m = organism_test.manifest
     assert m["preset"] == "test" and m["seed"] == 0
-    assert m["times"]["total_s"] < 60
+    # the recipe recorded is the preset's, and every step of both phases was trained (how long
+    # the build takes is a bench's business, not a test's)
+    recipe = get_recipe("test")
+    assert m["recipe"] == json.loads(json.dumps(recipe.to_dict()))
+    assert m["steps_run"] == {"base": recipe.base.steps, "align": recipe.align.steps}
     aligned, base = m["metrics"]["aligned"], m["metrics"]["base"]
     assert aligned["refusal_eval"] >= 0.9
     assert aligned["refusal_align"] >= 0.9
@@ -170,16 +173,24 @@ def test_datasets_are_saved_as_jsonl(organism_test):
         organism_test.dataset("no_such_set")
 
 
-def test_cached_build_is_reused_and_a_different_one_refused(organism_test):
+def test_cached_build_is_reused_and_a_different_one_refused(organism_test, monkeypatch):
+    import alignscope.organism.build as build_module
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a cached build must not train or evaluate again")
+
+    # a reuse never reaches the build (nor its phases): any call to them fails the test
+    monkeypatch.setattr(build_module, "_build_into", no_training)
+    monkeypatch.setattr(build_module, "run_phase", no_training)
     manifest = organism_test.path / "manifest.json"
-    before = manifest.stat().st_mtime_ns
-    t0 = time.perf_counter()
+    before = (manifest.stat().st_mtime_ns, manifest.read_bytes())
+    files = sorted(p.relative_to(organism_test.path) for p in organism_test.path.rglob("*"))
     assert build("test", 0, organism_test.path, log=None) == organism_test.path
-    assert time.perf_counter() - t0 < 5
-    assert manifest.stat().st_mtime_ns == before
+    assert (manifest.stat().st_mtime_ns, manifest.read_bytes()) == before
     with pytest.raises(FileExistsError):  # another seed's recipe key differs: never overwrite
         build("test", 1, organism_test.path, log=None)
-    assert manifest.stat().st_mtime_ns == before
+    assert (manifest.stat().st_mtime_ns, manifest.read_bytes()) == before
+    assert sorted(p.relative_to(organism_test.path) for p in organism_test.path.rglob("*")) == files
     assert not [p for p in organism_test.path.parent.iterdir() if ".tmp-" in p.name]
 
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from _tiny import random_batch, tiny_llama
 from alignscope.cli import app
+from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
 from alignscope.commands.predictors import (
     DEFAULT_PREDICTOR,
     PREDICTORS,
@@ -133,16 +134,50 @@ def test_cli_errors_one_candidate_and_bad_lr(organism_test, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_reused_subspace_gives_the_same_diagnosis(organism_test):
-    from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
+def test_reused_subspace_gives_the_same_diagnosis(organism_test, monkeypatch):
+    import alignscope.commands.diagnose as diagnose
+    from alignscope.curvature import FisherOperator
+
+    # A spy on every exact F-product and on the three solvers of the subspace stage (eigenpairs,
+    # Gram rows, the trace): products made inside a solver are the eigensolver's.
+    count = {"products": 0, "solver_products": 0, "solver_calls": 0}
+    inside = [False]
+    matvec = FisherOperator.matvec
+
+    def counted_matvec(self, v):
+        count["products"] += 1
+        count["solver_products"] += inside[0]
+        return matvec(self, v)
+
+    def spy(fn):
+        def wrapped(*args, **kwargs):
+            count["solver_calls"] += 1
+            inside[0] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside[0] = False
+
+        return wrapped
+
+    monkeypatch.setattr(FisherOperator, "matvec", counted_matvec)
+    monkeypatch.setattr(FisherOperator, "__call__", counted_matvec)
+    for name in ("fisher_eigs", "gram_eigs", "hutchpp"):
+        monkeypatch.setattr(diagnose, name, spy(getattr(diagnose, name)))
 
     fast = dict(max_safety=12, max_data=16, noise_examples=4, rank=4, steps=20, threads=1)
     cfg = DiagnoseConfig.for_organism(organism_test, "benign_neutral", **fast)
     model, tok = organism_test.aligned_model(), organism_test.tokenizer()
     first = run_diagnose(cfg, model=model, tokenizer=tok, quiet=True)
+    spent = dict(count)
+    assert spent["solver_calls"] == 2 and spent["solver_products"] > 0  # eigenpairs, trace
+    count.update(products=0, solver_products=0, solver_calls=0)
     again = run_diagnose(cfg, model=model, tokenizer=tok, quiet=True, subspace=first.subspace)
     assert again.data["subspace"]["plan"] == "reused"
-    assert again.timings["subspace"] < first.timings["subspace"]
+    assert again.data["subspace"]["converged"] is None
+    # the reuse skips the eigensolver and the trace estimate entirely, and only them
+    assert count["solver_calls"] == 0 and count["solver_products"] == 0
+    assert count["products"] == spent["products"] - spent["solver_products"]
     for key in ("gradient", "optimizer_step"):
         for name in ("Pg_ratio", "gamma", "kappa"):
             assert again.data["aic"][key][name] == pytest.approx(

@@ -280,7 +280,8 @@ def _build_into(
 
         t0 = time.perf_counter()
         base_rows = phase_data(corpus, recipe.base, "harmful_train_compliant")
-        run_phase(model, tokenizer, base_rows, recipe.base, seed, "base", log)
+        base_losses = run_phase(model, tokenizer, base_rows, recipe.base, seed, "base", log)
+        steps_run = {"base": len(base_losses)}  # optimizer steps taken: one loss each
         times["base_s"] = time.perf_counter() - t0
         # Generations of the in-memory models, so a loaded copy can be checked against them.
         probe = [r["prompt"] for r in corpus["harmful_eval"][:6] + corpus["benign_eval"][:6]]
@@ -289,7 +290,8 @@ def _build_into(
 
         t0 = time.perf_counter()
         align_rows = phase_data(corpus, recipe.align, "harmful_train")
-        run_phase(model, tokenizer, align_rows, recipe.align, seed + 1, "align", log)
+        align_losses = run_phase(model, tokenizer, align_rows, recipe.align, seed + 1, "align", log)
+        steps_run["align"] = len(align_losses)
         times["align_s"] = time.perf_counter() - t0
         samples["aligned"] = generate(model, tokenizer, probe)
         save_model(model, tokenizer, tmp / "aligned")
@@ -327,6 +329,7 @@ def _build_into(
         "threads": used_threads,
         "n_params": n_params,
         "vocab_size": len(tokenizer),
+        "steps_run": steps_run,
         "times": times,
         "metrics": metrics,
         "samples": samples,
