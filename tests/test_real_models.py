@@ -17,7 +17,6 @@ from alignscope.cli import app
 from alignscope.errors import MissingExtraError
 from alignscope.models import LoraSpec, load_model
 
-pytest.importorskip("gguf")
 # Monte-Carlo Gram subspace (the Lanczos route is tested on the organism); tr F by Hutch++ still
 # takes exact F-products (forward-mode AD) through each architecture.
 FAST = [
@@ -37,12 +36,23 @@ FAST += ["--optimizer", "sgd", "--lr", "1e-2", "--steps", "20"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """``{arch: model dir, "gguf": file}`` and the safety/data sets, built once."""
+    """``{arch: model dir}`` and the safety/data sets, built once (the GGUF file: ``gguf``)."""
     root = tmp_path_factory.mktemp("hf")
     paths = {arch: save_model(arch, root) for arch in ARCHS}
-    paths["gguf"] = write_llama_gguf(paths["llama"], root / "tiny-llama.gguf")
     safety, data = make_datasets(root / "data")
     return paths, safety, data
+
+
+@pytest.fixture(scope="module")
+def gguf(models):
+    """Adds ``"gguf"``, the tiny Llama as a GGUF file, to ``models``; skips (only the tests that
+    use it) where the optional ``gguf`` package is missing."""
+    pytest.importorskip("gguf")
+    paths = models[0]
+    if "gguf" not in paths:
+        llama = paths["llama"]
+        paths["gguf"] = write_llama_gguf(llama, llama.parent / "tiny-llama.gguf")
+    return models
 
 
 def _hf_model(path):
@@ -88,7 +98,9 @@ def _linear_modules(model) -> dict[str, int]:
 
 @pytest.mark.parametrize("arch", [*ARCHS, "gguf"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_diagnose_cli(models, tmp_path_factory, arch, lora):
+def test_diagnose_cli(models, tmp_path_factory, request, arch, lora):
+    if arch == "gguf":
+        request.getfixturevalue("gguf")
     res = _diagnose(models, tmp_path_factory, arch, ["--lora-r", "2"] if lora else [])
     base = _hf_model(models[0][arch])
     par = res["parameters"]
@@ -111,15 +123,15 @@ def test_diagnose_cli(models, tmp_path_factory, arch, lora):
     assert aic["gFg"] > 0 and len(res["subspace"]["eigenvalues"]) == 4
 
 
-def test_gguf_diagnosis_equals_the_source_models(models, tmp_path_factory):
-    gguf = _diagnose(models, tmp_path_factory, "gguf")
-    src = _diagnose(models, tmp_path_factory, "llama")
+def test_gguf_diagnosis_equals_the_source_models(gguf, tmp_path_factory):
+    from_gguf = _diagnose(gguf, tmp_path_factory, "gguf")
+    src = _diagnose(gguf, tmp_path_factory, "llama")
     for k in ("Pg_ratio", "kappa", "gamma", "gFg"):
-        assert gguf["aic"]["gradient"][k] == pytest.approx(src["aic"]["gradient"][k], rel=1e-4)
+        assert from_gguf["aic"]["gradient"][k] == pytest.approx(src["aic"]["gradient"][k], rel=1e-4)
 
 
-def test_gguf_model_and_tokenizer_match_the_source(models):
-    paths = models[0]
+def test_gguf_model_and_tokenizer_match_the_source(gguf):
+    paths = gguf[0]
     model, tok = load_model(paths["gguf"])
     ref, ref_tok = load_model(paths["llama"])
     text = "explain topic zeta, then describe method omega"
@@ -131,10 +143,10 @@ def test_gguf_model_and_tokenizer_match_the_source(models):
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_gguf_model_saves_as_a_plain_model(models, tmp_path):
+def test_gguf_model_saves_as_a_plain_model(gguf, tmp_path):
     """A dequantised GGUF model saves with save_pretrained (watch's last-safe checkpoint needs
     it) and loads back to the same logits."""
-    model, tok = load_model(models[0]["gguf"])
+    model, tok = load_model(gguf[0]["gguf"])
     model.save_pretrained(tmp_path / "saved")
     tok.save_pretrained(tmp_path / "saved")
     again, _ = load_model(tmp_path / "saved")
@@ -143,10 +155,13 @@ def test_gguf_model_saves_as_a_plain_model(models, tmp_path):
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=1e-6, rtol=1e-6)
 
 
-def test_missing_gguf_package_is_a_clear_error(models, monkeypatch):
+def test_missing_gguf_package_is_a_clear_error(tmp_path, monkeypatch):
+    # runs with or without the package: the check comes before the file is read
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'alignscope\[gguf\]'"):
-        load_model(models[0]["gguf"])
+        load_model(path)
 
 
 def test_new_lora_adapter_is_seeded_and_starts_at_the_base_model(models):
