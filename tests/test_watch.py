@@ -200,30 +200,32 @@ def test_watcher_with_a_diagnosis(organism_test):
     assert w.step(12, force=True)["forecast_kl"] is None  # beyond the forecast's window
 
 
-def test_callback_on_a_secondary_process_only_follows_the_stop(organism_test, tmp_path):
-    """Not the main process: no measurement, no log; the main process' stop arrives by broadcast
-    (a one-process gloo group stands in for a multi-GPU run)."""
-    import types
+def test_callback_stop_reaches_a_second_process_by_broadcast(organism_test, tmp_path):
+    """Two gloo processes (DDP on CPU): rank 0 measures and decides to stop; rank 1 never
+    measures and stops at the same step on the broadcast alone."""
+    import socket
 
-    import torch.distributed as dist
+    import torch.multiprocessing as mp
 
-    cb = AlignmentCallback(organism_test.dataset("harmful_align")[:4], every=4)
-    state = types.SimpleNamespace(is_world_process_zero=False, global_step=0, log_history=[])
-    args = types.SimpleNamespace(output_dir=str(tmp_path))
-    control = types.SimpleNamespace(should_training_stop=False)
-    cb.on_train_begin(args, state, control, model=organism_test.aligned_model())
-    state.global_step = 4
-    cb.on_step_end(args, state, control)
-    assert cb.watcher is None and list(tmp_path.iterdir()) == [] and state.log_history == []
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        cb.on_step_end(args, state, control)  # rank 0 of this group decided nothing: go on
-        assert not control.should_training_stop
-        cb.watcher = types.SimpleNamespace(should_stop=True, step=lambda *a, **k: None)
-        cb.on_step_end(args, state, control)
-        assert control.should_training_stop
-    finally:
-        dist.destroy_process_group()
+    from _ddp import ddp_worker
+
+    with socket.socket() as sock:  # a free localhost port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    safety = organism_test.dataset("harmful_align")[:4]
+    args = (port, str(organism_test.aligned_path), safety, str(tmp_path))
+    # the worker lives in a small module: each spawned process imports only what it runs
+    mp.spawn(ddp_worker, args=args, nprocs=2, join=True)
+    main, other = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1))
+    # rank 0: measured at 0, 4 and 8, saw the KL cross its threshold at 8 and stopped there
+    assert main["has_watcher"] and main["measured"] == [0, 4, 8]
+    assert main["warned_at"] == [8] and main["stopped_at"] == 8
+    # rank 1: no watcher, no measurement, no log, no file; went on through the step-4 broadcast
+    # (stop = 0) and stopped at step 8 with rank 0, which it could only learn from the broadcast
+    assert not other["has_watcher"] and other["measured"] == [] and other["logged"] == 0
+    assert other["syncs"] == main["syncs"] == [False, False, True]
+    assert other["stopped_at"] == 8
+    assert not (tmp_path / "rank1").exists()
 
 
 def test_callback_with_trl_sft_trainer(organism_test, tmp_path):
