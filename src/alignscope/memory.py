@@ -3,7 +3,7 @@
 The estimate adds what stays resident: the weights, the KL reference (log-probabilities over the
 vocabulary at every response position of the safety set), the eigensolver's working set (from
 :func:`~alignscope.curvature.spectrum.plan_spectrum`, which also picks Lanczos or the Gram route
-from the budget) and the per-sample-gradient chunk, which is sized to the budget. When the
+from the budget), the trace estimator's float64 blocks and the per-sample-gradient chunk, which is sized to the budget. When the
 eigensolver cannot fit the budget, or the total cannot fit the memory the machine has free, the
 error lists the options that would fit, each with its own estimate.
 """
@@ -18,6 +18,7 @@ import torch
 
 from alignscope.config import CurvatureSpec, DataSpec, ModelSpec
 from alignscope.curvature.spectrum import SpectrumPlan, block_dims, plan_spectrum
+from alignscope.curvature.trace import hutchpp_bytes
 from alignscope.models import vocab_size
 from alignscope.params import select_params
 
@@ -34,10 +35,15 @@ class MemoryEstimate:
     gradient_chunks: int
     plan: SpectrumPlan | None
     available: int | None
+    trace: int = 0  # Hutch++ for tr F
 
     @property
     def total(self) -> int:
-        return self.weights + self.kl_reference + self.eigensolver + self.gradient_chunks
+        # The trace estimate runs after the eigensolver has returned, yet the measured peak is
+        # close to their sum (the allocator keeps the basis's pages): count both, to err high.
+        return (
+            self.weights + self.kl_reference + self.eigensolver + self.trace + self.gradient_chunks
+        )
 
     @property
     def still_needed(self) -> int:
@@ -49,6 +55,7 @@ class MemoryEstimate:
             f"weights {self.weights / GiB:.2f}",
             f"KL reference {self.kl_reference / GiB:.2f}",
             f"eigensolver {self.eigensolver / GiB:.2f}",
+            f"trace {self.trace / GiB:.2f}",
             f"gradient chunks <= {self.gradient_chunks / GiB:.2f}",
         ]
         free = "" if self.available is None else f" ({self.available / GiB:.1f} GiB available)"
@@ -144,6 +151,7 @@ def estimate_memory(
         gradient_chunks=budget,
         plan=sp,
         available=available_memory(next(model.parameters()).device),
+        trace=hutchpp_bytes(selection.size) if sp is not None else 0,
     )
     if check_available and est.available is not None and est.still_needed > est.available:
         raise MemoryError(
