@@ -157,8 +157,7 @@ def run_lookahead(
     """``n_steps`` real optimizer steps on a copy of ``model`` (the fine-tuning loop and the
     tracker verify uses); the alignment KL at steps ``0..n_steps`` and, with ``eval_prompts``,
     the refusal rate on them at the first and the last step (``{step: rate}``, else empty)."""
-    from alignscope.commands.verify import make_optimizer
-    from alignscope.train.loop import finetune
+    from alignscope.train.loop import finetune, make_optimizer
     from alignscope.train.stream import training_stream
     from alignscope.train.tracker import AlignmentTracker
 

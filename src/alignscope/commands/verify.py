@@ -53,7 +53,7 @@ from alignscope.report.output import (
     write_json_atomic,
     write_text_atomic,
 )
-from alignscope.train.loop import finetune
+from alignscope.train.loop import finetune, make_optimizer
 from alignscope.train.stream import training_stream
 from alignscope.train.tracker import AlignmentTracker
 
@@ -131,16 +131,6 @@ def record_steps(steps: int, every: str | int = "auto", extra: tuple = ()) -> li
         base = set(range(0, steps + 1, int(every))) | {steps}
     base |= {int(k) for k in extra if k is not None and 1 <= int(k) <= steps}
     return sorted(base)
-
-
-def make_optimizer(name: str, params, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=eps)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=0.0)
-    raise ValueError(f"optimizer {name!r}: use sgd, adam or adamw")
 
 
 def score(
