@@ -82,7 +82,7 @@ def outputs(organism_test, tmp_path_factory):
         eval_prompts=str(ds / "harmful_eval.jsonl"), max_eval=8, seed=0, **FAST,
     )  # fmt: skip
     diagnosis = run_diagnose(cfg.diagnose_config())
-    sub = (diagnosis.subspace_basis, diagnosis.subspace_values)
+    sub = diagnosis.subspace
     write_diagnose_outputs(diagnosis.to_json(), root / "affirmative" / "diagnose", subspace=sub)
     verified = run_verify(cfg, diagnosis=diagnosis)
     write_verify_outputs(verified.to_json(), root / "affirmative" / "verify")
