@@ -66,8 +66,7 @@ def outputs(organism_test, tmp_path_factory):
     """diagnose, verify, rank and watch outputs of the test organism under one folder, and
     its index page: ``{kind: report page}``."""
     from alignscope.commands.diagnose import run_diagnose
-    from alignscope.commands.predictors import RankConfig
-    from alignscope.commands.rank import run_rank
+    from alignscope.commands.rank import RankConfig, run_rank
     from alignscope.commands.verify import VerifyConfig, run_verify
     from alignscope.report.diagnose_report import write_diagnose_outputs
     from alignscope.report.rank_report import write_rank_outputs
@@ -87,9 +86,10 @@ def outputs(organism_test, tmp_path_factory):
     verified = run_verify(cfg, diagnosis=diagnosis)
     write_verify_outputs(verified.to_json(), root / "affirmative" / "verify")
     ranked = run_rank(
-        RankConfig(model=cfg.model, safety=cfg.safety, lrs=[1e-3], optimizer="adamw",
-                   data=[str(ds / "benign_neutral.jsonl"), cfg.data], batch_size=16, steps=100,
-                   lookahead_steps=4, seed=0, **FAST),
+        RankConfig.from_options(
+            model=cfg.model.model, safety=cfg.datasets.safety, lrs=[1e-3], optimizer="adamw",
+            data=[str(ds / "benign_neutral.jsonl"), cfg.finetune.data], batch_size=16,
+            steps=100, lookahead_steps=4, seed=0, **FAST),
         subspace=diagnosis.subspace, quiet=True,
     )  # fmt: skip
     write_rank_outputs(ranked.to_json(), root / "rank")
