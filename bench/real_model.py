@@ -647,22 +647,21 @@ def diagnose_set(cfg, model, tok, out: Path) -> None:
     res = run_diagnose(cfg.diagnose_config(), model=model, tokenizer=tok)
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_subspace(tmp / "subspace.pt", res.subspace_basis, res.subspace_values)
+    save_subspace(tmp / "subspace.pt", res.subspace)
     write_json(tmp / "diagnose.json", res.to_json())
     tmp.replace(out)
 
 
 def verify_set(cfg, model, tok, diag_dir: Path, out: Path) -> None:
+    from alignscope.commands.diagnose import DiagnoseResult
     from alignscope.commands.verify import run_verify
     from alignscope.report.output import load_subspace
 
-    diag = json.loads((diag_dir / "diagnose.json").read_text())
-    basis, values = load_subspace(diag_dir / "subspace.pt")
+    results = json.loads((diag_dir / "diagnose.json").read_text())
+    diag = DiagnoseResult.from_json(results, load_subspace(diag_dir / "subspace.pt"))
     res = run_verify(
         cfg,
         diagnosis=diag,
-        subspace_basis=basis,
-        subspace_values=values,
         model=model,
         tokenizer=tok,
         partial_dir=out.with_suffix(".partial"),

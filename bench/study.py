@@ -34,6 +34,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,16 +129,16 @@ def run_grid(args) -> None:
                     rank=cfg.curvature.rank, eval_prompts=str(ds / "harmful_eval.jsonl"),
                     max_eval=args.max_eval,
                 )  # fmt: skip
-                diag = json.loads(json.dumps(jsonable(geo.diagnosis)))
-                diag["config"].update(optimizer=opt, lr=lr, steps=args.steps)
-                diag["forecast"] = jsonable(state.forecast(geo, opt, lr))
+                # the set's diagnosis, its forecast made for this optimizer and lr
+                diag = replace(
+                    geo.diagnosis,
+                    config=geo.diagnosis.config.with_options(
+                        optimizer=opt, lr=lr, steps=args.steps
+                    ),
+                    forecast=state.forecast(geo, opt, lr),
+                )
                 t2 = time.perf_counter()
-                d = diag["subspace"]["d"]
-                ver = run_verify(
-                    vcfg, diagnosis=diag, subspace_basis=state.subspace.basis(d),
-                    subspace_values=state.subspace.values[:d], model=model, tokenizer=tok,
-                    quiet=True,
-                )  # fmt: skip
+                ver = run_verify(vcfg, diagnosis=diag, model=model, tokenizer=tok, quiet=True)
                 verify_s = time.perf_counter() - t2
                 traj = ver.trajectory
                 row = {

@@ -47,9 +47,9 @@ def main(root: Path) -> None:
     start = _status("VmRSS")
     result = run_diagnose(cfg, model=model, tokenizer=tok, quiet=True)
     peak = _status("VmHWM")
-    memory = result.data["memory"]
+    memory = result.memory
     print(json.dumps({
-        "n_params": result.data["parameters"]["n_params"],
+        "n_params": result.parameters.n_params,
         "estimate_still_needed": memory["total"] - memory["weights"],
         "measured_growth": peak - start,
         "memory": memory,

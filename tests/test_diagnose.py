@@ -156,3 +156,26 @@ def test_a_one_step_forecast_is_drawn_and_says_where_it_ends(tmp_path, monkeypat
     (fig,) = figures
     assert [ln.get_label() for ln in fig.axes[0].get_lines()][0] == "forecast dL_a"
     assert not fig.axes[0].texts
+
+
+def test_results_read_back_into_the_same_diagnosis(diagnosis):
+    """results.json + subspace.pt -> DiagnoseResult -> results.json is the identity."""
+    from alignscope.commands.diagnose import DiagnoseResult, load
+    from alignscope.report.output import jsonable
+
+    out, res = diagnosis
+    loaded = load(out)
+    assert jsonable(loaded.to_json()) == res
+    again = DiagnoseResult.from_json(json.loads(json.dumps(jsonable(loaded.to_json()))))
+    assert jsonable(again.to_json()) == res
+    # the typed fields carry what results.json says
+    assert loaded.d == 4 and loaded.subspace.k == 4 and loaded.top.vectors.shape[1] == 4
+    assert loaded.subspace.plan == res["subspace"]["plan"] and loaded.subspace.converged
+    assert loaded.parameters.n_params == loaded.subspace.dim == res["parameters"]["n_params"]
+    assert loaded.alignment.n_prompts == 12 and loaded.aic_step is not None
+    assert loaded.forecast.collapse_step == res["forecast"]["collapse_step"]
+    assert again.subspace.vectors is None  # without subspace.pt: the spectrum only
+    with pytest.raises(ValueError, match="spectrum only"):
+        again.top.basis(4)
+    with pytest.raises(ValueError, match="not a diagnose result"):
+        DiagnoseResult.from_json({"config": res["config"]})

@@ -18,12 +18,14 @@ import torch
 from scipy.integrate import solve_ivp
 
 from alignscope.forecast import (
+    Forecast,
     ForecastInputs,
     OptimizerModel,
     coefficients,
     coupling_ratio,
     flow_horizon,
     forecast,
+    forecast_from_aic,
 )
 
 N, D, J = 30, 3, 4
@@ -555,3 +557,35 @@ def test_roundoff_negative_forms_are_clipped():
     assert x.gFg == 0.0
     with pytest.raises(ValueError, match="betas"):
         OptimizerModel("adam", (0.9, 1.0))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_forecast_reads_back_from_its_dict(optimizer):
+    """results.json holds ``to_dict()``; ``from_dict`` gives the same forecast back (NaN beyond
+    the horizon included), so a diagnosis read from disk forecasts what the written one did."""
+    inputs = ForecastInputs(gFg=1e-3, gFa=-2e-2, aFa=0.5, g_norm=1.0, a_norm=3.0, aFa_sub=0.4,
+                            a3_norm=5.0, gFa3=0.1, aFa3=0.2, trFSigma=0.3, a_inf=1.0)  # fmt: skip
+    fc = forecast(inputs, lr=0.05, n_steps=40, optimizer=optimizer, batch_size=4, threshold=0.1)
+    assert fc.horizon_steps is not None and fc.horizon_steps < 40  # NaN tail exercised
+    d = json.loads(json.dumps(fc.to_dict()))
+    back = Forecast.from_dict(d)
+    assert back.to_dict() == d
+    np.testing.assert_array_equal(back.dL, fc.dL)  # NaN == NaN here
+    assert back.inputs == fc.inputs and back.coefficients == fc.coefficients
+
+
+def test_forecast_from_aic_feeds_the_optimizers_terms():
+    """sgd takes the third-order forms and no a_inf; Adam the coordinate horizon and no a3."""
+    from alignscope.geometry import AIC
+
+    aic = AIC(d=2, g_norm=1.0, Pg_norm=0.1, Pg_ratio=0.1, F_half_g=0.03, a_norm=3.0, a_inf=0.5,
+              gamma=0.6, kappa=50.0, gFg=1e-3, gFa=-2e-2, aFa=0.5, aFa_sub=0.36, Ha_norm=5.0,
+              gFa3=0.1, aFa3=0.2, lambda_d=1.0, tail_mass=0.1, random_Pg_ratio=0.01)  # fmt: skip
+    kw = dict(lr=0.05, n_steps=30, batch_size=4, threshold=0.1)
+    sgd = forecast_from_aic(aic, 0.3, optimizer="sgd", **kw)
+    assert (sgd.inputs.a3_norm, sgd.inputs.gFa3, sgd.inputs.aFa3) == (5.0, 0.1, 0.2)
+    assert sgd.inputs.a_inf is None and sgd.inputs.trFSigma == 0.3
+    adam = forecast_from_aic(aic, 0.3, optimizer="adamw", **kw)
+    assert adam.inputs.a3_norm is None and adam.inputs.a_inf == 0.5 and adam.approximate
+    # Adam's horizon: every gradient coordinate changes by <= rho: k <= 1 + rho / (lr a_inf)
+    assert adam.horizon_steps == math.floor(1 + 0.5 / (0.05 * 0.5))

@@ -4,8 +4,9 @@ import json
 import os
 
 import pytest
+import torch
 
-from alignscope.report.output import OutputDir, write_json_atomic
+from alignscope.report.output import OutputDir, load_subspace, save_subspace, write_json_atomic
 
 
 def test_existing_results_are_refused_without_overwrite(tmp_path):
@@ -49,3 +50,33 @@ def test_failed_commit_keeps_the_old_results(tmp_path, monkeypatch):
         od.commit()
     assert json.loads((out / "results.json").read_text()) == {"run": 1}
     assert json.loads((od.staging / "results.json").read_text()) == {"run": 2}
+
+
+def _subspace(**kw):
+    from alignscope.geometry import Subspace
+
+    gen = torch.Generator().manual_seed(0)
+    vectors, _ = torch.linalg.qr(torch.randn(50, 5, generator=gen, dtype=torch.float64))
+    values = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    return Subspace(values, vectors, 12.5, 0.25, "lanczos", **kw)
+
+
+def test_subspace_file_reads_back_into_an_equal_subspace(tmp_path):
+    sub = _subspace(plan="lanczos, 40 iterations", converged=True, max_residual=1e-9)
+    save_subspace(tmp_path / "subspace.pt", sub)
+    back = load_subspace(tmp_path / "subspace.pt")
+    assert back == sub and back.vectors.dtype == torch.float64
+    assert back != _subspace(plan="reused")  # the solver record is part of the subspace
+    top = back.top(2)
+    assert top.k == 2 and torch.equal(top.vectors, sub.vectors[:, :2]) and top.trace == 12.5
+
+
+def test_subspace_file_of_the_earlier_layout_still_reads(tmp_path):
+    sub = _subspace()
+    torch.save({"basis": sub.vectors[:, :3], "values": sub.values[:3]}, tmp_path / "old.pt")
+    back = load_subspace(tmp_path / "old.pt")
+    assert torch.equal(back.basis(3), sub.vectors[:, :3]) and back.k == 3
+    assert back.trace == pytest.approx(10.0) and back.plan is None
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a subspace file"):
+        load_subspace(tmp_path / "other.pt")

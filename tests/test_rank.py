@@ -173,17 +173,17 @@ def test_reused_subspace_gives_the_same_diagnosis(organism_test, monkeypatch):
     assert spent["solver_calls"] == 2 and spent["solver_products"] > 0  # eigenpairs, trace
     count.update(products=0, solver_products=0, solver_calls=0)
     again = run_diagnose(cfg, model=model, tokenizer=tok, quiet=True, subspace=first.subspace)
-    assert again.data["subspace"]["plan"] == "reused"
-    assert again.data["subspace"]["converged"] is None
+    assert again.subspace.plan == "reused" and again.subspace.converged is None
+    assert first.subspace.plan != "reused"
     # the reuse skips the eigensolver and the trace estimate entirely, and only them
     assert count["solver_calls"] == 0 and count["solver_products"] == 0
     assert count["products"] == spent["products"] - spent["solver_products"]
-    for key in ("gradient", "optimizer_step"):
+    for key in ("aic_gradient", "aic_step"):
         for name in ("Pg_ratio", "gamma", "kappa"):
-            assert again.data["aic"][key][name] == pytest.approx(
-                first.data["aic"][key][name], rel=1e-6
+            assert getattr(getattr(again, key), name) == pytest.approx(
+                getattr(getattr(first, key), name), rel=1e-6
             ), (key, name)
-    assert torch.equal(again.subspace_basis, first.subspace_basis)
+    assert torch.equal(again.top.vectors, first.top.vectors)
 
 
 def test_candidates_and_labels():

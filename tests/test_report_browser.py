@@ -66,8 +66,7 @@ def outputs(organism_test, tmp_path_factory):
     """diagnose, verify, rank and watch outputs of the test organism under one folder, and
     its index page: ``{kind: report page}``."""
     from alignscope.commands.diagnose import run_diagnose
-    from alignscope.commands.predictors import RankConfig
-    from alignscope.commands.rank import run_rank
+    from alignscope.commands.rank import RankConfig, run_rank
     from alignscope.commands.verify import VerifyConfig, run_verify
     from alignscope.report.diagnose_report import write_diagnose_outputs
     from alignscope.report.rank_report import write_rank_outputs
@@ -82,14 +81,15 @@ def outputs(organism_test, tmp_path_factory):
         eval_prompts=str(ds / "harmful_eval.jsonl"), max_eval=8, seed=0, **FAST,
     )  # fmt: skip
     diagnosis = run_diagnose(cfg.diagnose_config())
-    sub = (diagnosis.subspace_basis, diagnosis.subspace_values)
+    sub = diagnosis.subspace
     write_diagnose_outputs(diagnosis.to_json(), root / "affirmative" / "diagnose", subspace=sub)
     verified = run_verify(cfg, diagnosis=diagnosis)
     write_verify_outputs(verified.to_json(), root / "affirmative" / "verify")
     ranked = run_rank(
-        RankConfig(model=cfg.model, safety=cfg.safety, lrs=[1e-3], optimizer="adamw",
-                   data=[str(ds / "benign_neutral.jsonl"), cfg.data], batch_size=16, steps=100,
-                   lookahead_steps=4, seed=0, **FAST),
+        RankConfig.from_options(
+            model=cfg.model.model, safety=cfg.datasets.safety, lrs=[1e-3], optimizer="adamw",
+            data=[str(ds / "benign_neutral.jsonl"), cfg.finetune.data], batch_size=16,
+            steps=100, lookahead_steps=4, seed=0, **FAST),
         subspace=diagnosis.subspace, quiet=True,
     )  # fmt: skip
     write_rank_outputs(ranked.to_json(), root / "rank")

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from alignscope.cli import app
-from alignscope.commands.diagnose import run_diagnose
+from alignscope.commands.diagnose import DiagnoseResult, run_diagnose
 from alignscope.commands.verify import VerifyConfig, log_steps, record_steps, run_verify, score
 from alignscope.curvature import FunctionalLM
 from alignscope.curvature.losses import AlignmentKL
@@ -97,7 +97,7 @@ def test_score_on_a_synthetic_trajectory():
          "subspace_fraction": None if k == 0 else 0.1}
         for k in log_steps(40)
     ]  # fmt: skip
-    sc = score({"forecast": fc}, traj, threshold=0.1, loss="kl")
+    sc = score(fc, traj, threshold=0.1, loss="kl")
     assert sc["window_points"] == 6  # steps 1, 2, 3, 4, 6, 8
     assert sc["relative_l2_error"] == pytest.approx(0.5)
     assert sc["exponent_observed"] == pytest.approx(2.0)
@@ -225,10 +225,37 @@ def test_resume_matches_an_uninterrupted_run(organism_test, tmp_path):
         run_verify(other, partial_dir=partial, quiet=True)
 
 
+def test_verify_from_a_loaded_diagnosis_equals_the_in_memory_one(organism_test, tmp_path):
+    """What diagnose writes (results.json, subspace.pt) is everything verify needs: the run
+    from the loaded diagnosis is the run from the in-memory one."""
+    from alignscope.commands.diagnose import load
+    from alignscope.report.diagnose_report import write_diagnose_outputs
+    from alignscope.report.output import jsonable
+
+    cfg = _cfg(organism_test, steps=6, eval_prompts=None)
+    diag = run_diagnose(cfg.diagnose_config(), quiet=True)
+    write_diagnose_outputs(diag.to_json(), tmp_path / "diag", subspace=diag.subspace)
+    loaded = load(tmp_path / "diag")
+    assert loaded.subspace == diag.subspace
+    assert jsonable(loaded.to_json()) == jsonable(diag.to_json())
+    kept = run_verify(cfg, diagnosis=diag, quiet=True)
+    read = run_verify(cfg, diagnosis=loaded, quiet=True)
+    def untimed(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert untimed(read.trajectory) == untimed(kept.trajectory) and read.scores == kept.scores
+    assert read.trajectory[-1]["subspace_fraction"] is not None  # the basis came from the file
+    res = read.to_json()
+    assert res["diagnosis"] == kept.to_json()["diagnosis"]
+
+
 def test_mismatched_diagnosis_is_a_clear_error(organism_test, verified):
     _, res, _ = verified
+    diag = DiagnoseResult.from_json(res["diagnosis"])
     with pytest.raises(ValueError, match="other settings"):
-        run_verify(_cfg(organism_test, lr=5e-4), diagnosis=res["diagnosis"], quiet=True)
+        run_verify(_cfg(organism_test, lr=5e-4), diagnosis=diag, quiet=True)
+    with pytest.raises(TypeError, match="DiagnoseResult"):
+        run_verify(_cfg(organism_test), diagnosis=res["diagnosis"], quiet=True)
 
 
 def test_failed_verify_leaves_no_output(organism_test, tmp_path):

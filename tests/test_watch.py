@@ -177,15 +177,27 @@ def test_plain_watcher_loop(organism_test, tmp_path):
 def test_watcher_with_a_diagnosis(organism_test):
     """The subspace entries and the forecast's running error come from the diagnosis."""
     from alignscope.commands.diagnose import DiagnoseResult
+    from alignscope.forecast import ForecastInputs, forecast
+    from alignscope.geometry import Subspace
     from alignscope.train.loop import finetune
 
     org = organism_test
     model, tok = org.aligned_model(), org.tokenizer()
     dim = sum(p.numel() for p in model.parameters())
-    basis, _ = torch.linalg.qr(torch.randn(dim, 3, generator=torch.Generator().manual_seed(0)))
-    values = torch.tensor([3.0, 2.0, 1.0])
-    diag = DiagnoseResult(None, {"forecast": {"dL": [1e-4 * k**2 for k in range(1, 7)]}}, {},
-                          subspace_basis=basis, subspace_values=values)  # fmt: skip
+    basis, _ = torch.linalg.qr(torch.randn(dim, 4, generator=torch.Generator().manual_seed(0)))
+    values = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    # dL = lr^2 k^2 g'Fg / 2 = 1e-4 k^2 over 6 steps (no curvature term: no horizon)
+    inputs = ForecastInputs(gFg=2e-4, gFa=0.0, aFa=0.0, g_norm=1.0, a_norm=0.0)
+    fc = forecast(inputs, lr=1.0, n_steps=6)
+    # only what the watcher reads (the top-3 subspace and the forecast); the rest left empty
+    empty = {f: None for f in ("config", "aic_gradient", "aic_step", "noise_trace",
+             "noise_trace_preconditioned", "alignment", "forecast_sgd", "verdict", "parameters",
+             "datasets", "memory", "losses_at_theta0", "timings")}  # fmt: skip
+    diag = DiagnoseResult(subspace=Subspace(values, basis, 7.0, None, "test"), d=3, forecast=fc,
+                          **empty)  # fmt: skip
+    basis, values = basis[:, :3], values[:3]
+    with pytest.raises(ValueError, match="not a diagnose result"):  # a dict: through from_json
+        AlignmentWatcher(model, tok, org.dataset("harmful_align")[:8], diagnosis={"forecast": {}})
     w = AlignmentWatcher(model, tok, org.dataset("harmful_align")[:8], every=3, diagnosis=diag,
                          log_spaced=False)  # fmt: skip
     theta0 = torch.cat([p.detach().flatten().clone() for p in model.parameters()])

@@ -127,9 +127,7 @@ def diagnose(
     except ERRORS as err:
         raise _fail(err) from None
     res = result.to_json()
-    path = write_diagnose_outputs(
-        res, out, overwrite=overwrite, subspace=(result.subspace_basis, result.subspace_values)
-    )
+    path = write_diagnose_outputs(res, out, overwrite=overwrite, subspace=result.subspace)
     _print_summary(res)
     typer.echo(f"wrote {path}/results.json, report.md, report.html")
 
@@ -150,12 +148,12 @@ def verify(
     (total, in the alignment subspace, Fisher-weighted) at log-spaced steps. An interrupted run
     resumes from <out>.partial when restarted with the same arguments.
     """
-    import json
     import shutil
     from pathlib import Path
 
+    from alignscope.commands.diagnose import load
     from alignscope.commands.verify import VerifyConfig, run_verify
-    from alignscope.report.output import SUBSPACE_FILE, OutputDir, load_subspace
+    from alignscope.report.output import OutputDir
     from alignscope.report.verify_report import write_verify_outputs
 
     resolved = Path(out).resolve()  # "--out ." has no name to suffix before resolving
@@ -163,29 +161,18 @@ def verify(
     try:
         cfg = VerifyConfig.from_options(**options)
         OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
-        diag, basis, values = None, None, None
+        diag = None
         if diagnosis is not None:
-            path = Path(diagnosis)
-            path = path / "results.json" if path.is_dir() else path
-            if not path.is_file():
-                raise FileNotFoundError(f"--diagnosis {diagnosis}: no results.json there")
-            diag = json.loads(path.read_text(encoding="utf-8"))
-            diag = diag.get("diagnosis", diag)  # a verify result holds its diagnosis
-            sub_file = path.parent / SUBSPACE_FILE
-            if sub_file.is_file():
-                basis, values = load_subspace(sub_file)
-        result = run_verify(
-            cfg,
-            diagnosis=diag,
-            subspace_basis=basis,
-            subspace_values=values,
-            partial_dir=partial,
-        )
+            try:  # results.json and subspace.pt of diagnose (or the diagnosis in a verify result)
+                diag = load(diagnosis)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"--diagnosis {diagnosis}: no results.json there") from None
+        result = run_verify(cfg, diagnosis=diag, partial_dir=partial)
     except ERRORS as err:
         raise _fail(err) from None
     res = result.to_json()
     written = write_verify_outputs(
-        res, out, overwrite=overwrite, subspace=(result.subspace_basis, result.subspace_values)
+        res, out, overwrite=overwrite, subspace=result.diagnosis.subspace
     )
     shutil.rmtree(partial, ignore_errors=True)
     sc = res["scores"]

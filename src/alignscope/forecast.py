@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:  # the geometry brings torch and the model code; this module is numpy only
+    from alignscope.geometry import AIC
 
 DEFAULT_RHO = 0.5
 MAX_STEPS = 10_000_000
@@ -347,6 +350,41 @@ class Forecast:
         }
 
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Forecast:
+        """The forecast back from :meth:`to_dict` (a results.json); ``None`` reads as NaN."""
+
+        def arr(values: list[float | None]) -> np.ndarray:
+            return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+
+        coeffs = {
+            k: (math.nan if v is None and k != "c4_sub" else v)
+            for k, v in d["coefficients"].items()
+        }
+        return cls(
+            optimizer=d["optimizer"],
+            approximate=d["approximate"],
+            lr=d["lr"],
+            batch_size=d["batch_size"],
+            rho=d["rho"],
+            steps=np.array(d["steps"], dtype=np.int64),
+            times=arr(d["times"]),
+            dL=arr(d["dL"]),
+            terms={name: arr(v) for name, v in d["terms"].items()},
+            dominant=list(d["dominant"]),
+            loglog_exponent=arr(d["loglog_exponent"]),
+            horizon_steps=d["horizon_steps"],
+            horizon_reason=d["horizon_reason"],
+            threshold=d["threshold"],
+            collapse_step=d["collapse_step"],
+            collapse_status=d["collapse_status"],
+            safe_steps=d["safe_steps"],
+            coefficients=FlowCoefficients(**coeffs),
+            inputs=ForecastInputs(**d["inputs"]),
+            notes=list(d["notes"]),
+        )
+
+
 def _jsonable(values: np.ndarray) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=np.float64)]
 
@@ -542,4 +580,56 @@ def forecast(
         coefficients=coefficients(x),
         inputs=x,
         notes=notes,
+    )
+
+
+def forecast_from_aic(
+    aic: AIC,
+    noise_trace: float | None,
+    *,
+    optimizer: str,
+    lr: float,
+    n_steps: int,
+    batch_size: int | None,
+    threshold: float | None,
+) -> Forecast:
+    """The forecast of a diagnosis: :func:`forecast` fed by the measured geometry.
+
+    Args:
+        aic: the quantities measured at theta0 (:func:`alignscope.geometry.measure_direction`):
+            of ``g`` and ``H g`` for sgd, of Adam's ``D g`` and ``D H D g`` for adam/adamw.
+        noise_trace: ``tr(F Sigma)`` (sgd) or ``tr(F D Sigma D)`` (Adam); None: no noise term.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr, n_steps, batch_size, threshold: as for :func:`forecast`.
+
+    Returns:
+        The :class:`Forecast`; for sgd the third-order terms (``|H H g|``, ``g'F H a``,
+        ``a'F H a``) are used, for Adam the coordinate-wise horizon (``max_i |a_i|``).
+
+    Raises:
+        ValueError: a non-finite measurement or an invalid argument (see :func:`forecast`).
+    """
+    adam = optimizer in ("adam", "adamw")
+    inputs = ForecastInputs(
+        gFg=aic.gFg,
+        gFa=aic.gFa,
+        aFa=aic.aFa,
+        g_norm=aic.g_norm,
+        a_norm=aic.a_norm,
+        ga_g=aic.ga_g,
+        ga_a=aic.ga_a,
+        aFa_sub=aic.aFa_sub,
+        a3_norm=None if adam else aic.Ha_norm,
+        gFa3=None if adam else aic.gFa3,
+        aFa3=None if adam else aic.aFa3,
+        trFSigma=noise_trace,
+        a_inf=aic.a_inf if adam else None,
+    )
+    return forecast(
+        inputs,
+        lr=lr,
+        n_steps=n_steps,
+        optimizer=optimizer,
+        batch_size=batch_size,
+        threshold=threshold,
     )

@@ -9,7 +9,7 @@ needs. Every number is a plain float so the result is JSON-ready.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -20,19 +20,51 @@ from alignscope.curvature.hvp import HessianOperator
 from alignscope.data.encode import LMBatch
 
 
-@dataclass
+@dataclass(eq=False)
 class Subspace:
-    """Top eigenpairs of the alignment Fisher with the trace they are measured against."""
+    """Top eigenpairs of the alignment Fisher with the trace they are measured against, and how
+    they were computed.
+
+    ``vectors`` holds the eigenvectors of the leading ``vectors.shape[1]`` values (all ``k`` when
+    computed here; ``None`` when only the spectrum is known, e.g. a results.json read without its
+    subspace.pt). ``plan``/``converged``/``max_residual`` record the solver run (``"reused"`` and
+    ``None`` for a subspace taken over from an earlier diagnosis).
+    """
 
     values: torch.Tensor  # [k] descending
-    vectors: torch.Tensor  # [P, k] orthonormal columns
+    vectors: torch.Tensor | None  # [P, m] orthonormal columns, m <= k
     trace: float
     trace_stderr: float | None
     method: str
+    plan: str | None = None
+    converged: bool | None = None
+    max_residual: float | None = None
+
+    def __eq__(self, other: object) -> bool:
+        """Same eigenpairs (exactly), trace and solver record."""
+        if not isinstance(other, Subspace):
+            return NotImplemented
+
+        def same(a, b) -> bool:
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                return (
+                    isinstance(a, torch.Tensor)
+                    and isinstance(b, torch.Tensor)
+                    and a.dtype == b.dtype
+                    and torch.equal(a, b)
+                )
+            return a == b
+
+        return all(same(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
 
     @property
     def k(self) -> int:
         return int(self.values.numel())
+
+    @property
+    def dim(self) -> int | None:
+        """P, the number of parameters the eigenvectors live in (None without vectors)."""
+        return None if self.vectors is None else int(self.vectors.shape[0])
 
     def rank_for(self, explained: float) -> int:
         """Smallest d whose top-d eigenvalues hold ``explained`` of the trace (capped at k)."""
@@ -43,9 +75,28 @@ class Subspace:
         return int(hit[0]) + 1 if hit.numel() else self.k
 
     def basis(self, d: int) -> torch.Tensor:
+        """The top-d eigenvectors, ``[P, d]``."""
+        if self.vectors is None:
+            raise ValueError("this subspace holds the spectrum only (no subspace.pt was read)")
+        if not 1 <= d <= self.vectors.shape[1]:
+            raise ValueError(
+                f"rank d={d} outside 1..{self.vectors.shape[1]} (the computed eigenpairs)"
+            )
+        return self.vectors[:, :d]
+
+    def top(self, d: int) -> Subspace:
+        """The top-d part: the leading d eigenpairs, same trace and solver record."""
         if not 1 <= d <= self.k:
             raise ValueError(f"rank d={d} outside 1..{self.k} (the computed eigenpairs)")
-        return self.vectors[:, :d]
+        return replace(
+            self,
+            values=self.values[:d],
+            vectors=None if self.vectors is None else self.basis(min(d, self.vectors.shape[1])),
+        )
+
+    def reused(self) -> Subspace:
+        """This subspace as recorded by a diagnosis that took it over instead of computing it."""
+        return replace(self, plan="reused", converged=None, max_residual=None)
 
     def summary(self, d: int) -> dict[str, float | int | list[float]]:
         vals = self.values.tolist()
@@ -65,8 +116,20 @@ class Subspace:
         }
 
 
-def make_subspace(eig: EigenResult, trace: float, trace_stderr: float | None) -> Subspace:
-    return Subspace(eig.values, eig.vectors, trace, trace_stderr, eig.method)
+def make_subspace(
+    eig: EigenResult, trace: float, trace_stderr: float | None, plan: str | None = None
+) -> Subspace:
+    """The subspace of an eigensolver run (its convergence and largest residual recorded)."""
+    return Subspace(
+        eig.values,
+        eig.vectors,
+        trace,
+        trace_stderr,
+        eig.method,
+        plan=plan,
+        converged=eig.converged,
+        max_residual=None if eig.residuals is None else float(eig.residuals.max()),
+    )
 
 
 @dataclass

@@ -74,7 +74,7 @@ def run_demo(
         diagnosis = run_diagnose(cfg.diagnose_config())
         first = first or diagnosis
         res = diagnosis.to_json()
-        sub = (diagnosis.subspace_basis, diagnosis.subspace_values)
+        sub = diagnosis.subspace
         write_diagnose_outputs(res, root / name / "diagnose", overwrite=True, subspace=sub)
         verified = run_verify(cfg, diagnosis=diagnosis)
         ver = verified.to_json()

@@ -7,8 +7,11 @@ curvature -> geometry -> forecast -> report. :func:`run_diagnose` returns a
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +39,7 @@ from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.loaders import load_data
 from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, generate
-from alignscope.forecast import ForecastInputs, forecast
+from alignscope.forecast import Forecast, forecast_from_aic
 from alignscope.geometry import (
     AIC,
     Subspace,
@@ -49,7 +52,7 @@ from alignscope.memory import estimate_memory
 from alignscope.models import describe_adapter, vocab_size
 from alignscope.params import select_params
 from alignscope.progress import Stages
-from alignscope.report.output import results_header
+from alignscope.report.output import SUBSPACE_FILE, environment, load_subspace, results_header
 
 SCHEMA = "alignscope.diagnose/1"
 
@@ -71,29 +74,214 @@ class DiagnoseConfig(Composed):
 
 
 @dataclass
-class DiagnoseResult:
-    """The diagnosis: inputs, measurements, verdict, forecast, timings."""
+class AlignmentTargets:
+    """What the alignment loss measures against: the reference responses to the safety prompts
+    (explicit ones, or the model's own greedy answers) and whether the model refused them."""
 
-    config: DiagnoseConfig
-    data: dict[str, Any]
-    timings: dict[str, float]
-    # The top-d alignment subspace ([P, d] orthonormal columns, [d] eigenvalues), kept for
-    # ``verify``; not part of results.json.
-    subspace_basis: torch.Tensor | None = field(default=None, repr=False)
-    subspace_values: torch.Tensor | None = field(default=None, repr=False)
-    # All computed eigenpairs, to pass back as ``run_diagnose(subspace=...)`` for another
-    # fine-tuning set (the subspace depends only on the model and the safety set).
-    subspace: Subspace | None = field(default=None, repr=False)
-    # grad L_f(theta0) over the analysed fine-tuning batch ([P]), for predictors built on it
-    # (rank's gradient similarity) so they need not compute it again.
-    finetune_gradient: torch.Tensor | None = field(default=None, repr=False)
+    reference: str  # "explicit responses" | "the model's own greedy responses"
+    loss: str  # "kl" | "nll"
+    refusal_rate: float  # greedy refusal rate of the aligned model on the safety prompts
+    responses: list[dict[str, Any]]  # {"prompt", "response", "greedy_refused"}
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.responses)
+
+    def rows(self) -> list[dict[str, str]]:
+        """``{"prompt", "response"}`` rows: the safety batch the alignment loss is taken on."""
+        return [{"prompt": r["prompt"], "response": r["response"]} for r in self.responses]
 
     def to_json(self) -> dict[str, Any]:
         return {
-            **results_header(SCHEMA, self.config),
-            **self.data,
-            "timings_s": self.timings,
+            "reference": self.reference,
+            "loss": self.loss,
+            "refusal_rate": self.refusal_rate,
+            "n_prompts": self.n_prompts,
+            "responses": [dict(r) for r in self.responses],
         }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AlignmentTargets:
+        return cls(d["reference"], d["loss"], d["refusal_rate"], [dict(r) for r in d["responses"]])
+
+
+@dataclass
+class ParameterInfo:
+    """The parameters analysed: the selection asked for, its size, blocks and modules, dtypes
+    and the PEFT adapter (None without one)."""
+
+    spec: list[str]
+    n_params: int
+    n_tensors: int
+    blocks: dict[str, int]
+    modules: list[str]
+    dtype: dict[str, str]  # {"weights", "compute"}
+    adapter: dict[str, Any] | None
+    note: str | None = None  # why the selection differs from --params
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.note is None:
+            out.pop("note")
+        return out
+
+
+@dataclass
+class DiagnoseResult:
+    """The diagnosis: inputs, measurements, verdict, forecast, timings.
+
+    ``to_json()`` is the versioned results.json; :meth:`from_json` and :func:`load` read one back
+    (for ``verify --diagnosis`` and a resumed verify run).
+    """
+
+    config: DiagnoseConfig
+    # All computed eigenpairs (``run_diagnose(subspace=...)`` takes them for another fine-tuning
+    # set: they depend only on the model, the safety set and the parameters); ``d`` of them are
+    # the alignment subspace the AIC is measured in (``subspace.top(d)``).
+    subspace: Subspace
+    d: int
+    aic_gradient: AIC  # the AIC quantities of g
+    aic_step: AIC  # ... of the first optimizer step (Adam's D g; g itself for sgd)
+    noise_trace: float  # tr(F Sigma)
+    noise_trace_preconditioned: float | None  # tr(F D Sigma D), Adam only
+    alignment: AlignmentTargets
+    forecast: Forecast  # for the configured optimizer
+    forecast_sgd: Forecast | None  # plain SGD at the same lr, beside an Adam forecast
+    verdict: dict[str, Any]  # see :func:`verdict`
+    parameters: ParameterInfo
+    datasets: dict[str, Any]  # how each data file was read and fitted
+    memory: dict[str, Any]  # the estimate printed before the work (MemoryEstimate.to_json)
+    losses_at_theta0: dict[str, float]  # {"finetune_nll", "refusal_nll"}
+    timings: dict[str, float]
+    # grad L_f(theta0) over the analysed fine-tuning batch ([P]), for predictors built on it
+    # (rank's gradient similarity) so they need not compute it again; not in results.json.
+    finetune_gradient: torch.Tensor | None = field(default=None, repr=False)
+    environment: dict[str, str] = field(default_factory=environment, repr=False)
+    argv: list[str] = field(default_factory=lambda: list(sys.argv), repr=False)  # command line
+
+    @property
+    def top(self) -> Subspace:
+        """The alignment subspace: the top-d eigenpairs."""
+        return self.subspace.top(self.d)
+
+    def to_json(self) -> dict[str, Any]:
+        sub = self.subspace
+        aic: dict[str, Any] = {
+            "gradient": self.aic_gradient.to_dict(),
+            "optimizer_step": self.aic_step.to_dict(),
+            "noise_trace_F_Sigma": self.noise_trace,
+        }
+        if self.noise_trace_preconditioned is not None:
+            aic["noise_trace_F_Sigma_preconditioned"] = self.noise_trace_preconditioned
+        out = {
+            **results_header(SCHEMA, self.config, self.environment, self.argv),
+            "memory": self.memory,
+            "datasets": self.datasets,
+            "alignment": self.alignment.to_json(),
+            "parameters": self.parameters.to_json(),
+            "losses_at_theta0": self.losses_at_theta0,
+            "subspace": {
+                **sub.summary(self.d),
+                "plan": sub.plan,
+                "fisher": self.config.curvature.fisher,
+                "converged": sub.converged,
+                "max_residual": sub.max_residual,
+            },
+            "aic": aic,
+            "verdict": self.verdict,
+            "forecast": self.forecast.to_dict(),
+        }
+        if self.forecast_sgd is not None:
+            out["forecast_sgd"] = self.forecast_sgd.to_dict()
+        out["timings_s"] = self.timings
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], subspace: Subspace | None = None) -> DiagnoseResult:
+        """The diagnosis back from its results.json (``d``), with the eigenvectors of
+        ``subspace`` (its subspace.pt, :func:`~alignscope.report.output.load_subspace`); without
+        one the subspace holds the spectrum only (``subspace.vectors`` is None).
+
+        Raises:
+            ValueError: ``d`` is not a diagnosis, or ``subspace`` does not fit it.
+        """
+        if "forecast" not in d or "alignment" not in d or "subspace" not in d:
+            raise ValueError("no forecast/alignment/subspace section: not a diagnose result")
+        known = {f.name for spec in DiagnoseConfig.spec_fields().values() for f in fields(spec)}
+        config = DiagnoseConfig.from_options(**{k: v for k, v in d["config"].items() if k in known})
+        s = d["subspace"]
+        n_params = d["parameters"]["n_params"]
+        if subspace is not None and subspace.dim not in (None, n_params):
+            raise ValueError(
+                f"the subspace has {subspace.dim} rows, the diagnosis analysed {n_params} "
+                "parameters: it belongs to another diagnosis"
+            )
+        m = None if subspace is None or subspace.vectors is None else subspace.vectors.shape[1]
+        if m is not None and m < s["d"]:
+            raise ValueError(f"the subspace holds {m} eigenvectors, the diagnosis used {s['d']}")
+        if subspace is not None and subspace.k == len(s["eigenvalues"]) and subspace.plan:
+            sub = subspace  # the file holds the whole record (the current layout)
+        else:  # the spectrum from results.json, the eigenvectors (if any) from the file
+            dtype = torch.float64 if subspace is None else subspace.values.dtype
+            sub = Subspace(
+                torch.tensor(s["eigenvalues"], dtype=dtype),
+                None if subspace is None else subspace.vectors,
+                s["trace"],
+                s["trace_stderr"],
+                s["method"],
+                plan=s["plan"],
+                converged=s["converged"],
+                max_residual=s["max_residual"],
+            )
+        aic = d["aic"]
+        return cls(
+            config=config,
+            subspace=sub,
+            d=s["d"],
+            aic_gradient=AIC(**aic["gradient"]),
+            aic_step=AIC(**aic["optimizer_step"]),
+            noise_trace=aic["noise_trace_F_Sigma"],
+            noise_trace_preconditioned=aic.get("noise_trace_F_Sigma_preconditioned"),
+            alignment=AlignmentTargets.from_json(d["alignment"]),
+            forecast=Forecast.from_dict(d["forecast"]),
+            forecast_sgd=(
+                Forecast.from_dict(d["forecast_sgd"]) if d.get("forecast_sgd") is not None
+                else None
+            ),
+            verdict=d["verdict"],
+            parameters=ParameterInfo(**d["parameters"]),
+            datasets=d["datasets"],
+            memory=d["memory"],
+            losses_at_theta0=d["losses_at_theta0"],
+            timings=d.get("timings_s", {}),
+            environment=d.get("environment", {}),
+            argv=d.get("argv", []),
+        )  # fmt: skip
+
+
+def load(path: str | Path) -> DiagnoseResult:
+    """A diagnosis written by ``alignscope diagnose`` (or the one a verify result holds).
+
+    Args:
+        path: the output folder, or its results.json; its subspace.pt, when present beside it,
+            gives the eigenvectors.
+
+    Returns:
+        The :class:`DiagnoseResult` (timings and environment as recorded).
+
+    Raises:
+        FileNotFoundError: no results.json there.
+        ValueError: the file is not a diagnosis (nor a verify result holding one).
+    """
+    path = Path(path)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results.json there")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data = data.get("diagnosis", data)  # a verify result holds its diagnosis
+    sub_file = path.parent / SUBSPACE_FILE
+    subspace = load_subspace(sub_file) if sub_file.is_file() else None
+    return DiagnoseResult.from_json(data, subspace)
 
 
 def selected_modules(names: list[str]) -> list[str]:
@@ -190,18 +378,33 @@ def run_diagnose(
     quiet: bool = False,
     subspace: Subspace | None = None,
 ) -> DiagnoseResult:
-    """Run the diagnosis. ``model``/``tokenizer`` may be passed in (else loaded from cfg.model).
+    """Measure the AIC at theta0 and forecast the alignment loss over the fine-tuning steps.
 
-    ``subspace``: the alignment subspace of an earlier diagnosis of the same model, safety set and
-    parameter selection (``DiagnoseResult.subspace``), reused instead of recomputed; it depends
-    only on those, not on the fine-tuning set (``rank`` diagnoses many sets against one).
+    Args:
+        cfg: model, data, parameter selection, curvature and optimizer settings.
+        model, tokenizer: the aligned model (not modified); default loaded from ``cfg.model``
+            (with ``cfg``'s adapter, which cannot be combined with a model passed in).
+        quiet: no progress lines.
+        subspace: the alignment subspace of an earlier diagnosis of the same model, safety set
+            and parameter selection (``DiagnoseResult.subspace``), reused instead of recomputed;
+            it depends only on those, not on the fine-tuning set (``rank`` diagnoses many sets
+            against one). The result records it with plan ``"reused"``.
+
+    Returns:
+        The :class:`DiagnoseResult`; ``to_json()`` is results.json.
+
+    Raises:
+        ValueError: invalid settings, empty or unreadable data, prompts that leave no room for a
+            response, or a reused subspace of another parameter selection.
+        MemoryError: the plan does not fit ``cfg.curvature.memory_budget_gb`` (the message
+            names what would).
+        FloatingPointError: the model gives non-finite losses or gradients on the data.
     """
     cfg.validate()
     torch.manual_seed(cfg.runtime.seed)
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     stages = Stages(quiet=quiet)
-    out: dict[str, Any] = {}
     budget = int(cfg.curvature.memory_budget_gb * 2**30)
 
     with stages.stage("load", cfg.model.model):
@@ -225,7 +428,6 @@ def run_diagnose(
         eigensolver=subspace is None,
     )  # fmt: skip
     stages.note(memory.describe())
-    out["memory"] = memory.to_json()
 
     with stages.stage("targets", f"{len(safety_rows)} safety prompts"):
         prompts = [r["prompt"] for r in safety_rows]
@@ -252,44 +454,42 @@ def run_diagnose(
         data_batch, data_fit = batch_rows(
             tokenizer, data_rows, cfg.datasets.max_length, f"fine-tuning set {cfg.finetune.data}"
         )
-        out["datasets"] = {
+        datasets = {
             "safety": {**safety.summary(), **safety_fit.summary()},
             "finetune": {**data.summary(), **data_fit.summary()},
         }
-        out["alignment"] = {
-            "reference": "explicit responses" if explicit else "the model's own greedy responses",
-            "loss": cfg.curvature.alignment_loss,
-            "refusal_rate": sum(refused) / len(refused),
-            "n_prompts": len(prompts),
-            "responses": [
+        alignment = AlignmentTargets(
+            reference="explicit responses" if explicit else "the model's own greedy responses",
+            loss=cfg.curvature.alignment_loss,
+            refusal_rate=sum(refused) / len(refused),
+            responses=[
                 {"prompt": p, "response": t, "greedy_refused": r}
                 for p, t, r in zip(prompts, targets, refused, strict=True)
             ],
-        }
+        )
 
     flm = FunctionalLM(model, selection)
-    out["parameters"] = {
-        "spec": spec,
-        "n_params": selection.size,
-        "n_tensors": len(selection),
-        "blocks": {b: len(i) for b, i in selection.blocks.items()},
-        "modules": selected_modules(selection.names),
-        "dtype": {"weights": cfg.model.dtype, "compute": str(flm.dtype).removeprefix("torch.")},
-        "adapter": describe_adapter(
+    parameters = ParameterInfo(
+        spec=spec,
+        n_params=selection.size,
+        n_tensors=len(selection),
+        blocks={b: len(i) for b, i in selection.blocks.items()},
+        modules=selected_modules(selection.names),
+        dtype={"weights": cfg.model.dtype, "compute": str(flm.dtype).removeprefix("torch.")},
+        adapter=describe_adapter(
             model,
             cfg.model.adapter,
             None if cfg.model.lora_r is None else cfg.model.lora_targets or "all-linear",
         ),
-    }
+    )
     if spec != list(cfg.curvature.params):
-        out["parameters"]["note"] = "--params all with an adapter: the adapter weights only"
+        parameters.note = "--params all with an adapter: the adapter weights only"
         stages.note(f"parameters: the adapter weights only ({selection.size:,}; --params all)")
     with torch.no_grad():
         ft_loss = float(flm.mean_nll(flm.theta0, data_batch))
         ref_nll = float(flm.mean_nll(flm.theta0, safety_batch))
     _check_finite(ft_loss, "the fine-tuning loss")
     _check_finite(ref_nll, "the refusal NLL")
-    out["losses_at_theta0"] = {"finetune_nll": ft_loss, "refusal_nll": ref_nll}
 
     fisher = FisherOperator(
         flm,
@@ -307,11 +507,11 @@ def run_diagnose(
         )
     with stages.stage("subspace", f"top-{k} Fisher eigenpairs over {selection.size:,} params"):
         if reused:
-            eig, trace, trace_err, plan_text = None, None, None, "reused"
+            subspace = subspace.reused()
         elif cfg.curvature.fisher == "empirical":
             rows = fisher.empirical_factor_rows(memory_budget=budget)
             eig = gram_eigs(rows, min(k, rows.shape[0]) if curv.rank is None else k)
-            trace, trace_err, plan_text = float((rows.double() ** 2).sum()), None, "empirical"
+            subspace = make_subspace(eig, float((rows.double() ** 2).sum()), None, "empirical")
         else:
             eig, plan = fisher_eigs(
                 fisher,
@@ -323,24 +523,10 @@ def run_diagnose(
                 blocks=selection if cfg.curvature.group is not None else None,
             )
             est = hutchpp(fisher, 30, seed=cfg.runtime.seed)
-            trace, trace_err, plan_text = (
-                max(est.value, float(eig.values.sum())),
-                est.stderr,
-                (plan.describe()),
-            )
-        if not reused:
-            subspace = make_subspace(eig, trace, trace_err)
+            trace = max(est.value, float(eig.values.sum()))
+            subspace = make_subspace(eig, trace, est.stderr, plan.describe())
         d = curv.rank if curv.rank is not None else subspace.rank_for(curv.explained or 0.9)
         d = min(d, subspace.k)
-        out["subspace"] = {
-            **subspace.summary(d),
-            "plan": plan_text,
-            "fisher": cfg.curvature.fisher,
-            "converged": None if reused else eig.converged,
-            "max_residual": (
-                None if reused or eig.residuals is None else float(eig.residuals.max())
-            ),
-        }
 
     with stages.stage("gradients", f"{data_batch.size} fine-tuning examples"):
         g = finetune_gradient(flm, data_batch)
@@ -368,54 +554,36 @@ def run_diagnose(
             diag = adam_preconditioner(g, grad_var, cfg.optim.batch_size, cfg.optim.adam_eps)
             adam = measure_direction(fisher, hessian, subspace, g, d, diag=diag, alignment_grad=ga)
         tr_f_sigma = noise_trace(fisher, per_sample)
-        if diag is not None:
-            tr_f_sigma_adam = noise_trace(fisher, per_sample * diag)
-    out["aic"] = {"gradient": sgd.to_dict(), "optimizer_step": (adam or sgd).to_dict()}
-    out["aic"]["noise_trace_F_Sigma"] = tr_f_sigma
-    if diag is not None:  # tr(F D Sigma D): the noise term of the Adam forecast
-        out["aic"]["noise_trace_F_Sigma_preconditioned"] = tr_f_sigma_adam
-    out["verdict"] = verdict(adam or sgd, out["subspace"])
+        # tr(F D Sigma D): the noise term of the Adam forecast
+        tr_f_sigma_adam = None if diag is None else noise_trace(fisher, per_sample * diag)
+    step = adam or sgd
+
+    def forecast_for(optimizer: str, aic: AIC, noise: float) -> Forecast:
+        return forecast_from_aic(
+            aic, noise, optimizer=optimizer, lr=cfg.optim.lr, n_steps=cfg.optim.steps,
+            batch_size=cfg.optim.batch_size, threshold=cfg.optim.threshold,
+        )  # fmt: skip
 
     with stages.stage("forecast"):
-        out["forecast"] = _forecast(
-            cfg, adam or sgd, tr_f_sigma if diag is None else tr_f_sigma_adam
-        )
-        if adam is not None:
-            out["forecast_sgd"] = _forecast(cfg.with_options(optimizer="sgd"), sgd, tr_f_sigma)
+        noise = tr_f_sigma if diag is None else tr_f_sigma_adam
+        fc = forecast_for(cfg.optim.optimizer, step, noise)
+        fc_sgd = forecast_for("sgd", sgd, tr_f_sigma) if adam is not None else None
     return DiagnoseResult(
-        cfg,
-        out,
-        stages.timings,
-        subspace_basis=subspace.basis(d).detach(),
-        subspace_values=subspace.values[:d].detach(),
+        config=cfg,
         subspace=subspace,
+        d=d,
+        aic_gradient=sgd,
+        aic_step=step,
+        noise_trace=tr_f_sigma,
+        noise_trace_preconditioned=tr_f_sigma_adam,
+        alignment=alignment,
+        forecast=fc,
+        forecast_sgd=fc_sgd,
+        verdict=verdict(step, subspace.summary(d)),
+        parameters=parameters,
+        datasets=datasets,
+        memory=memory.to_json(),
+        losses_at_theta0={"finetune_nll": ft_loss, "refusal_nll": ref_nll},
+        timings=stages.timings,
         finetune_gradient=g.detach(),
     )
-
-
-def _forecast(cfg: DiagnoseConfig, aic: AIC, tr_f_sigma: float) -> dict[str, Any]:
-    adam = cfg.optim.adaptive
-    inputs = ForecastInputs(
-        gFg=aic.gFg,
-        gFa=aic.gFa,
-        aFa=aic.aFa,
-        g_norm=aic.g_norm,
-        a_norm=aic.a_norm,
-        ga_g=aic.ga_g,
-        ga_a=aic.ga_a,
-        aFa_sub=aic.aFa_sub,
-        a3_norm=None if adam else aic.Ha_norm,
-        gFa3=None if adam else aic.gFa3,
-        aFa3=None if adam else aic.aFa3,
-        trFSigma=tr_f_sigma,
-        a_inf=aic.a_inf if adam else None,
-    )
-    fc = forecast(
-        inputs,
-        lr=cfg.optim.lr,
-        n_steps=cfg.optim.steps,
-        optimizer=cfg.optim.optimizer,
-        batch_size=cfg.optim.batch_size,
-        threshold=cfg.optim.threshold,
-    )
-    return fc.to_dict()

@@ -39,11 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
+from alignscope.commands.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
 from alignscope.config import DEFAULT_PREDICTOR
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.sample import subsample
+from alignscope.forecast import Forecast, forecast_from_aic
 from alignscope.geometry import AIC, finetune_gradient
 from alignscope.params import select_params
 
@@ -157,8 +158,7 @@ def run_lookahead(
     """``n_steps`` real optimizer steps on a copy of ``model`` (the fine-tuning loop and the
     tracker verify uses); the alignment KL at steps ``0..n_steps`` and, with ``eval_prompts``,
     the refusal rate on them at the first and the last step (``{step: rate}``, else empty)."""
-    from alignscope.commands.verify import make_optimizer
-    from alignscope.train.loop import finetune
+    from alignscope.train.loop import finetune, make_optimizer
     from alignscope.train.stream import training_stream
     from alignscope.train.tracker import AlignmentTracker
 
@@ -205,19 +205,33 @@ def run_lookahead(
 
 
 @dataclass
-class Geometry:
+class CandidateGeometry:
     """What one diagnosis of a candidate set gives every lr and optimizer of that set."""
 
     data: str
-    diagnosis: dict[str, Any]  # results.json of the diagnosis (forecast for the first lr)
-    aic_sgd: AIC
-    aic_adam: AIC
-    noise_sgd: float
-    noise_adam: float
+    diagnosis: DiagnoseResult  # (its forecast is for the first lr)
     seconds: float  # the diagnosis, less the (shared) subspace
     gradient_similarity: float | None
     gradient_similarity_seconds: float
     rows: list[dict] = field(repr=False, default_factory=list)  # the whole set (lookahead)
+
+    @property
+    def aic_sgd(self) -> AIC:
+        return self.diagnosis.aic_gradient
+
+    @property
+    def aic_adam(self) -> AIC:
+        """Adam's first-step geometry (rank's diagnoses always measure it)."""
+        return self.diagnosis.aic_step
+
+    @property
+    def noise_sgd(self) -> float:
+        return self.diagnosis.noise_trace
+
+    @property
+    def noise_adam(self) -> float:
+        pre = self.diagnosis.noise_trace_preconditioned
+        return self.diagnosis.noise_trace if pre is None else pre
 
 
 class RankState:
@@ -292,7 +306,7 @@ class RankState:
             self.shared_timings["compliance_gradient"] = time.perf_counter() - start
         return self.compliance_grad
 
-    def geometry(self, data: str, seed: int | None = None) -> Geometry:
+    def geometry(self, data: str, seed: int | None = None) -> CandidateGeometry:
         """Diagnose one candidate set (reusing the subspace) and its gradient similarity."""
         dcfg = self.diagnose_config(data, seed)
         res = run_diagnose(
@@ -304,13 +318,11 @@ class RankState:
             self.subspace = res.subspace
             self.shared_timings["subspace"] = timings.get("subspace", 0.0)
         if self.safety_batch is None:
-            responses = res.data["alignment"]["responses"]
+            rows = res.alignment.rows()
             self.safety_batch = batch_rows(
-                self.tokenizer, responses, dcfg.datasets.max_length, "rank"
+                self.tokenizer, rows, dcfg.datasets.max_length, "rank"
             )[0]
         seconds = sum(v for k, v in timings.items() if k != "subspace")
-        out = res.to_json()
-        aic = out["aic"]
         rows = _load_rows(data, "data", self.cfg.datasets.data_format)
         sim, sim_seconds = None, 0.0
         reference = self._compliance()
@@ -318,33 +330,30 @@ class RankState:
             start = time.perf_counter()
             sim = cosine(res.finetune_gradient, reference)
             sim_seconds = time.perf_counter() - start
-        return Geometry(
+        return CandidateGeometry(
             data=data,
-            diagnosis=out,
-            aic_sgd=AIC(**aic["gradient"]),
-            aic_adam=AIC(**aic["optimizer_step"]),
-            noise_sgd=aic["noise_trace_F_Sigma"],
-            noise_adam=aic.get("noise_trace_F_Sigma_preconditioned", aic["noise_trace_F_Sigma"]),
+            diagnosis=res,
             seconds=seconds,
             gradient_similarity=sim,
             gradient_similarity_seconds=sim_seconds,
             rows=rows,
         )
 
-    def forecast(self, geo: Geometry, optimizer: str, lr: float) -> dict[str, Any]:
+    def forecast(self, geo: CandidateGeometry, optimizer: str, lr: float) -> Forecast:
         """The diagnosis' forecast for ``optimizer`` at ``lr`` (cheap: no new curvature)."""
-        from alignscope.commands.diagnose import _forecast
-
-        dcfg = self.diagnose_config(geo.data).with_options(optimizer=optimizer, lr=lr)
         adam = optimizer in ("adam", "adamw")
-        return _forecast(
-            dcfg,
+        return forecast_from_aic(
             geo.aic_adam if adam else geo.aic_sgd,
             geo.noise_adam if adam else geo.noise_sgd,
+            optimizer=optimizer,
+            lr=lr,
+            n_steps=self.cfg.optim.steps,
+            batch_size=self.cfg.optim.batch_size,
+            threshold=self.cfg.optim.threshold,
         )
 
     def lookahead(
-        self, geo: Geometry, optimizer: str, lr: float, seed: int | None = None
+        self, geo: CandidateGeometry, optimizer: str, lr: float, seed: int | None = None
     ) -> tuple[list[int], list[float], dict[int, float], float]:
         start = time.perf_counter()
         ks, kls, refusal = run_lookahead(
@@ -364,16 +373,16 @@ class RankState:
         return ks, kls, refusal, time.perf_counter() - start
 
     def predict(
-        self, geo: Geometry, optimizer: str, lr: float, seed: int | None = None
+        self, geo: CandidateGeometry, optimizer: str, lr: float, seed: int | None = None
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
         """Every predictor for one candidate: ``({name: {value, score, seconds}}, details)``."""
         steps = self.cfg.optim.steps
         start = time.perf_counter()
         fc = self.forecast(geo, optimizer, lr)
         fc_seconds = geo.seconds + time.perf_counter() - start
-        dl = [v for v in fc["dL"] if v is not None]
+        dl = [float(v) for v in fc.dL if math.isfinite(v)]  # the valid window
         fc_dl = dl[-1] if dl else None
-        fc_step = fc["collapse_step"]
+        fc_step = fc.collapse_step
         ks, kls, refusal, la_seconds = self.lookahead(geo, optimizer, lr, seed)
         trend = extrapolate_trend(ks, kls, steps, self.cfg.optim.threshold)
 
@@ -411,7 +420,9 @@ class RankState:
                 out[f"{name}_{tag}"] = {"value": value, "score": value, "seconds": geo.seconds}
         details = {
             "forecast": {
-                k: fc.get(k) for k in ("horizon_steps", "collapse_step", "collapse_status")
+                "horizon_steps": fc.horizon_steps,
+                "collapse_step": fc.collapse_step,
+                "collapse_status": fc.collapse_status,
             },
             "forecast_dL_step": len(dl) if dl else None,
             "lookahead": {

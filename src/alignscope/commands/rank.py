@@ -35,6 +35,7 @@ from alignscope.config import (
     RuntimeSpec,
 )
 from alignscope.data.sample import subsample
+from alignscope.geometry import Subspace
 from alignscope.progress import Stages
 from alignscope.report.format import fmt
 from alignscope.report.output import jsonable, results_header
@@ -201,12 +202,29 @@ def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: i
 
 
 def run_rank(
-    cfg: RankConfig, *, model=None, tokenizer=None, quiet: bool = False, subspace=None
+    cfg: RankConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    quiet: bool = False,
+    subspace: Subspace | None = None,
 ) -> RankResult:
     """Compute every predictor for every candidate and order them by ``cfg.ranking.predictor``.
 
-    ``subspace``: the alignment subspace of an earlier diagnosis of the same model, safety set and
-    parameters (``DiagnoseResult.subspace``), reused instead of recomputed."""
+    Args:
+        cfg: the candidates (fine-tuning sets x learning rates) and the shared settings.
+        model, tokenizer: the aligned model (never modified); default loaded from ``cfg.model``.
+        quiet: no progress lines.
+        subspace: the alignment subspace of an earlier diagnosis of the same model, safety set
+            and parameters (``DiagnoseResult.subspace``), reused instead of recomputed.
+
+    Returns:
+        The :class:`RankResult`: every predictor per candidate and the ranking, least predicted
+        damage (recommended) first.
+
+    Raises:
+        ValueError: fewer than two candidates, invalid settings, or data that does not fit.
+    """
     cfg.validate()
     torch.manual_seed(cfg.runtime.seed)
     if cfg.runtime.threads is not None:
@@ -225,12 +243,12 @@ def run_rank(
         detail = "alignment subspace (once) + " if first else "reusing the subspace, "
         with stages.stage(f"diagnose {Path(data).stem}", detail + "AIC, gradient similarity"):
             geo = state.geometry(data)
-        parameters = parameters or geo.diagnosis["parameters"]
+        diag = geo.diagnosis
+        parameters = parameters or diag.parameters.to_json()
         for lr in cfg.ranking.lrs:
             label = _label(data, lr, cfg)
             with stages.stage(f"predict {label}", f"forecast + {cfg.n_lookahead}-step lookahead"):
                 preds, details = state.predict(geo, cfg.optim.optimizer, lr)
-            aic = geo.diagnosis["aic"]
             candidates.append(
                 {
                     "label": label,
@@ -241,12 +259,12 @@ def run_rank(
                     "details": {
                         **details,
                         "aic": {
-                            "gradient": aic["gradient"],
-                            "optimizer_step": aic["optimizer_step"],
+                            "gradient": diag.aic_gradient.to_dict(),
+                            "optimizer_step": diag.aic_step.to_dict(),
                         },
-                        "verdict": geo.diagnosis["verdict"]["aic_holds"],
-                        "refusal_rate": geo.diagnosis["alignment"]["refusal_rate"],
-                        "n_params": geo.diagnosis["parameters"]["n_params"],
+                        "verdict": diag.verdict["aic_holds"],
+                        "refusal_rate": diag.alignment.refusal_rate,
+                        "n_params": diag.parameters.n_params,
                     },
                 }
             )

@@ -53,7 +53,7 @@ from alignscope.report.output import (
     write_json_atomic,
     write_text_atomic,
 )
-from alignscope.train.loop import finetune
+from alignscope.train.loop import finetune, make_optimizer
 from alignscope.train.stream import training_stream
 from alignscope.train.tracker import AlignmentTracker
 
@@ -89,16 +89,16 @@ class VerifyConfig(Composed):
 
 @dataclass
 class VerifyResult:
+    """The real run beside the diagnosis it checks: trajectory, scores, timings."""
+
     config: VerifyConfig
-    diagnosis: dict[str, Any]
+    diagnosis: DiagnoseResult
     trajectory: list[dict[str, Any]]
     scores: dict[str, Any]
     timings: dict[str, float]
     judge: str = "KeywordRefusalJudge"
     resumed_from: int | None = None
     datasets: dict[str, Any] = field(default_factory=dict)  # how each data file was read and fitted
-    subspace_basis: torch.Tensor | None = field(default=None, repr=False)
-    subspace_values: torch.Tensor | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,7 +106,7 @@ class VerifyResult:
             "judge": self.judge,
             "resumed_from_step": self.resumed_from,
             "datasets": self.datasets,
-            "diagnosis": self.diagnosis,
+            "diagnosis": jsonable(self.diagnosis.to_json()),
             "trajectory": self.trajectory,
             "scores": self.scores,
             "timings_s": self.timings,
@@ -133,24 +133,15 @@ def record_steps(steps: int, every: str | int = "auto", extra: tuple = ()) -> li
     return sorted(base)
 
 
-def make_optimizer(name: str, params, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=eps)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=0.0)
-    raise ValueError(f"optimizer {name!r}: use sgd, adam or adamw")
-
-
 def score(
-    diagnosis: dict[str, Any], trajectory: list[dict[str, Any]], threshold: float, loss: str
+    fc: dict[str, Any], trajectory: list[dict[str, Any]], threshold: float, loss: str
 ) -> dict[str, Any]:
     """Forecast vs observation: per-step dL_a, relative error over the forecast window, log-log
     exponents, the step where dL_a crosses ``threshold`` (``threshold_step_*``: predicted and
     observed), the refusal collapse (``refusal_collapse_step``: the refusal rate below half its
-    start; a different event), subspace fraction."""
-    fc = diagnosis["forecast"]
+    start; a different event), subspace fraction.
+
+    ``fc``: the forecast as in results.json (:meth:`~alignscope.forecast.Forecast.to_dict`)."""
     pred = fc.get("dL") or []
     horizon = fc.get("horizon_steps")
     key = "kl" if loss == "kl" else "refusal_nll"
@@ -265,11 +256,10 @@ class _Partial:
     def has_diagnosis(self) -> bool:
         return (self.path / "diagnosis.json").exists()
 
-    def start(self, diagnosis: dict, basis, values) -> None:
+    def start(self, diagnosis: DiagnoseResult) -> None:
         """Store the diagnosis; refuse one that differs from the diagnosis of a stored run."""
         if self.has_diagnosis:
-            stored, _, _ = self.diagnosis()
-            if _diagnosis_digest(stored) != _diagnosis_digest(diagnosis):
+            if _diagnosis_digest(self.diagnosis()) != _diagnosis_digest(diagnosis):
                 raise ValueError(
                     f"{self.path} holds a partial run made with another diagnosis; delete it "
                     "or rerun with the same diagnosis"
@@ -278,12 +268,15 @@ class _Partial:
         self.path.mkdir(parents=True, exist_ok=True)
         # config first: a crash after it still lets the next run check its arguments
         write_text_atomic(self.path / "config.json", self.key)
-        save_subspace(self.path / SUBSPACE_FILE, basis, values)
-        write_json_atomic(self.path / "diagnosis.json", diagnosis)
+        if diagnosis.subspace.vectors is not None:
+            save_subspace(self.path / SUBSPACE_FILE, diagnosis.subspace)
+        write_json_atomic(self.path / "diagnosis.json", diagnosis.to_json())
 
-    def diagnosis(self) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
+    def diagnosis(self) -> DiagnoseResult:
         diag = json.loads((self.path / "diagnosis.json").read_text(encoding="utf-8"))
-        return (diag, *load_subspace(self.path / SUBSPACE_FILE))
+        sub_file = self.path / SUBSPACE_FILE
+        subspace = load_subspace(sub_file) if sub_file.is_file() else None
+        return DiagnoseResult.from_json(diag, subspace)
 
     def write_trajectory(self, records: list[dict]) -> None:
         lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records)
@@ -314,24 +307,21 @@ class _Partial:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def _diagnosis_digest(diag: dict) -> str:
+def _diagnosis_digest(diagnosis: DiagnoseResult) -> str:
     """What identifies a diagnosis for resuming (timings and environment may differ)."""
+    diag = diagnosis.to_json()
     keep = {k: diag.get(k) for k in ("config", "alignment", "subspace", "forecast")}
     return json.dumps(jsonable(keep), sort_keys=True)
 
 
-def _diagnosis_parts(diagnosis, basis, values):
-    if isinstance(diagnosis, DiagnoseResult):
-        return diagnosis.to_json(), diagnosis.subspace_basis, diagnosis.subspace_values
-    return diagnosis, basis, values
-
-
-def _check_diagnosis(diag: dict, cfg: VerifyConfig) -> None:
-    dc = diag.get("config", {})
-    if "forecast" not in diag or "alignment" not in diag:
-        raise ValueError("the diagnosis has no forecast/alignment section: not a diagnose result")
-    flat = cfg.flat()
-    bad = [k for k in _MUST_MATCH if k in dc and dc[k] != jsonable(flat[k])]
+def _check_diagnosis(diagnosis: DiagnoseResult, cfg: VerifyConfig) -> None:
+    if not isinstance(diagnosis, DiagnoseResult):
+        raise TypeError(
+            f"diagnosis: a DiagnoseResult, not {type(diagnosis).__name__} (read a results.json "
+            "with alignscope.commands.diagnose.load or DiagnoseResult.from_json)"
+        )
+    dc, flat = diagnosis.config.flat(), cfg.flat()
+    bad = [k for k in _MUST_MATCH if jsonable(dc[k]) != jsonable(flat[k])]
     if bad:
         raise ValueError(
             "the diagnosis was made for other settings ("
@@ -343,9 +333,7 @@ def _check_diagnosis(diag: dict, cfg: VerifyConfig) -> None:
 def run_verify(
     cfg: VerifyConfig,
     *,
-    diagnosis: DiagnoseResult | dict | None = None,
-    subspace_basis: torch.Tensor | None = None,
-    subspace_values: torch.Tensor | None = None,
+    diagnosis: DiagnoseResult | None = None,
     model=None,
     tokenizer=None,
     judge: RefusalJudge | None = None,
@@ -354,11 +342,26 @@ def run_verify(
 ) -> VerifyResult:
     """Diagnose (unless ``diagnosis`` is given), fine-tune a copy of the model, track and score.
 
-    ``diagnosis``: a :class:`DiagnoseResult` (its subspace basis is used) or a results.json dict
-    (pass ``subspace_basis``/``subspace_values`` for the subspace measurements, else they are
-    None). ``model``/``tokenizer``: the aligned model (copied, never modified). ``judge``: refusal
-    judge for generated responses (default :class:`KeywordRefusalJudge`). ``partial_dir``: keep
-    checkpoints there and resume from them (the caller removes it after a successful run).
+    Args:
+        cfg: the diagnosis' settings plus the real run's (eval prompts, schedule, checkpoints).
+        diagnosis: an earlier diagnosis of the same model, safety set, optimizer, lr, batch and
+            parameters (in memory, or read back with :func:`~alignscope.commands.diagnose.load`);
+            the drift into its subspace is measured when it holds the eigenvectors. None: run
+            ``diagnose`` first (or take the one stored in ``partial_dir``).
+        model, tokenizer: the aligned model (copied, never modified); default loaded from
+            ``cfg.model``.
+        judge: refusal judge for generated responses (default :class:`KeywordRefusalJudge`).
+        partial_dir: keep checkpoints there and resume from them (the caller removes it after a
+            successful run).
+        quiet: no progress lines.
+
+    Returns:
+        The :class:`VerifyResult`: the diagnosis, the measured trajectory and the scores.
+
+    Raises:
+        TypeError: ``diagnosis`` is not a :class:`DiagnoseResult`.
+        ValueError: invalid settings, a diagnosis made for other settings, a ``partial_dir``
+            holding another run, or data that does not fit.
     """
     from alignscope.data.loaders import load_data
 
@@ -371,18 +374,19 @@ def run_verify(
     partial = _Partial(Path(partial_dir), cfg) if partial_dir is not None else None
 
     if diagnosis is None and partial is not None and partial.has_diagnosis:
-        diag, basis, values = partial.diagnosis()
+        diag = partial.diagnosis()
     else:
         if diagnosis is None:
             diagnosis = run_diagnose(
                 cfg.diagnose_config(), model=model, tokenizer=tokenizer, quiet=quiet
             )
-        diag, basis, values = _diagnosis_parts(diagnosis, subspace_basis, subspace_values)
-        diag = jsonable(diag)
+        diag = diagnosis
         _check_diagnosis(diag, cfg)
         if partial is not None:
-            partial.start(diag, basis, values)
-    timings = {f"diagnose_{k}": v for k, v in diag.get("timings_s", {}).items()}
+            partial.start(diag)
+    timings = {f"diagnose_{k}": v for k, v in diag.timings.items()}
+    top = diag.top
+    basis, values = (None, None) if top.vectors is None else (top.vectors, top.values)
 
     with stages.stage("setup", "model copy, data, tracker"):
         if model is None:
@@ -392,15 +396,15 @@ def run_verify(
         else:
             model = copy.deepcopy(model)
         selection = select_params(model, cfg.param_spec(), group=cfg.curvature.group)
-        if selection.size != diag["parameters"]["n_params"]:
+        if selection.size != diag.parameters.n_params:
             raise ValueError(
-                f"the diagnosis analysed {diag['parameters']['n_params']} parameters, this "
+                f"the diagnosis analysed {diag.parameters.n_params} parameters, this "
                 f"selection has {selection.size}"
             )
         selection.train_only(model)
         safety_batch, _ = batch_rows(
             tokenizer,
-            diag["alignment"]["responses"],
+            diag.alignment.rows(),
             cfg.datasets.max_length,
             f"safety set {cfg.datasets.safety}",
         )
@@ -419,7 +423,7 @@ def run_verify(
             cfg.finetune.data,
         )
         eval_batch = None
-        prompts = [r["prompt"] for r in diag["alignment"]["responses"]]
+        prompts = [r["prompt"] for r in diag.alignment.responses]
         if cfg.eval.eval_prompts is not None:
             evals = load_data(cfg.eval.eval_prompts, "safety", format=cfg.datasets.safety_format)
             rows = subsample(evals.rows, cfg.eval.max_eval, cfg.runtime.seed)
@@ -452,12 +456,12 @@ def run_verify(
         )
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(cfg.optim.optimizer, params, cfg.optim.lr, cfg.optim.adam_eps)
-    fc = diag["forecast"]
+    fc = diag.forecast
     steps_to_record = set(
         record_steps(
             cfg.optim.steps,
             cfg.record.eval_every,
-            (fc.get("collapse_step"), fc.get("horizon_steps")),
+            (fc.collapse_step, fc.horizon_steps),
         )
     )
     records: list[dict[str, Any]] = []
@@ -515,7 +519,9 @@ def run_verify(
             loss_weighting="example",  # the L_f of the diagnosis
         )
     timings.update(stages.timings)
-    scores = score(diag, records, cfg.optim.threshold, cfg.curvature.alignment_loss)
+    scores = score(
+        diag.forecast.to_dict(), records, cfg.optim.threshold, cfg.curvature.alignment_loss
+    )
     return VerifyResult(
         cfg,
         diag,
@@ -525,6 +531,4 @@ def run_verify(
         judge=type(judge).__name__,
         resumed_from=resumed_from,
         datasets=datasets,
-        subspace_basis=basis,
-        subspace_values=values,
     )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from alignscope.report.document import Code, Report
 from alignscope.report.format import fmt, fmt_percent
 from alignscope.report.output import SUBSPACE_FILE, OutputDir, save_subspace, write_json_atomic
 from alignscope.report.plots import forecast_plot, spectrum_plot
+
+if TYPE_CHECKING:
+    from alignscope.geometry import Subspace
 
 
 def _fmt_step(value: Any, horizon: Any) -> str:
@@ -130,16 +131,16 @@ def write_diagnose_outputs(
     results: dict[str, Any],
     out: str | Path,
     overwrite: bool = False,
-    subspace: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    subspace: Subspace | None = None,
 ) -> Path:
     """Write results.json, report.md/html, the plots and (given) subspace.pt atomically.
 
-    ``subspace.pt`` holds the top-d basis and eigenvalues so ``verify --diagnosis`` can measure
-    the drift into the subspace without recomputing it.
+    ``subspace.pt`` holds the diagnosis' subspace (every computed eigenpair, trace and solver
+    record) so ``verify --diagnosis`` can measure the drift into it without recomputing it.
     """
     with OutputDir(out, overwrite=overwrite) as od:
-        if subspace is not None and subspace[0] is not None:
-            save_subspace(od.file(SUBSPACE_FILE), *subspace)
+        if subspace is not None and subspace.vectors is not None:
+            save_subspace(od.file(SUBSPACE_FILE), subspace)
         sub, fc = results["subspace"], results["forecast"]
         spectrum_plot(od.file("spectrum.png"), sub["eigenvalues"], sub["d"], sub["trace"])
         plots = [("forecast.png", fc, "")]

@@ -8,11 +8,15 @@ import platform
 import shutil
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from alignscope.geometry import Subspace
 
 
 def environment() -> dict[str, str]:
@@ -32,16 +36,22 @@ def environment() -> dict[str, str]:
     }
 
 
-def results_header(schema: str, config: Any) -> dict[str, Any]:
+def results_header(
+    schema: str,
+    config: Any,
+    env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
     """What every results.json opens with: schema, config (a command config of specs, written
-    flat), seed, environment, and the process's command line (``argv``), which the reports show."""
+    flat), seed, the process's command line (``argv``, which the reports show) and environment
+    (``env`` and ``argv``: the ones a result recorded, else this process')."""
     flat = config.flat()
     return {
         "schema": schema,
         "config": flat,
         "seed": flat["seed"],
-        "argv": list(sys.argv),
-        "environment": environment(),
+        "argv": list(sys.argv) if argv is None else argv,
+        "environment": environment() if env is None else env,
     }
 
 
@@ -94,17 +104,31 @@ def save_torch_atomic(path: str | Path, obj: Any) -> None:
 
 
 SUBSPACE_FILE = "subspace.pt"
+_SUBSPACE_FORMAT = "alignscope.subspace/2"
 
 
-def save_subspace(path: str | Path, basis: torch.Tensor, values: torch.Tensor) -> None:
-    """The top-d alignment subspace (``[P, d]`` basis, ``[d]`` eigenvalues) for later runs."""
-    save_torch_atomic(path, {"basis": basis, "values": values})
+def save_subspace(path: str | Path, subspace: Subspace) -> None:
+    """The alignment subspace (eigenpairs, trace, solver record) for later runs
+    (``verify --diagnosis``, ``rank`` reusing it); read back by :func:`load_subspace`."""
+    state = {f.name: getattr(subspace, f.name) for f in fields(subspace)}
+    save_torch_atomic(path, {"format": _SUBSPACE_FORMAT, **state})
 
 
-def load_subspace(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(basis, values)`` saved by :func:`save_subspace`."""
-    sub = torch.load(path, weights_only=True)
-    return sub["basis"], sub["values"]
+def load_subspace(path: str | Path) -> Subspace:
+    """The :class:`~alignscope.geometry.Subspace` saved by :func:`save_subspace`.
+
+    Also reads the earlier layout (``{"basis": [P, d], "values": [d]}``, no trace or solver
+    record): its trace is then the sum of the values and its method ``"unknown"``.
+    """
+    from alignscope.geometry import Subspace
+
+    state = torch.load(path, weights_only=True)
+    if state.get("format") == _SUBSPACE_FORMAT:
+        return Subspace(**{k: v for k, v in state.items() if k != "format"})
+    if {"basis", "values"} <= set(state):
+        values = state["values"]
+        return Subspace(values, state["basis"], float(values.sum()), None, "unknown")
+    raise ValueError(f"{path}: not a subspace file written by alignscope")
 
 
 class OutputDir:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from alignscope.report.document import Code, Report
 from alignscope.report.format import fmt
 from alignscope.report.output import SUBSPACE_FILE, OutputDir, save_subspace, write_json_atomic
 from alignscope.report.plots import forecast_plot, series_plot
+
+if TYPE_CHECKING:
+    from alignscope.geometry import Subspace
 
 
 def build_report(results: dict[str, Any]) -> Report:
@@ -122,7 +123,7 @@ def write_verify_outputs(
     results: dict[str, Any],
     out: str | Path,
     overwrite: bool = False,
-    subspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    subspace: Subspace | None = None,
 ) -> Path:
     """Write results.json, report.md/html, plots (and subspace.pt) atomically into ``out``."""
     with OutputDir(out, overwrite=overwrite) as od:
@@ -157,8 +158,8 @@ def write_verify_outputs(
                 "in-subspace fraction",
                 "Displacement in the alignment subspace",
             )
-        if subspace is not None and subspace[0] is not None:
-            save_subspace(od.file(SUBSPACE_FILE), *subspace)
+        if subspace is not None and subspace.vectors is not None:
+            save_subspace(od.file(SUBSPACE_FILE), subspace)
         write_json_atomic(od.file("results.json"), results)
         build_report(results).write(od.staging)
     return Path(out)

@@ -56,6 +56,18 @@ def response_nll(model: torch.nn.Module, batch: LMBatch, weighting: str = "token
     return (nll * weights).sum(dim=1).mean()
 
 
+def make_optimizer(name: str, params, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
+    """The optimizer diagnose forecasts: ``sgd`` (no momentum), ``adam``, or ``adamw`` with
+    weight decay 0 (the forecast does not model decay)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, eps=eps)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=0.0)
+    raise ValueError(f"optimizer {name!r}: use sgd, adam or adamw")
+
+
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base learning rate at (0-based) update ``step``."""
     if warmup and step < warmup:

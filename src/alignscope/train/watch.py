@@ -102,17 +102,34 @@ def _trend(points: list[tuple[int, float]], at: float, log: bool = False) -> flo
     return math.exp(min(pred, 700.0)) if log else pred
 
 
+def _as_diagnosis(diagnosis):
+    """A DiagnoseResult as is; a results.json dict or an output folder read into one."""
+    from alignscope.commands.diagnose import DiagnoseResult, load
+
+    if isinstance(diagnosis, DiagnoseResult):
+        return diagnosis
+    if isinstance(diagnosis, str | Path):
+        return load(diagnosis)
+    if isinstance(diagnosis, Mapping):
+        return DiagnoseResult.from_json(dict(diagnosis))
+    raise TypeError(
+        f"diagnosis: a DiagnoseResult, a results.json dict or a folder, not {type(diagnosis)}"
+    )
+
+
 class AlignmentWatcher:
     """Alignment measurements of ``model`` (trained in place) every ``every`` steps.
 
     ``safety_rows``: the alignment set (``{"prompt", "response"}``; rows without a response get the
     aligned model's greedy response), for the KL. ``eval_rows``: held-out harmful prompts (strings
     or rows) for the refusal rate; default the safety prompts. ``diagnosis``: a
-    :class:`~alignscope.commands.diagnose.DiagnoseResult` (or pass ``basis``/``eigenvalues``) for
-    the subspace entries and the forecast's running error; without one, ``subspace_rank=k``
-    computes the top-``k`` alignment subspace on the fly at construction (exact Fisher, Lanczos,
-    as diagnose does), else those entries are None. ``params``: the parameter selection compared
-    to theta0 (default every trainable parameter: the adapters of a PEFT model).
+    :class:`~alignscope.commands.diagnose.DiagnoseResult`, its results.json as a dict, or its
+    output folder (read with ``DiagnoseResult.from_json`` / ``diagnose.load``), for the subspace
+    entries (when it holds the eigenvectors; else pass ``basis``/``eigenvalues``) and the
+    forecast's running error; without one, ``subspace_rank=k`` computes the top-``k`` alignment
+    subspace on the fly at construction (exact Fisher, Lanczos, as diagnose does), else those
+    entries are None. ``params``: the parameter selection compared to theta0 (default every
+    trainable parameter: the adapters of a PEFT model).
     ``max_length``: responses are cut to it and rows whose prompt alone fills it are dropped, as
     every command fits its data; ``watcher.datasets`` counts them (``{"safety": {...},
     "soft_refusal": {...}}``, each ``examples``/``truncated``/``dropped``).
@@ -171,11 +188,12 @@ class AlignmentWatcher:
         self.max_length = max_length
         self.forecast_dL: list[float | None] = []
         if diagnosis is not None:
-            # a DiagnoseResult, or a results.json dict with basis/eigenvalues passed beside it
-            basis = getattr(diagnosis, "subspace_basis", basis)
-            eigenvalues = getattr(diagnosis, "subspace_values", eigenvalues)
-            data = diagnosis.data if hasattr(diagnosis, "data") else diagnosis
-            self.forecast_dL = list((data.get("forecast") or {}).get("dL") or [])
+            diagnosis = _as_diagnosis(diagnosis)
+            top = diagnosis.top
+            if top.vectors is not None:
+                basis, eigenvalues = top.vectors, top.values
+            dl = diagnosis.forecast.dL
+            self.forecast_dL = [float(v) if math.isfinite(v) else None for v in dl]
         self.records: list[dict[str, Any]] = []
         self.warnings: list[dict[str, Any]] = []
         self.should_stop = False
