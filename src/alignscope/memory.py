@@ -3,9 +3,10 @@
 The estimate adds what stays resident: the weights, the KL reference (log-probabilities over the
 vocabulary at every response position of the safety set), the eigensolver's working set (from
 :func:`~alignscope.curvature.spectrum.plan_spectrum`, which also picks Lanczos or the Gram route
-from the budget), the trace estimator's float64 blocks and the per-sample-gradient chunk, which is sized to the budget. When the
-eigensolver cannot fit the budget, or the total cannot fit the memory the machine has free, the
-error lists the options that would fit, each with its own estimate.
+from the budget), the trace estimator's float64 blocks and the per-sample-gradient chunk, which
+is sized to the budget. When the eigensolver cannot fit the budget, or the total cannot fit the
+memory the machine has free, the error lists the options that would fit, each with its own
+estimate.
 """
 
 from __future__ import annotations

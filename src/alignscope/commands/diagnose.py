@@ -35,6 +35,7 @@ from alignscope.curvature import (
     per_sample_grads,
     response_weights,
 )
+from alignscope.curvature.trace import TRACE_PRODUCTS
 from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.loaders import load_data
 from alignscope.data.sample import subsample
@@ -522,7 +523,7 @@ def run_diagnose(
                 seed=cfg.runtime.seed,
                 blocks=selection if cfg.curvature.group is not None else None,
             )
-            est = hutchpp(fisher, 30, seed=cfg.runtime.seed)
+            est = hutchpp(fisher, TRACE_PRODUCTS, seed=cfg.runtime.seed)
             trace = max(est.value, float(eig.values.sum()))
             subspace = make_subspace(eig, trace, est.stderr, plan.describe())
         d = curv.rank if curv.rank is not None else subspace.rank_for(curv.explained or 0.9)

@@ -13,9 +13,8 @@ import torch
 
 from alignscope.curvature.operator import LinearOperator, require_operator
 
-
-# Products diagnose spends on tr F (Hutch++): a tenth of a percent is plenty for the explained
-# fraction and the tail mass on a concentrated spectrum.
+# Products diagnose spends on tr F (Hutch++); the sketch captures the top of a concentrated
+# spectrum exactly, so a few tens of products give the explained fraction and the tail mass.
 TRACE_PRODUCTS = 30
 
 
