@@ -132,6 +132,21 @@ def load_model(
     (:func:`compute_dtype`). ``adapter``: a PEFT adapter directory loaded on top, trainable.
     ``lora``: a new LoRA adapter, initialised from ``seed`` (B = 0). At most one of the two.
     The model comes in eval mode with eager attention, so forward-mode AD works through it.
+
+    Args:
+        path: a model directory, a hub id or a ``.gguf`` file.
+        dtype: ``float32`` | ``bfloat16`` | ``float16`` | ``float64`` (the weights' rounding).
+        device: ``cpu`` | ``cuda`` | ``auto``.
+        trust_remote_code: off by default; never turned on by alignscope itself.
+        adapter, lora, seed: see above.
+
+    Returns:
+        ``(model, tokenizer)``; a tokenizer without a chat template gets a plain one (warned).
+
+    Raises:
+        FileNotFoundError: no such directory or GGUF file.
+        MissingExtraError: a GGUF file without the ``gguf`` package.
+        ValueError: both ``adapter`` and ``lora``, or a bad dtype/device.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -290,6 +290,21 @@ def load_data(
     aligned answer, so they are dropped (with a note) and the model's own responses are used.
     ``format``: "auto" or a key of ``FORMATS``, or "hf" (a saved dataset, columns detected).
     ``split``: the split of a saved ``DatasetDict`` (default "train"; also ``DIR::SPLIT``).
+
+    Args:
+        path: a JSONL, JSON, CSV or text file, or a ``save_to_disk`` folder (``DIR::SPLIT``).
+        role: ``"safety"`` (prompts, responses optional) or ``"data"`` (responses required).
+        format, split: see above.
+
+    Returns:
+        :class:`LoadedRows`: the rows (``{"prompt", "response"?}``), the detected format and
+        notes on what was dropped; ``summary()`` is what results.json records.
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        ValueError: an empty file, a file that is not UTF-8 text, columns that fit no format
+            (the message names the columns found and the ``--safety-format`` /
+            ``--data-format`` override), or fine-tuning rows without responses.
     """
     if format != "auto" and format not in FORMATS and format not in CONTAINERS:
         raise ValueError(f"format {format!r}: use auto, {', '.join([*FORMATS, *CONTAINERS])}")

@@ -133,6 +133,25 @@ class AlignmentWatcher:
     ``max_length``: responses are cut to it and rows whose prompt alone fills it are dropped, as
     every command fits its data; ``watcher.datasets`` counts them (``{"safety": {...},
     "soft_refusal": {...}}``, each ``examples``/``truncated``/``dropped``).
+
+    Args:
+        model, tokenizer: the model being fine-tuned (full or PEFT) and its tokenizer; the
+            watcher snapshots theta0 and the reference responses at construction.
+        safety_rows, eval_rows, diagnosis, basis, eigenvalues, params, max_length: see above.
+        every, log_spaced: measure at 0 1 2 4 8 16 (``log_spaced``), then every ``every`` steps.
+        generate_every: greedy generation (the refusal rate) at every N-th measurement.
+        max_prompts, seed: a seeded subsample of the safety and eval prompts.
+        floor, kl_threshold, horizon, window: the early warning: a trend of the last ``window``
+            measurements of a refusal signal projected ``horizon`` steps ahead below ``floor``,
+            or the KL's exponential trend above ``kl_threshold``.
+        stop_on_collapse: set ``should_stop`` at the first warning and keep the last safe state.
+        output_dir, log_path: where the JSONL log (one line per measurement) and last-safe go.
+
+    Returns (from :meth:`step`): the measurement record at a scheduled step, else None.
+
+    Raises:
+        ValueError: empty safety or eval rows, every row dropped by ``max_length``, or a bad
+            setting (``every``, ``floor``, ``window``, ``generate_every``).
     """
 
     def __init__(
@@ -453,6 +472,16 @@ class AlignmentCallback(TrainerCallback):
     process stops at the same step instead of the others waiting forever in the next all-reduce.
     Sharded models (FSDP, DeepSpeed ZeRO-3) are refused: a forward pass on one process alone
     would wait forever for the other shards.
+
+    Args:
+        safety, eval_rows: the alignment set and the held-out harmful prompts (as for the
+            watcher).
+        tokenizer: the model's tokenizer (required).
+        every, log_path, output_dir: measurement cadence and where the log goes.
+        **watcher_kwargs: any other :class:`AlignmentWatcher` argument.
+
+    Raises:
+        ValueError: no tokenizer, or a sharded (FSDP / ZeRO-3) training run.
     """
 
     def __init__(
