@@ -37,6 +37,11 @@ def diagnosis(organism_test, tmp_path_factory):
     args += ["--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    # the forecast's crossing of the loss threshold is named as such, never a "collapse step"
+    assert "kl threshold 0.1 crossed at step" in result.output
+    assert "collapse step" not in result.output
+    report = (out / "report.md").read_text()
+    assert "collapse step" not in report.lower() and "Forecast threshold step" in report
     return out, json.loads((out / "results.json").read_text())
 
 

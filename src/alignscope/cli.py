@@ -227,7 +227,9 @@ def _print_summary(results: dict) -> None:
     typer.echo(
         f"AIC {'holds' if v['aic_holds'] else 'does not hold'} (deciding: {v['deciding']}); "
         f"|P g|/|g| = {a['Pg_ratio']:.3g}, kappa = {a['kappa']:.3g}, gamma = {a['gamma']:.3g}; "
-        f"horizon {fc.get('horizon_steps')} steps; collapse step {fc.get('collapse_step')}; "
+        f"horizon {fc.get('horizon_steps')} steps; {results['config']['alignment_loss']} "
+        f"threshold {results['config']['threshold']:g} crossed at step "
+        f"{fc.get('collapse_step')} (forecast; not a refusal collapse); "
         f"refusal rate {results['alignment']['refusal_rate']:.1%}"
     )
 

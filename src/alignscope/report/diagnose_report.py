@@ -41,7 +41,7 @@ def build_report(results: dict[str, Any]) -> Report:
             ("coupling ratio kappa", aic["kappa"], "aic.optimizer_step.kappa"),
             ("forecast horizon (steps)", fc.get("horizon_steps"), "forecast.horizon_steps"),
             (
-                "forecast collapse step",
+                "forecast threshold step (dL_a > threshold)",
                 _fmt_step(fc.get("collapse_step"), fc.get("horizon_steps")),
                 "forecast.collapse_step",
             ),
@@ -53,7 +53,8 @@ def build_report(results: dict[str, Any]) -> Report:
         f"The Alignment Instability Condition {holds}"
         + (f" (fails: {', '.join(verdict['failed'])})" if verdict["failed"] else "")
         + f". Deciding condition: {verdict['deciding']}. "
-        + f"Forecast collapse step (dL_a > {cfg['threshold']:g}): "
+        + f"Forecast threshold step (dL_a > {cfg['threshold']:g}; a loss threshold, not a "
+        + "refusal collapse): "
         + _fmt_step(fc.get("collapse_step"), fc.get("horizon_steps"))
         + f"; steps the forecast can vouch for as safe: {fmt(fc.get('safe_steps'))}."
     )
@@ -100,7 +101,7 @@ def build_report(results: dict[str, Any]) -> Report:
     rep.heading("Forecast")
     rep.text(
         f"Validity horizon: {fmt(fc.get('horizon_steps'))} steps ({fc.get('horizon_reason')}). "
-        "Collapse step: "
+        "Threshold step (dL_a above the threshold): "
         f"{_fmt_step(fc.get('collapse_step'), fc.get('horizon_steps'))}. "
         + (
             "Adam/AdamW is modelled by a diagonal preconditioner (approximate). "
@@ -117,7 +118,7 @@ def build_report(results: dict[str, Any]) -> Report:
     if sgd is not None:
         rep.text(
             "For comparison, plain SGD at the same learning rate: horizon "
-            f"{fmt(sgd.get('horizon_steps'))} steps ({sgd.get('horizon_reason')}); collapse step "
+            f"{fmt(sgd.get('horizon_steps'))} steps ({sgd.get('horizon_reason')}); threshold step "
             f"{_fmt_step(sgd.get('collapse_step'), sgd.get('horizon_steps'))}."
         )
         rep.image("forecast_sgd.png", "The same forecast for plain SGD (exact step mapping).")

@@ -187,14 +187,14 @@ def build_index(root: str | Path, index: str | Path | None = None) -> Report:
                 verdict, collapse, observed, err, refusal, place or "n/a", links[:-1] or "n/a",
             ])  # fmt: skip
         rep.table(
-            ["model", "fine-tuning set", "optimizer, lr", "AIC holds", "forecast collapse step",
+            ["model", "fine-tuning set", "optimizer, lr", "AIC holds", "forecast threshold step",
              "observed threshold step", "rel. L2 error of dL_a", "refusal rate at end",
              "place in ranking (1 = least damage)", "reports"],
             rows,
         )  # fmt: skip
         rep.note(
             "AIC and forecast: the latest diagnose run; observed threshold step, error and "
-            "refusal: the latest verify run. Forecast collapse and threshold step: the alignment "
+            "refusal: the latest verify run. Forecast and observed threshold step: the alignment "
             "loss increase dL_a crossing the run's threshold (not the refusal collapse)."
         )
         for key in sorted(runs, key=lambda k: tuple(str(x) for x in k)):
