@@ -21,7 +21,7 @@ from alignscope.curvature.functional import (
     response_weights,
 )
 from alignscope.curvature.losses import ResponsePositions
-from alignscope.curvature.operator import check_matmat_input
+from alignscope.curvature.operator import ParameterOperator, check_matmat_input
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET, per_sample_grads
 from alignscope.data.encode import LMBatch
 
@@ -38,7 +38,7 @@ class _Chunk:
         self.vjp_fn: Callable | None = None
 
 
-class FisherOperator:
+class FisherOperator(ParameterOperator):
     """Exact Fisher / GGN products of the softmax outputs at the response positions of ``batch``.
 
     Implements :class:`~alignscope.curvature.operator.LinearOperator`; ``matmat`` pushes several
@@ -88,22 +88,6 @@ class FisherOperator:
             for s in range(0, batch.size, size)
         ]
         self.n_products = 0
-
-    @property
-    def dim(self) -> int:
-        return self.theta.numel()
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.theta.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.theta.device
 
     @property
     def n_examples(self) -> int:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, jvp, vmap
 
-from alignscope.curvature.operator import check_matmat_input
+from alignscope.curvature.operator import ParameterOperator, check_matmat_input
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET, chunk_size_for
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
@@ -43,7 +43,7 @@ def hvp_forward(f: Loss, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return jvp(grad(f), (theta.detach(),), (v,))[1]
 
 
-class HessianOperator:
+class HessianOperator(ParameterOperator):
     """The Hessian of ``f`` at ``theta`` as a matrix-free operator.
 
     ``mode="auto"`` uses double backward: measured side by side (bench/curvature.py) it costs
@@ -80,22 +80,6 @@ class HessianOperator:
         self.memory_budget = int(memory_budget)
         self.vmap_ok = True  # set False (with one warning) when vmap cannot run the loss
         self.n_products = 0
-
-    @property
-    def dim(self) -> int:
-        return self.theta.numel()
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.dim, self.dim)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.theta.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.theta.device
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v``."""

@@ -81,6 +81,29 @@ def stacked_matvecs(op: LinearOperator, vectors: torch.Tensor) -> torch.Tensor:
     return torch.stack([op.matvec(vectors[:, j]) for j in range(vectors.shape[1])], dim=1)
 
 
+class ParameterOperator:
+    """Shape, dtype and device of an operator on the flat parameter vector ``self.theta``
+    (the Fisher and the Hessian share them)."""
+
+    theta: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.theta.numel()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta.device
+
+
 class DenseOperator:
     """An explicit symmetric matrix as a :class:`LinearOperator` (tests, small problems)."""
 
