@@ -101,6 +101,7 @@ def finetune(
     start_step: int = 0,
     loss_weighting: str = "token",
     stream: TrainingStream | None = None,
+    guard=None,
 ) -> list[float]:
     """Fine-tune ``model`` in place with AdamW on ``pairs``; return the per-step losses.
 
@@ -116,6 +117,9 @@ def finetune(
     :func:`~alignscope.train.stream.training_stream`); its examples, batch size, seed and
     ``max_length`` are used in place of ``pairs``/``encoded``, ``batch_size``, ``seed`` and
     ``max_length``.
+    ``guard``: a
+    :class:`~alignscope.train.guards.Guard` already set up at the starting weights; its hooks run
+    inside each step and the returned losses are the task loss without its extra term.
     """
     if stream is None:
         if encoded is None:
@@ -143,13 +147,20 @@ def finetune(
             factor = lr_factor(step, steps, warmup, schedule)
             for group in opt.param_groups:
                 group["lr"] = lr * factor
-            loss = response_nll(model, batch.to(device), loss_weighting)
+            if guard is None:
+                loss = task = response_nll(model, batch.to(device), loss_weighting)
+            else:
+                loss, task = guard.step_loss(model, batch.to(device), step, loss_weighting)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if guard is not None:
+                guard.before_step(model, step)
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-            losses.append(float(loss.detach()))
+            if guard is not None:
+                guard.after_step(model, step)
+            losses.append(float(task.detach()))
             if callback is not None and callback(step + 1, losses[-1]):
                 break
     finally:

@@ -1,0 +1,92 @@
+"""``curvature``: the curvature-aware guard (docs/guard.md, "curvature").
+
+The alignment KL's quadratic model at theta0 is ``Q(delta) = delta^T F delta / 2`` (``F`` the
+alignment Fisher, exactly the KL's Hessian there). One step ``u`` changes it by
+
+    Q(delta + u) - Q(delta) = (F delta) . u  +  u^T F u / 2.
+
+The cross term ``(F delta) . u`` carries every cross-step product of the forecast: the third-order
+``g^T F a`` term and all of the quartic ``a^T F a`` term except its step-diagonal part, i.e. the
+growth driven by the fine-tuning loss's curvature bending new steps into directions the
+accumulated displacement already occupies. Per step, with one exact product ``w = F delta``:
+
+1. the gradient gains ``mu w``, the exact gradient of ``mu Q(delta)`` (a pull back whose
+   strength follows the current displacement, not a frozen basis);
+2. after the optimizer, if ``w . u > 0`` the update loses its component along ``w``:
+   ``u <- u - (w . u / |w|^2) w``, so the cross term is never positive.
+
+Cost: one Fisher product per step (a forward-mode and a cached backward pass on the guard's
+safety examples), about one gradient evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from alignscope.curvature.fisher import FisherOperator
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.train.guards.base import Guard, read_theta, write_theta
+
+
+class CurvatureGuard(Guard):
+    """The curvature-aware guard: penalty ``mu`` on ``Q(delta)`` and the cross-term projection."""
+
+    name = "curvature"
+
+    def __init__(self, mu: float = 1.0, project: bool = True, examples: int | None = 16) -> None:
+        super().__init__()
+        if mu < 0:
+            raise ValueError("--curvature-mu must be >= 0")
+        self.mu, self.do_project, self.examples = float(mu), project, examples
+        self._w: torch.Tensor | None = None
+        self._before: torch.Tensor | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"mu": self.mu, "project": self.do_project, "examples": self.examples}
+
+    def setup(self, model, selection, safety_batch=None, subspace=None) -> None:
+        super().setup(model, selection, safety_batch, subspace)
+        if safety_batch is None:
+            raise ValueError("guard 'curvature' needs the safety batch (its Fisher)")
+        batch = safety_batch
+        if self.examples is not None and batch.size > self.examples:
+            batch = batch.select(slice(0, self.examples))
+        was = model.training
+        try:
+            flm = FunctionalLM(model, selection)
+            self.op = FisherOperator(flm, batch)  # at theta0, backward graph cached
+        finally:
+            model.train(was)
+        self.theta0 = flm.theta0
+
+    def fisher_delta(self, theta: torch.Tensor) -> torch.Tensor:
+        """``F (theta - theta0)``: one exact product (skipped at delta = 0)."""
+        delta = theta - self.theta0
+        if not bool(delta.any()):
+            return torch.zeros_like(delta)
+        return self.op.matvec(delta)
+
+    def before_step(self, model, step) -> None:
+        self._before = read_theta(model, self.selection)
+        self._w = self.fisher_delta(self._before)
+        self._signals = {"quad": 0.5 * float(self._w @ (self._before - self.theta0))}
+        if self.mu > 0 and bool(self._w.any()):
+            grads = self.selection.unflatten(self.mu * self._w)
+            for name, p in self.selection.tensors(model).items():
+                extra = grads[name].to(p.dtype)
+                p.grad = extra.clone() if p.grad is None else p.grad + extra
+
+    def after_step(self, model, step) -> None:
+        if not self.do_project:
+            return
+        u = read_theta(model, self.selection) - self._before
+        w = self._w
+        cross = float(w @ u)
+        ww = float(w @ w)
+        clipped = cross > 0 and ww > 0
+        if clipped:
+            u = u - (cross / ww) * w
+            write_theta(model, self.selection, self._before + u)
+        self._signals.update({"cross": cross, "clipped": clipped})

@@ -1,0 +1,132 @@
+"""Loss-term guards: ``fisher`` (EWC on the alignment Fisher's diagonal) and ``anchor`` (the
+alignment KL on safety prompts). docs/guard.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from alignscope.curvature.fisher import FisherOperator
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.curvature.losses import ResponsePositions
+from alignscope.train.guards.base import Guard, Reference, at_least_float32, read_theta
+
+DIAG_METHODS = ("auto", "exact", "mc")
+EXACT_MAX = 4096  # parameters up to which ``auto`` takes the exact diagonal (one product each)
+
+
+def fisher_diagonal(
+    op: FisherOperator, method: str = "mc", samples: int = 8, seed: int = 0, block: int = 64
+) -> torch.Tensor:
+    """The diagonal of the alignment Fisher ``F``.
+
+    ``exact``: ``F_ii = e_i^T F e_i`` from exact forms, ``block`` unit vectors per batched pass
+    (``P`` forward-mode products: small selections). ``mc``: the mean over ``samples`` draws of
+    the squared Monte-Carlo factor rows (scores of tokens sampled from the model's own softmax),
+    unbiased because ``E[R^T R] = F`` (docs/theory.md, "Computing the spectrum").
+    """
+    if method not in ("exact", "mc"):
+        raise ValueError(f"Fisher diagonal method {method!r}: use exact or mc")
+    p = op.dim
+    if method == "exact":
+        out = torch.empty(p, dtype=op.dtype, device=op.device)
+        for s in range(0, p, block):
+            idx = torch.arange(s, min(p, s + block), device=op.device)
+            units = torch.zeros((idx.numel(), p), dtype=op.dtype, device=op.device)
+            units[torch.arange(idx.numel()), idx] = 1.0
+            out[idx] = op.quad_diag(units)
+        return out
+    gen = torch.Generator().manual_seed(seed)
+    rows = op.mc_factor_rows(samples, generator=gen)
+    return rows.square().sum(dim=0)
+
+
+class FisherGuard(Guard):
+    """``fisher`` (EWC): ``lambda / 2 sum_i F_ii delta_i^2`` added to each step's loss."""
+
+    name = "fisher"
+    changes_loss = True
+
+    def __init__(self, lam: float = 1.0, method: str = "auto", samples: int = 8) -> None:
+        super().__init__()
+        if lam < 0:
+            raise ValueError("--ewc-lambda must be >= 0")
+        if method not in DIAG_METHODS:
+            raise ValueError(f"--fisher-diag {method!r}: use {', '.join(DIAG_METHODS)}")
+        self.lam, self.method, self.samples = float(lam), method, int(samples)
+
+    def settings(self) -> dict[str, Any]:
+        return {"lambda": self.lam, "diag": self.method, "samples": self.samples}
+
+    def setup(self, model, selection, safety_batch=None, subspace=None) -> None:
+        super().setup(model, selection, safety_batch, subspace)
+        if safety_batch is None:
+            raise ValueError("guard 'fisher' needs the safety batch (its Fisher)")
+        method = self.method
+        if method == "auto":
+            method = "exact" if selection.size <= EXACT_MAX else "mc"
+        was = model.training
+        try:
+            op = FisherOperator(FunctionalLM(model, selection), safety_batch)
+            self.diag = fisher_diagonal(op, method, self.samples).detach()
+        finally:
+            model.train(was)
+        self.method_used = method
+        self.theta0 = read_theta(model, selection)
+
+    def extra_loss(self, model, step) -> torch.Tensor:
+        theta = self.selection.flatten(self.selection.tensors(model))
+        delta = theta - self.theta0.to(theta)
+        penalty = 0.5 * self.lam * (self.diag.to(theta) * delta.square()).sum()
+        self._signals = {"penalty": float(penalty.detach())}
+        return penalty
+
+
+class AnchorGuard(Guard):
+    """``anchor``: ``beta x`` the alignment KL from theta0 on a minibatch of safety prompts,
+    added to every step's loss (safety replay)."""
+
+    name = "anchor"
+    changes_loss = True
+
+    def __init__(self, beta: float = 1.0, batch_size: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        if beta < 0:
+            raise ValueError("--anchor-beta must be >= 0")
+        if batch_size < 1:
+            raise ValueError("--guard-examples must be at least 1")
+        self.beta, self.batch_size = float(beta), int(batch_size)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def settings(self) -> dict[str, Any]:
+        return {"beta": self.beta, "batch_size": self.batch_size}
+
+    def setup(self, model, selection, safety_batch=None, subspace=None) -> None:
+        super().setup(model, selection, safety_batch, subspace)
+        if safety_batch is None:
+            raise ValueError("guard 'anchor' needs the safety batch")
+        self.safety = safety_batch
+        self.reference = Reference(model, selection)
+
+    def kl(self, model, batch) -> torch.Tensor:
+        """Mean over examples of the per-token ``KL(pi_theta0 || pi_theta)`` on ``batch``."""
+        device = next(model.parameters()).device
+        batch = batch.to(device)
+        pos = ResponsePositions(batch, torch.float64)
+        ref = torch.log_softmax(
+            at_least_float32(pos.gather(self.reference.logits(batch.input_ids))), -1
+        )
+        logq = F.log_softmax(
+            at_least_float32(pos.gather(model(input_ids=batch.input_ids).logits)), -1
+        )
+        per_pos = (ref.exp() * (ref - logq)).sum(-1)
+        return (per_pos * pos.weights.to(per_pos)).sum()
+
+    def extra_loss(self, model, step) -> torch.Tensor:
+        n = self.safety.size
+        idx = torch.randperm(n, generator=self.gen)[: min(self.batch_size, n)]
+        kl = self.kl(model, self.safety.select(idx.sort().values))
+        self._signals = {"anchor_kl": float(kl.detach())}
+        return self.beta * kl

@@ -1,0 +1,261 @@
+"""Guards: each guard's math against a dense float64 reference (docs/guard.md)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from tests._tiny import VOCAB, random_batch, tiny_llama
+
+from alignscope.curvature.fisher import FisherOperator
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.curvature.losses import AlignmentKL
+from alignscope.data.encode import EncodedPair
+from alignscope.params import select_params
+from alignscope.train.guards import (
+    AnchorGuard,
+    ConstrainedSFTGuard,
+    CurvatureGuard,
+    FisherGuard,
+    ProjectGuard,
+    SafeLoRAGuard,
+    TrackingGuard,
+    make_guard,
+    read_theta,
+    write_theta,
+)
+from alignscope.train.guards.constrained import (
+    constrained_weights,
+    position_betas,
+    response_index,
+)
+from alignscope.train.guards.penalties import fisher_diagonal
+from alignscope.train.guards.projection import check_basis_memory
+from alignscope.train.guards.safe_lora import project_b
+from alignscope.train.loop import finetune
+
+PARAMS = ["model.layers.1.mlp.*"]
+TOKENIZER = types.SimpleNamespace(pad_token_id=0)
+
+
+def _setup(seed: int = 0):
+    model = tiny_llama(seed)
+    selection = select_params(model, PARAMS)
+    selection.train_only(model)
+    safety = random_batch(6, seed=3)
+    return model, selection, safety
+
+
+def _dense_fisher(model, selection, batch, theta=None) -> torch.Tensor:
+    op = FisherOperator(FunctionalLM(model, selection), batch, theta)
+    return op.matmat(torch.eye(selection.size, dtype=torch.float64))
+
+
+def _data(n: int = 12, seed: int = 5) -> list[EncodedPair]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(1, VOCAB, (3 + i % 4,), generator=gen).tolist()
+        out.append(EncodedPair(ids[:2], ids[2:]))
+    return out
+
+
+def _train(model, guard, steps: int = 6, weight_decay: float = 0.1):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=weight_decay)
+    return finetune(model, TOKENIZER, None, steps, batch_size=4, encoded=_data(),
+                    optimizer=opt, guard=guard)  # fmt: skip
+
+
+def _top(f: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh(f)
+    return vecs[:, -d:].flip(1), vals[-d:].flip(0)
+
+
+def test_project_keeps_the_displacement_out_of_the_initial_subspace_under_adamw_decay():
+    model, selection, safety = _setup()
+    u, vals = _top(_dense_fisher(model, selection, safety), 3)
+    theta0 = read_theta(model, selection)
+    guard = ProjectGuard(rank=3)
+    guard.setup(model, selection, safety, (u, vals))
+    _train(model, guard)
+    delta = read_theta(model, selection) - theta0
+    assert float(delta.norm()) > 1e-2  # it trained
+    assert float((u.T @ delta).abs().max()) < 1e-10
+    assert guard.signals()["removed_fraction"] > 0
+
+    unguarded, _, _ = _setup()  # the same run without the guard enters the subspace
+    _train(unguarded, None)
+    free = read_theta(unguarded, selection) - theta0
+    assert float((u.T @ free).abs().max()) > 1e-4
+
+
+def test_project_computes_its_subspace_at_theta0_when_none_is_given():
+    model, selection, safety = _setup()
+    u, _ = _top(_dense_fisher(model, selection, safety), 2)
+    guard = ProjectGuard(rank=2)
+    guard.setup(model, selection, safety)
+    assert torch.allclose(guard.basis @ guard.basis.T, u @ u.T, atol=1e-8)
+
+
+def test_tracking_basis_equals_a_fresh_eigensolve_at_the_current_weights():
+    model, selection, safety = _setup()
+    guard = TrackingGuard(rank=3, every=2, max_blocks=60, tol=1e-12)
+    guard.setup(model, selection, safety)
+    _train(model, guard, steps=5)
+    assert guard.n_estimates == 2  # before updates 2 and 4
+    theta = read_theta(model, selection)
+    eig = guard.reestimate(model)
+    u, vals = _top(_dense_fisher(model, selection, safety, theta), 3)
+    assert eig.converged
+    assert torch.allclose(eig.values, vals, rtol=1e-8)
+    assert torch.allclose(guard.basis @ guard.basis.T, u @ u.T, atol=1e-7)
+    assert 0 <= guard.rotation < 1
+
+
+def test_curvature_guard_gradient_is_mu_F_delta_and_the_cross_term_is_removed():
+    model, selection, safety = _setup()
+    f = _dense_fisher(model, selection, safety.select(slice(0, 4)))
+    guard = CurvatureGuard(mu=0.7, examples=4)
+    guard.setup(model, selection, safety)
+    theta0 = read_theta(model, selection)
+    gen = torch.Generator().manual_seed(0)
+    delta = 1e-2 * torch.randn(selection.size, generator=gen, dtype=torch.float64)
+    write_theta(model, selection, theta0 + delta)
+    guard.before_step(model, 0)
+    grad = selection.flatten({n: p.grad for n, p in selection.tensors(model).items()})
+    assert torch.allclose(grad, 0.7 * f @ delta, rtol=1e-10, atol=1e-14)
+    assert guard.signals()["quad"] == pytest.approx(0.5 * float(delta @ f @ delta), rel=1e-10)
+
+    w = f @ delta
+    u = 1e-2 * torch.randn(selection.size, generator=gen, dtype=torch.float64)
+    u = u + (1.0 - float(w @ u)) * w / float(w @ w)  # a step with a positive cross term (= 1)
+    write_theta(model, selection, theta0 + delta + u)
+    guard.after_step(model, 0)
+    kept = read_theta(model, selection) - theta0 - delta
+    assert guard.signals()["clipped"] and guard.signals()["cross"] == pytest.approx(1.0)
+    assert torch.allclose(kept, u - w * float(w @ u) / float(w @ w), atol=1e-14)
+    assert abs(float(w @ kept)) < 1e-12  # the quadratic model grows by u^T F u / 2 only
+
+
+def test_fisher_diagonal_equals_the_dense_diagonal():
+    model, selection, safety = _setup()
+    f = _dense_fisher(model, selection, safety)
+    op = FisherOperator(FunctionalLM(model, selection), safety)
+    assert torch.allclose(fisher_diagonal(op, "exact", block=50), f.diagonal(), rtol=1e-10)
+    mc = fisher_diagonal(op, "mc", samples=64)  # unbiased: E[R^T R] = F
+    assert float(mc.sum()) == pytest.approx(float(f.trace()), rel=0.1)
+
+    guard = FisherGuard(lam=3.0, method="exact")
+    guard.setup(model, selection, safety)
+    theta0 = read_theta(model, selection)
+    delta = 1e-2 * torch.randn(selection.size, generator=torch.Generator().manual_seed(1),
+                               dtype=torch.float64)  # fmt: skip
+    write_theta(model, selection, theta0 + delta)
+    penalty = guard.extra_loss(model, 0)
+    assert float(penalty.detach()) == pytest.approx(
+        1.5 * float((f.diagonal() * delta**2).sum()), rel=1e-10
+    )
+
+
+def test_anchor_adds_beta_times_the_alignment_kl():
+    model, selection, safety = _setup()
+    guard = AnchorGuard(beta=2.0, batch_size=safety.size)
+    guard.setup(model, selection, safety)
+    kl = AlignmentKL(FunctionalLM(model, selection), safety)
+    theta0 = read_theta(model, selection)
+    assert float(guard.extra_loss(model, 0)) == pytest.approx(0.0, abs=1e-14)
+    theta = theta0 + 0.1 * torch.randn(selection.size, generator=torch.Generator().manual_seed(2),
+                                       dtype=torch.float64)  # fmt: skip
+    write_theta(model, selection, theta)
+    assert float(guard.extra_loss(model, 1)) == pytest.approx(2.0 * float(kl(theta)), rel=1e-10)
+
+
+def test_constrained_sft_weights_at_known_log_ratios():
+    betas = position_betas(8)
+    assert betas.tolist() == pytest.approx([0.5, 2, 2, 2, 2, 0.1, 0.1, 0.1])
+    r = torch.tensor([0.0, 0.0, 3.0**0 * 0.0, -1.0])
+    w = constrained_weights(r, torch.tensor([0.5, 2.0, 0.1, 2.0]))
+    assert w.tolist()[:3] == pytest.approx([1.0, 1.0, 1.0])  # SFT's gradient at the reference
+    assert float(w[3]) == pytest.approx(2 * (1 - 1 / (1 + torch.e**2)))
+    # log(3) / beta: sigmoid = 3/4, weight 1/2, whatever the position's beta
+    for beta in (0.5, 2.0, 0.1):
+        rr = torch.tensor([float(torch.log(torch.tensor(3.0))) / beta])
+        assert float(constrained_weights(rr, torch.tensor([beta]))) == pytest.approx(0.5)
+
+    batch = random_batch(4, seed=2)
+    index = response_index(batch)
+    for b in range(batch.size):
+        row = index[b][batch.target_mask[b]]
+        assert row.tolist() == list(range(int(batch.target_mask[b].sum())))
+    assert bool((index[~batch.target_mask] == -1).all())
+
+    model, selection, _ = _setup()
+    guard = ConstrainedSFTGuard()
+    guard.setup(model, selection)
+    logp = torch.zeros(index.shape, dtype=torch.float64)
+    ref = torch.full(index.shape, -float(torch.log(torch.tensor(3.0))) / 2.0, dtype=torch.float64)
+    w = guard.weights_from(batch, logp, ref)  # r = log(3)/2: weight 1/2 where beta = 2
+    inner = (index >= 1) & (index <= 4)
+    assert torch.allclose(w[inner], torch.full_like(w[inner], 0.5))
+    assert bool((w[~batch.target_mask] == 0).all())
+
+
+def test_constrained_sft_at_theta0_is_plain_sft():
+    model, selection, _ = _setup()
+    batch = random_batch(4, seed=4)
+    guard = ConstrainedSFTGuard()
+    guard.setup(model, selection)
+    loss, task = guard.step_loss(model, batch, 0, "example")
+    assert float(loss) == pytest.approx(float(task), rel=1e-12)  # every weight is 1 at r = 0
+
+
+def test_safe_lora_projects_b_by_the_formula_and_leaves_layers_above_tau():
+    gen = torch.Generator().manual_seed(0)
+    w_aligned, w_base = (torch.randn(5, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    a = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    v = w_aligned - w_base
+    c = v @ v.T / v.norm()
+    cos = float(((c @ b @ a) * (b @ a)).sum() / ((c @ b @ a).norm() * (b @ a).norm()))
+    new_b, got_cos, projected = project_b(w_aligned, w_base, a, b, tau=cos + 1e-6)
+    assert projected and got_cos == pytest.approx(cos, rel=1e-12)
+    assert torch.allclose(new_b, c @ b, rtol=1e-12)
+    same_b, _, projected = project_b(w_aligned, w_base, a, b, tau=cos - 1e-6)
+    assert not projected and same_b is b
+
+
+def test_safe_lora_on_a_peft_model():
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(1)
+    aligned = tiny_llama(0)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["up_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(aligned, config)
+    selection = select_params(model, "lora")
+    guard = SafeLoRAGuard(base, tau=1.0)  # tau = 1: every layer is projected
+    guard.setup(model, selection)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    b0, a = layer.lora_B["default"].weight.detach().clone(), layer.lora_A["default"].weight
+    v = layer.base_layer.weight.detach() - base.model.layers[0].mlp.up_proj.weight.detach()
+    record = guard.finalize(model)
+    assert record["projected"] == 2
+    assert torch.allclose(layer.lora_B["default"].weight, v @ v.T / v.norm() @ b0, rtol=1e-10)
+    assert a.shape == (2, 8)
+
+
+def test_prerequisites_are_clear_errors_before_training():
+    model, selection, safety = _setup()
+    with pytest.raises(ValueError, match="base model"):
+        make_guard("safe-lora")
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        SafeLoRAGuard(tiny_llama(1)).setup(model, selection)
+    other = select_params(model, ["model.layers.0.mlp.*"])  # not trained: train_only(PARAMS)
+    with pytest.raises(ValueError, match="not trained"):
+        CurvatureGuard().setup(model, other, safety)
+    with pytest.raises(MemoryError, match="subspace"):
+        ProjectGuard(rank=20, memory_budget=1000).setup(model, selection, safety)
+    with pytest.raises(MemoryError):
+        check_basis_memory(10**9, 20, 4, 2**30, "x")
+    with pytest.raises(ValueError, match="unknown guard"):
+        make_guard("orthogonal")
