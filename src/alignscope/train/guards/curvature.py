@@ -52,7 +52,8 @@ class CurvatureGuard(Guard):
             raise ValueError("guard 'curvature' needs the safety batch (its Fisher)")
         batch = safety_batch
         if self.examples is not None and batch.size > self.examples:
-            batch = batch.select(slice(0, self.examples))
+            # spread over the set: safety files are often grouped by topic
+            batch = batch.select(torch.linspace(0, batch.size - 1, self.examples).round().long())
         was = model.training
         try:
             flm = FunctionalLM(model, selection)
