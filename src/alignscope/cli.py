@@ -133,7 +133,7 @@ def diagnose(
 
 
 @app.command()
-@with_spec_options(*DIAGNOSE_SPECS, specs.EvalSpec, specs.RecordSpec)
+@with_spec_options(*DIAGNOSE_SPECS, specs.EvalSpec, specs.RecordSpec, specs.GuardSpec)
 def verify(
     diagnosis: str = typer.Option(
         None, "--diagnosis", help="results.json (or its folder) of an earlier diagnose run."
@@ -188,14 +188,49 @@ def verify(
     typer.echo(f"wrote {written}/results.json, report.md, report.html")
 
 
+@app.command("finetune")
+@with_spec_options(*DIAGNOSE_SPECS, specs.GuardSpec, specs.EvalSpec, specs.RecordSpec,
+                   exclude=("checkpoint_every",))  # fmt: skip
+def finetune_command(
+    out: str = out_option("finetune"), overwrite: bool = OVERWRITE, **options: Any
+) -> None:
+    """Fine-tune under a guard (docs/guard.md) and save the model, results and a report.
+
+    Records each step's task loss, time and guard signals, and the alignment KL and refusal rate
+    (on --eval-prompts, else on the safety prompts) at log-spaced steps. The fine-tuned model is
+    saved in <out>/model (or the adapter in <out>/adapter).
+    """
+    from alignscope.commands.finetune import FinetuneConfig, run_finetune
+    from alignscope.report.finetune_report import write_finetune_outputs
+    from alignscope.report.output import OutputDir
+
+    try:
+        cfg = FinetuneConfig.from_options(**options)
+        cfg.validate()  # a missing guard prerequisite fails before loading anything
+        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
+        result = run_finetune(cfg)
+    except ERRORS as err:
+        raise _fail(err) from None
+    written = write_finetune_outputs(result, out, overwrite=overwrite)
+    sm = result.summary()
+    typer.echo(
+        f"guard {cfg.guard.guard}: refusal rate {sm['refusal_rate_start']} -> "
+        f"{sm['refusal_rate_end']} (lowest {sm['refusal_rate_min']}); alignment KL at the end "
+        f"{sm['kl_end']}; task loss at the end {sm['task_loss_end']}; "
+        f"{sm['seconds_per_step']:.3g} s per step"
+    )
+    typer.echo(f"wrote {written}/results.json, report.md, report.html")
+
+
 @app.command()
 def report(
     path: str = typer.Argument(
         ..., help="A folder of alignscope outputs (writes DIR/index.html), or a watch log (JSONL)."
     ),
     out: str = typer.Option(
-        None, help="For a log: output directory (default: <log>-report). For a folder: the "
-        "index file (default: DIR/index.html)."
+        None,
+        help="For a log: output directory (default: <log>-report). For a folder: the "
+        "index file (default: DIR/index.html).",
     ),
     overwrite: bool = OVERWRITE,
 ) -> None:

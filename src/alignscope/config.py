@@ -335,8 +335,58 @@ class RankingSpec:
             raise ValueError("--lookahead-steps must be in 1..--steps")
 
 
+# Spelled out rather than read from train.guards (torch); tests/test_finetune.py checks them.
+GUARD_NAMES = ("none", "project", "project-tracking", "curvature", "fisher", "anchor", "safe-lora",
+               "constrained-sft")  # fmt: skip
+
+
+@dataclass
+class GuardSpec:
+    """The guard of a fine-tuning run and its settings (docs/guard.md)."""
+
+    guard: str = option("none", " | ".join(GUARD_NAMES) + " (docs/guard.md).")
+    guard_rank: int = option(20, "project / project-tracking: dimension d of the subspace.")
+    track_every: int = option(10, "project-tracking: re-estimate the subspace every N steps.")
+    curvature_mu: float = option(
+        30.0, "curvature: strength mu of the pull mu F delta (gradient of mu/2 delta^T F delta)."
+    )
+    ewc_lambda: float = option(1e4, "fisher: lambda of lambda/2 sum_i F_ii delta_i^2.")
+    fisher_diag: str = option(
+        "auto", "fisher: the Fisher diagonal, exact | mc (Monte Carlo) | auto (exact up to 4096 "
+        "parameters)."
+    )  # fmt: skip
+    anchor_beta: float = option(1.0, "anchor: beta x the alignment KL on safety prompts.")
+    guard_examples: int = option(
+        16, "Safety examples per step (anchor's minibatch, the curvature guard's Fisher)."
+    )
+    safe_lora_tau: float = option(
+        0.5, "safe-lora: project the layers whose cos(C B A, B A) is at most tau."
+    )
+    base: str | None = option(None, "safe-lora: the unaligned base model (directory or hub id).")
+    csft_beta: float = option(
+        0.1, "constrained-sft: base beta (x5 on the first response token, x20 on tokens 2-5)."
+    )
+
+    def validate(self) -> None:
+        if self.guard not in GUARD_NAMES:
+            raise ValueError(f"--guard {self.guard!r}: use {', '.join(GUARD_NAMES)}")
+        if self.guard_rank < 1 or self.track_every < 1 or self.guard_examples < 1:
+            raise ValueError("--guard-rank, --track-every and --guard-examples must be >= 1")
+        for name in ("curvature_mu", "ewc_lambda", "anchor_beta"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{_flag(name)} must be >= 0")
+        if self.fisher_diag not in ("auto", "exact", "mc"):
+            raise ValueError("--fisher-diag must be auto, exact or mc")
+        if not -1 <= self.safe_lora_tau <= 1:
+            raise ValueError("--safe-lora-tau must be in [-1, 1]")
+        if not self.csft_beta > 0:
+            raise ValueError("--csft-beta must be positive")
+        if self.guard == "safe-lora" and not self.base:
+            raise ValueError("--guard safe-lora needs --base (the unaligned base model)")
+
+
 SPECS = (ModelSpec, DataSpec, FinetuneSpec, CurvatureSpec, OptimSpec, EvalSpec, RecordSpec,
-         RankingSpec, RuntimeSpec)  # fmt: skip
+         RankingSpec, RuntimeSpec, GuardSpec)  # fmt: skip
 _BY_NAME = {spec.__name__: spec for spec in SPECS}
 C = TypeVar("C", bound="Composed")
 

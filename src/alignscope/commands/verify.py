@@ -33,6 +33,7 @@ from alignscope.config import (
     DataSpec,
     EvalSpec,
     FinetuneSpec,
+    GuardSpec,
     ModelSpec,
     OptimSpec,
     RecordSpec,
@@ -79,6 +80,13 @@ class VerifyConfig(Composed):
     eval: EvalSpec = field(default_factory=EvalSpec)
     record: RecordSpec = field(default_factory=RecordSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    guard: GuardSpec = field(default_factory=GuardSpec)
+
+    def validate(self) -> None:
+        super().validate()
+        from alignscope.commands.finetune import check_guard_prerequisites
+
+        check_guard_prerequisites(self.guard, self.model)
 
     def diagnose_config(self) -> DiagnoseConfig:
         """The diagnosis this run scores (the same model, data, curvature, optimizer, seed)."""
@@ -330,6 +338,26 @@ def _check_diagnosis(diagnosis: DiagnoseResult, cfg: VerifyConfig) -> None:
         )
 
 
+def _setup_guard(cfg: VerifyConfig, model, selection, safety_batch, basis, values, stages):
+    """The run's guard set up at the aligned weights (None without one); the projection
+    guards take the diagnosis' subspace when it has enough vectors. A resumed run sets the
+    guard up at theta0 again (project-tracking restarts from theta0's subspace)."""
+    if cfg.guard.guard == "none":
+        return None
+    from alignscope.train.guards import guard_from_spec
+
+    with stages.stage("guard", f"{cfg.guard.guard} at the aligned weights"):
+        guard = guard_from_spec(
+            cfg.guard, memory_budget=int(cfg.curvature.memory_budget_gb * 2**30),
+            seed=cfg.runtime.seed, dtype=cfg.model.dtype, device=cfg.model.device,
+        )  # fmt: skip
+        subspace = None
+        if basis is not None and basis.shape[1] >= cfg.guard.guard_rank:
+            subspace = (basis, values)
+        guard.setup(model, selection, safety_batch, subspace)
+    return guard
+
+
 def run_verify(
     cfg: VerifyConfig,
     *,
@@ -456,6 +484,7 @@ def run_verify(
         )
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(cfg.optim.optimizer, params, cfg.optim.lr, cfg.optim.adam_eps)
+    guard = _setup_guard(cfg, model, selection, safety_batch, basis, values, stages)
     fc = diag.forecast
     steps_to_record = set(
         record_steps(
@@ -517,7 +546,11 @@ def run_verify(
             optimizer=opt,
             start_step=start,
             loss_weighting="example",  # the L_f of the diagnosis
+            guard=guard,
         )
+    if guard is not None and guard.finalize(model) and records:
+        # a post-hoc guard (safe-lora) changed the weights: the last record measures them
+        records[-1] = {**tracker.measure(records[-1]["step"]), "after_finalize": True}
     timings.update(stages.timings)
     scores = score(
         diag.forecast.to_dict(), records, cfg.optim.threshold, cfg.curvature.alignment_loss

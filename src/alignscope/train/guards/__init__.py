@@ -35,6 +35,34 @@ def make_guard(name: str, **options: Any) -> Guard:
     return GUARDS[name](**options)
 
 
+def guard_from_spec(spec, *, memory_budget: int, seed: int = 0, dtype: str = "float32",
+                    device: str = "cpu") -> Guard:  # fmt: skip
+    """The guard a :class:`~alignscope.config.GuardSpec` asks for (safe-lora loads ``--base``)."""
+    name = spec.guard
+    if name == "none":
+        return NoGuard()
+    if name == "project":
+        return ProjectGuard(spec.guard_rank, memory_budget)
+    if name == "project-tracking":
+        return TrackingGuard(spec.guard_rank, spec.track_every, memory_budget=memory_budget)
+    if name == "curvature":
+        return CurvatureGuard(spec.curvature_mu, examples=spec.guard_examples)
+    if name == "fisher":
+        return FisherGuard(spec.ewc_lambda, spec.fisher_diag)
+    if name == "anchor":
+        return AnchorGuard(spec.anchor_beta, spec.guard_examples, seed)
+    if name == "constrained-sft":
+        return ConstrainedSFTGuard(spec.csft_beta)
+    if name == "safe-lora":
+        if not spec.base:
+            raise ValueError("--guard safe-lora needs --base (the unaligned base model)")
+        from alignscope.models import load_model
+
+        base, _ = load_model(spec.base, dtype=dtype, device=device)
+        return SafeLoRAGuard(base, spec.safe_lora_tau)
+    raise ValueError(f"unknown guard {name!r}; use one of: {', '.join(GUARDS)}")
+
+
 __all__ = [
     "GUARDS",
     "AnchorGuard",
@@ -46,6 +74,7 @@ __all__ = [
     "ProjectGuard",
     "SafeLoRAGuard",
     "TrackingGuard",
+    "guard_from_spec",
     "make_guard",
     "read_theta",
     "warm_block_eigs",

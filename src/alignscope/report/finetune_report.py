@@ -1,0 +1,78 @@
+"""The ``finetune`` report and output directory (model, results.json, report, plots)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignscope.report.document import Code, Report
+from alignscope.report.output import OutputDir, jsonable, write_json_atomic
+from alignscope.report.plots import series_plot
+
+
+def build_report(results: dict[str, Any]) -> Report:
+    """The guarded fine-tuning run as a :class:`Report` (figures referenced by file name)."""
+    cfg, sm, guard = results["config"], results["summary"], results["guard"]
+    rep = Report("alignscope finetune")
+    settings = ", ".join(f"{k} {v}" for k, v in guard["settings"].items()) or "no settings"
+    rep.text(
+        "Model ", Code(cfg["model"]), " fine-tuned on ", Code(cfg["data"]),
+        f" with {cfg['optimizer']} at lr {cfg['lr']:g}, batch {cfg['batch_size']}, "
+        f"{sm['steps_run']} steps, under the guard ", Code(guard["name"]), f" ({settings}); "
+        "alignment set ", Code(cfg["safety"]), f"; refusal judged on the {guard['eval_prompts']}"
+        f" ({results['judge']}); seed {cfg['seed']}. The model is saved in ",
+        Code(results.get("saved", "model") + "/"), ".",
+    )  # fmt: skip
+    rep.headline(
+        [
+            ("refusal rate at start", sm["refusal_rate_start"], "summary.refusal_rate_start"),
+            ("refusal rate at end", sm["refusal_rate_end"], "summary.refusal_rate_end"),
+            ("lowest refusal rate", sm["refusal_rate_min"], "summary.refusal_rate_min"),
+            ("alignment KL at end", sm["kl_end"], "summary.kl_end"),
+            ("task loss at end", sm["task_loss_end"], "summary.task_loss_end"),
+            ("seconds per step", sm["seconds_per_step"], "summary.seconds_per_step"),
+        ]
+    )
+    rep.image("loss.png", "Task loss (the minibatch's response NLL, without the guard's term)")
+    rep.image("alignment.png", "Alignment KL on the safety set and refusal rate")
+    rep.heading("Trajectory")
+    rep.table(
+        ["step", "alignment KL", "refusal NLL", "refusal rate", "|delta|"],
+        [
+            [r["step"], r["kl"], r["refusal_nll"], r.get("refusal_rate"), r["displacement"]]
+            for r in results["trajectory"]
+        ],
+    )
+    if results.get("finalize"):
+        rep.note(
+            "The guard changed the weights after training (post hoc); the last trajectory row "
+            "measures the saved model."
+        )
+    rep.heading("Timings")
+    rep.table(["stage", "seconds"], [[k, v] for k, v in results["timings_s"].items()])
+    rep.provenance(results)
+    return rep
+
+
+def write_finetune_outputs(result, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the fine-tuned model, results.json, report.md/html and plots atomically."""
+    from alignscope.commands.finetune import save_model
+
+    with OutputDir(out, overwrite=overwrite) as od:
+        saved = save_model(result.model, result.tokenizer, od.staging)
+        results = jsonable({**result.to_json(), "saved": saved})
+        steps = results["steps"]
+        series_plot(
+            od.file("loss.png"), [s["step"] for s in steps],
+            {"task loss": [s["loss"] for s in steps]}, "response NLL", "Task loss",
+        )  # fmt: skip
+        traj = [r for r in results["trajectory"] if not r.get("after_finalize")]
+        series_plot(
+            od.file("alignment.png"), [r["step"] for r in traj],
+            {"alignment KL": [r["kl"] for r in traj],
+             "refusal rate": [r.get("refusal_rate") for r in traj]},
+            "KL (nats/token) / rate", "Alignment during fine-tuning",
+        )  # fmt: skip
+        write_json_atomic(od.file("results.json"), results)
+        build_report(results).write(od.staging)
+    return Path(out)

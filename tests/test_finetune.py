@@ -1,0 +1,103 @@
+"""finetune: a guarded run end to end (outputs reload), prerequisite errors, verify --guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from alignscope.cli import app
+from alignscope.commands.finetune import FinetuneConfig, run_finetune
+from alignscope.commands.verify import VerifyConfig, run_verify
+from alignscope.config import GUARD_NAMES
+from alignscope.report.finetune_report import write_finetune_outputs
+from alignscope.train.guards import GUARDS
+
+FAST = dict(max_safety=12, max_eval=8, threads=1, optimizer="adamw", lr=1e-3, batch_size=16)
+
+
+def _cfg(org, **kw) -> FinetuneConfig:
+    options = dict(FAST, eval_prompts=str(org.datasets_path / "harmful_eval.jsonl"), steps=6)
+    return FinetuneConfig.for_organism(org, "benign_affirmative", **{**options, **kw})
+
+
+def test_the_config_names_every_guard():
+    assert tuple(GUARDS) == GUARD_NAMES
+
+
+def test_finetune_outputs_reload_with_transformers(organism_test, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(organism_test, guard="curvature", guard_examples=8)
+    result = run_finetune(cfg, quiet=True)
+    out = write_finetune_outputs(result, tmp_path / "ft")
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == "alignscope.finetune/1" and res["saved"] == "model"
+    assert res["guard"]["name"] == "curvature" and res["guard"]["settings"]["mu"] == 30.0
+    assert res["config"]["guard"] == "curvature" and res["config"]["seed"] == 0
+    assert [s["step"] for s in res["steps"]] == [1, 2, 3, 4, 5, 6]
+    assert all(s["seconds"] > 0 and "quad" in s for s in res["steps"])
+    assert res["steps"][0]["quad"] == 0.0 < res["steps"][-1]["quad"]  # delta^T F delta / 2
+    traj = res["trajectory"]
+    assert traj[0]["step"] == 0 and traj[-1]["step"] == 6 and traj[0]["refusal_rate"] == 1.0
+    assert res["summary"]["refusal_rate_end"] == traj[-1]["refusal_rate"]
+    assert (out / "report.html").is_file() and (out / "alignment.png").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    for name, p in result.model.named_parameters():
+        assert torch.equal(dict(reloaded.named_parameters())[name], p.detach()), name
+
+
+def test_safe_lora_run_saves_the_projected_adapter(organism_test, tmp_path):
+    from peft import PeftModel
+
+    org = organism_test
+    cfg = _cfg(org, guard="safe-lora", base=str(org.base_path), lora_r=4, safe_lora_tau=1.0)
+    result = run_finetune(cfg, quiet=True)
+    layers = result.finalize["layers"]
+    assert layers and all(r["projected"] for r in layers)  # tau = 1 projects every layer
+    assert result.trajectory[-1]["after_finalize"]
+    out = write_finetune_outputs(result, tmp_path / "lora")
+    reloaded = PeftModel.from_pretrained(org.aligned_model(), out / "adapter")
+    got = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    want = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[n], want[n].detach()) for n in want)
+    assert result.finalize["projected"] == len(layers)
+
+
+def test_prerequisites_fail_before_training(organism_test, tmp_path):
+    org = organism_test
+    with pytest.raises(ValueError, match="--base"):
+        _cfg(org, guard="safe-lora").validate()
+    with pytest.raises(ValueError, match="LoRA adapter"):
+        _cfg(org, guard="safe-lora", base=str(org.base_path)).validate()
+    with pytest.raises(ValueError, match="--guard"):
+        _cfg(org, guard="orthogonal").validate()
+    with pytest.raises(MemoryError, match="subspace"):
+        run_finetune(_cfg(org, guard="project", memory_budget_gb=1e-4), quiet=True)
+    runner = CliRunner()
+    data = org.datasets_path
+    args = ["finetune", "-m", str(org.aligned_path), "-s", str(data / "harmful_align.jsonl"),
+            "-d", str(data / "benign_affirmative.jsonl"), "--guard", "safe-lora",
+            "--base", str(org.base_path), "--out", str(tmp_path / "x")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "LoRA adapter" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_verify_runs_the_same_guarded_loop(organism_test):
+    org = organism_test
+    fast = dict(max_safety=12, max_data=24, noise_examples=8, rank=4, threads=1, max_eval=8)
+    cfg = VerifyConfig.for_organism(org, "benign_affirmative", optimizer="adamw", lr=1e-3,
+                                    batch_size=16, steps=4, guard="project", guard_rank=4,
+                                    **fast)  # fmt: skip
+    result = run_verify(cfg, quiet=True)
+    assert result.to_json()["config"]["guard"] == "project"
+    # the guard took the diagnosis' subspace: the displacement has no component in it
+    assert result.trajectory[-1]["displacement"] > 0
+    assert (
+        result.trajectory[-1]["subspace_displacement"]
+        <= 1e-5 * result.trajectory[-1]["displacement"]
+    )
