@@ -116,10 +116,9 @@ def finetune(
     :class:`~alignscope.train.stream.TrainingStream` (see
     :func:`~alignscope.train.stream.training_stream`); its examples, batch size, seed and
     ``max_length`` are used in place of ``pairs``/``encoded``, ``batch_size``, ``seed`` and
-    ``max_length``.
-    ``guard``: a
-    :class:`~alignscope.train.guards.Guard` already set up at the starting weights; its hooks run
-    inside each step and the returned losses are the task loss without its extra term.
+    ``max_length``. ``guard``: a :class:`~alignscope.train.guards.Guard` already set up at the
+    starting weights; its hooks run inside each step (docs/guard.md) and the returned losses are
+    the task loss without the guard's term or weights.
     """
     if stream is None:
         if encoded is None:
