@@ -259,3 +259,33 @@ def test_prerequisites_are_clear_errors_before_training():
         check_basis_memory(10**9, 20, 4, 2**30, "x")
     with pytest.raises(ValueError, match="unknown guard"):
         make_guard("orthogonal")
+
+
+def test_adaptive_mode_turns_the_guard_on_at_the_warning():
+    from alignscope.train.guards import AdaptiveGuard
+
+    model, selection, safety = _setup()
+    u, vals = _top(_dense_fisher(model, selection, safety), 3)
+    theta0 = read_theta(model, selection)
+    watcher = types.SimpleNamespace(warnings=[])
+    steps = []
+
+    def callback(step, loss):  # the watcher warns after update 3
+        steps.append(step)
+        if step == 3:
+            watcher.warnings.append({"step": 3})
+
+    guard = AdaptiveGuard(ProjectGuard(rank=3), watcher)
+    guard.setup(model, selection, safety, (u, vals))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    finetune(model, TOKENIZER, None, 3, batch_size=4, encoded=_data(), optimizer=opt,
+             guard=guard, callback=callback)  # fmt: skip
+    assert not guard.active and guard.signals() == {"active": False}
+    before = u.T @ (read_theta(model, selection) - theta0)
+    assert float(before.abs().max()) > 1e-4  # unguarded so far: it entered the subspace
+    finetune(model, TOKENIZER, None, 6, batch_size=4, encoded=_data(), optimizer=opt,
+             guard=guard, callback=callback, start_step=3)  # fmt: skip
+    assert guard.active and guard.activated_at == 3 and guard.signals()["active"]
+    after = u.T @ (read_theta(model, selection) - theta0)
+    assert torch.allclose(after, before, atol=1e-10)  # from then on nothing enters it

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from alignscope.train.guards.adaptive import AdaptiveGuard, warned
 from alignscope.train.guards.base import Guard, NoGuard, read_theta, write_theta
 from alignscope.train.guards.constrained import ConstrainedSFTGuard
 from alignscope.train.guards.curvature import CurvatureGuard
@@ -65,6 +66,7 @@ def guard_from_spec(spec, *, memory_budget: int, seed: int = 0, dtype: str = "fl
 
 __all__ = [
     "GUARDS",
+    "AdaptiveGuard",
     "AnchorGuard",
     "ConstrainedSFTGuard",
     "CurvatureGuard",
@@ -78,5 +80,6 @@ __all__ = [
     "make_guard",
     "read_theta",
     "warm_block_eigs",
+    "warned",
     "write_theta",
 ]
