@@ -188,9 +188,14 @@ def verify(
     typer.echo(f"wrote {written}/results.json, report.md, report.html")
 
 
+# diagnose's options that a guarded fine-tuning run does not use (no forecast, no checkpoints)
+FINETUNE_UNUSED = ("checkpoint_every", "rank", "explained", "fisher", "solver", "alignment_loss", "max_data",
+                   "threshold")  # fmt: skip
+
+
 @app.command("finetune")
 @with_spec_options(*DIAGNOSE_SPECS, specs.GuardSpec, specs.EvalSpec, specs.RecordSpec,
-                   exclude=("checkpoint_every",))  # fmt: skip
+                   exclude=FINETUNE_UNUSED)  # fmt: skip
 def finetune_command(
     out: str = out_option("finetune"), overwrite: bool = OVERWRITE, **options: Any
 ) -> None:

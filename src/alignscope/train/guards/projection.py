@@ -142,7 +142,8 @@ class ProjectGuard(Guard):
         was = model.training
         try:
             op = FisherOperator(FunctionalLM(model, selection), batch, theta)
-            eig, _ = fisher_eigs(op, self.rank, method="lanczos", memory_budget=self.memory_budget)
+            # Lanczos when its Krylov basis fits the budget, else the Gram route, else MemoryError
+            eig, _ = fisher_eigs(op, self.rank, method="auto", memory_budget=self.memory_budget)
         finally:
             model.train(was)
         return eig.vectors, eig.values
