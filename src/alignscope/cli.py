@@ -189,8 +189,8 @@ def verify(
 
 
 # diagnose's options that a guarded fine-tuning run does not use (no forecast, no checkpoints)
-FINETUNE_UNUSED = ("checkpoint_every", "rank", "explained", "fisher", "solver", "alignment_loss", "max_data",
-                   "threshold")  # fmt: skip
+FINETUNE_UNUSED = ("checkpoint_every", "rank", "explained", "fisher", "solver", "alignment_loss",
+                   "max_data", "threshold")  # fmt: skip
 
 
 @app.command("finetune")
