@@ -39,8 +39,10 @@ def fisher_diagonal(
             out[idx] = op.quad_diag(units)
         return out
     gen = torch.Generator().manual_seed(seed)
-    rows = op.mc_factor_rows(samples, generator=gen)
-    return rows.square().sum(dim=0)
+    out = torch.zeros(p, dtype=op.dtype, device=op.device)
+    for _ in range(samples):  # one draw at a time: rows [B, P], not [B x samples, P]
+        out += op.mc_factor_rows(1, generator=gen).square().sum(dim=0)
+    return out / samples
 
 
 class FisherGuard(Guard):
