@@ -37,12 +37,19 @@ def build_report(results: dict[str, Any]) -> Report:
     rep.image("alignment.png", "Alignment KL on the safety set and refusal rate")
     rep.heading("Trajectory")
     rep.table(
-        ["step", "alignment KL", "refusal NLL", "refusal rate", "|delta|"],
+        ["step", "alignment KL", "refusal NLL", "refusal rate", "displacement"],
         [
             [r["step"], r["kl"], r["refusal_nll"], r.get("refusal_rate"), r["displacement"]]
             for r in results["trajectory"]
         ],
     )
+    recorded = {r["step"] for r in results["trajectory"]}
+    signal_rows = [s for s in results["steps"] if s["step"] in recorded]
+    first = signal_rows[0] if signal_rows else {}
+    keys = [k for k in first if k not in ("step", "loss", "seconds")]
+    if keys:
+        rep.heading("Guard signals")
+        rep.table(["step", *keys], [[s["step"], *(s.get(k) for k in keys)] for s in signal_rows])
     if results.get("finalize"):
         rep.note(
             "The guard changed the weights after training (post hoc); the last trajectory row "
