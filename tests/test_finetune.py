@@ -101,3 +101,39 @@ def test_verify_runs_the_same_guarded_loop(organism_test):
         result.trajectory[-1]["subspace_displacement"]
         <= 1e-5 * result.trajectory[-1]["displacement"]
     )
+
+
+def test_resume_matches_an_uninterrupted_run(organism_test, tmp_path):
+    from alignscope.evaluate import KeywordRefusalJudge
+
+    # anchor draws its safety minibatches from a generator: its state is part of the checkpoint
+    cfg = _cfg(organism_test, guard="anchor", guard_examples=4, steps=12, checkpoint_every=2)
+    full = run_finetune(cfg, quiet=True)
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashingJudge(KeywordRefusalJudge):
+        n = 0
+
+        def __call__(self, responses):
+            CrashingJudge.n += 1
+            if CrashingJudge.n == 7:  # while measuring the 7th recorded step
+                raise Crash
+            return super().__call__(responses)
+
+    partial = tmp_path / "run.partial"
+    with pytest.raises(Crash):
+        run_finetune(cfg, judge=CrashingJudge(), partial_dir=partial, quiet=True)
+    resumed = run_finetune(cfg, partial_dir=partial, quiet=True)
+    # recorded steps 0 1 2 3 4 6 8 11 12, a checkpoint at every 2nd (steps 1, 3, 6); the crash
+    # comes while measuring step 8
+    assert resumed.resumed_from == 6
+    assert [s["step"] for s in resumed.steps] == [s["step"] for s in full.steps]
+    for a, b in zip(resumed.steps, full.steps, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        assert a["anchor_kl"] == pytest.approx(b["anchor_kl"], rel=1e-4, abs=1e-9), a["step"]
+    assert [r["step"] for r in resumed.trajectory] == [r["step"] for r in full.trajectory]
+    assert resumed.trajectory[-1]["kl"] == pytest.approx(full.trajectory[-1]["kl"], rel=1e-4)
+    with pytest.raises(ValueError, match="other arguments"):
+        run_finetune(cfg.with_options(lr=2e-3), partial_dir=partial, quiet=True)

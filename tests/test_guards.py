@@ -112,6 +112,10 @@ def test_tracking_basis_equals_a_fresh_eigensolve_at_the_current_weights():
     assert torch.allclose(eig.values, vals, rtol=1e-8)
     assert torch.allclose(guard.basis @ guard.basis.T, u @ u.T, atol=1e-7)
     assert 0 <= guard.rotation < 1
+    resumed = TrackingGuard(rank=3, every=2)  # a resumed run: set up at theta0, state restored
+    resumed.setup(tiny_llama(0).requires_grad_(True), selection, safety)
+    resumed.load_state_dict(guard.state_dict())
+    assert torch.equal(resumed.basis, guard.basis) and resumed.n_estimates == 3
 
 
 def test_curvature_guard_gradient_is_mu_F_delta_and_the_cross_term_is_removed():

@@ -189,8 +189,8 @@ def verify(
 
 
 # diagnose's options that a guarded fine-tuning run does not use (no forecast, no checkpoints)
-FINETUNE_UNUSED = ("checkpoint_every", "rank", "explained", "fisher", "solver", "alignment_loss",
-                   "max_data", "threshold")  # fmt: skip
+FINETUNE_UNUSED = ("rank", "explained", "fisher", "solver", "alignment_loss", "max_data",
+                   "threshold")  # fmt: skip
 
 
 @app.command("finetune")
@@ -203,8 +203,12 @@ def finetune_command(
 
     Records each step's task loss, time and guard signals, and the alignment KL and refusal rate
     (on --eval-prompts, else on the safety prompts) at log-spaced steps. The fine-tuned model is
-    saved in <out>/model (or the adapter in <out>/adapter).
+    saved in <out>/model (or the adapter in <out>/adapter). An interrupted run resumes from
+    <out>.partial when restarted with the same arguments.
     """
+    import shutil
+    from pathlib import Path
+
     from alignscope.commands.finetune import FinetuneConfig, run_finetune
     from alignscope.report.finetune_report import write_finetune_outputs
     from alignscope.report.output import OutputDir
@@ -213,10 +217,13 @@ def finetune_command(
         cfg = FinetuneConfig.from_options(**options)
         cfg.validate()  # a missing guard prerequisite fails before loading anything
         OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
-        result = run_finetune(cfg)
+        resolved = Path(out).resolve()
+        partial = resolved.with_name(resolved.name + ".partial")
+        result = run_finetune(cfg, partial_dir=partial)
     except ERRORS as err:
         raise _fail(err) from None
     written = write_finetune_outputs(result, out, overwrite=overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
     sm = result.summary()
     typer.echo(
         f"guard {cfg.guard.guard}: refusal rate {sm['refusal_rate_start']} -> "

@@ -7,11 +7,17 @@ task loss, time and guard signals, plus the alignment KL and refusal rate on hel
 the recorded steps (:class:`~alignscope.train.tracker.AlignmentTracker`). The output directory
 holds the fine-tuned model (``model/``, a Hugging Face directory, or ``adapter/``, a PEFT
 adapter), results.json and a report.
+
+Resuming: with ``partial_dir`` the steps and measurements so far and a checkpoint (the trained
+parameters, the optimizer, the RNG and the guard's state, every ``checkpoint_every`` recorded
+steps) are kept there; a rerun with the same config sets the guard up at the aligned weights
+again, restores the checkpoint and continues with the batches an uninterrupted run would see.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +42,12 @@ from alignscope.data.sample import subsample
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, generate
 from alignscope.params import select_params
 from alignscope.progress import Stages
-from alignscope.report.output import results_header
+from alignscope.report.output import (
+    jsonable,
+    results_header,
+    save_torch_atomic,
+    write_text_atomic,
+)
 
 SCHEMA = "alignscope.finetune/1"
 
@@ -78,6 +89,7 @@ class FinetuneResult:
     finalize: dict[str, Any] = field(default_factory=dict)
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
+    resumed_from: int | None = None
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers: refusal at the start, end and its minimum, KL at the end, task
@@ -98,6 +110,7 @@ class FinetuneResult:
         return {
             **results_header(SCHEMA, self.config),
             "judge": self.judge,
+            "resumed_from_step": self.resumed_from,
             "guard": self.guard,
             "summary": self.summary(),
             "datasets": self.datasets,
@@ -106,6 +119,51 @@ class FinetuneResult:
             "finalize": self.finalize,
             "timings_s": self.timings,
         }
+
+
+class _Partial:
+    """``<out>.partial/``: config.json, steps.jsonl, trajectory.jsonl, checkpoint.pt."""
+
+    def __init__(self, path: Path, cfg: FinetuneConfig) -> None:
+        self.path = path
+        self.key = json.dumps(jsonable(cfg.flat()), sort_keys=True)
+        cfg_file = path / "config.json"
+        if cfg_file.exists() and cfg_file.read_text(encoding="utf-8") != self.key:
+            raise ValueError(
+                f"{path} holds a partial run with other arguments; delete it or rerun with them"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg_file, self.key)
+
+    def write(self, steps: list[dict], trajectory: list[dict]) -> None:
+        for name, records in (("steps.jsonl", steps), ("trajectory.jsonl", trajectory)):
+            lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records)
+            write_text_atomic(self.path / name, lines)
+
+    def checkpoint(self, step: int, model, opt, guard) -> None:
+        state = {
+            "step": step,
+            # only what training changes: the frozen weights are reloaded from --model
+            "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": opt.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "guard": guard.state_dict(),
+        }
+        save_torch_atomic(self.path / "checkpoint.pt", state)
+
+    def resume(self) -> tuple[dict | None, list[dict], list[dict]]:
+        ckpt_file = self.path / "checkpoint.pt"
+        if not ckpt_file.exists():
+            return None, [], []
+        ckpt = torch.load(ckpt_file, weights_only=True)
+
+        def read(name: str) -> list[dict]:
+            text = (self.path / name).read_text(encoding="utf-8")
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            return [r for r in rows if r["step"] <= ckpt["step"]]
+
+        return ckpt, read("steps.jsonl"), read("trajectory.jsonl")
 
 
 def safety_rows(cfg, model, tokenizer) -> tuple[list[dict[str, str]], dict[str, Any]]:
@@ -129,6 +187,7 @@ def run_finetune(
     model=None,
     tokenizer=None,
     judge: RefusalJudge | None = None,
+    partial_dir: str | Path | None = None,
     quiet: bool = False,
 ) -> FinetuneResult:
     """Fine-tune under the configured guard and measure alignment along the way.
@@ -138,6 +197,8 @@ def run_finetune(
         model, tokenizer: an already loaded model (copied, never modified); default: load
             ``cfg.model``.
         judge: refusal judge of the generated responses (default keyword judge).
+        partial_dir: keep checkpoints there and resume from them (the caller removes it after
+            a successful run).
         quiet: no progress output.
 
     Returns:
@@ -160,6 +221,7 @@ def run_finetune(
     cfg.runtime.apply()
     judge = judge or KeywordRefusalJudge()
     stages = Stages(quiet=quiet)
+    partial = _Partial(Path(partial_dir), cfg) if partial_dir is not None else None
     with stages.stage("setup", "model, data, guard"):
         if model is None:
             model, tokenizer = cfg.load_model()
@@ -207,8 +269,25 @@ def run_finetune(
     wanted = set(record_steps(cfg.optim.steps, cfg.record.eval_every))
     trajectory: list[dict[str, Any]] = []
     per_step: list[dict[str, Any]] = []
-    clock = {"last": time.perf_counter()}
     torch.manual_seed(cfg.runtime.seed)
+    start = 0
+    if partial is not None:
+        ckpt, per_step, trajectory = partial.resume()
+        if ckpt is not None:
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(ckpt["model"]) != trained:
+                raise ValueError(
+                    f"{partial.path}: the checkpoint holds other parameters than this run trains; "
+                    "remove that directory to start over"
+                )
+            model.load_state_dict(ckpt["model"], strict=False)
+            opt.load_state_dict(ckpt["optimizer"])
+            guard.load_state_dict(ckpt["guard"])
+            torch.set_rng_state(ckpt["rng"])
+            if torch.cuda.is_available() and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            start = int(ckpt["step"])
+    clock = {"last": time.perf_counter(), "since_ckpt": 0}
     progress = Progress(console=stages.console, transient=True)
 
     def callback(step: int, loss: float | None) -> bool:
@@ -219,20 +298,27 @@ def run_finetune(
             progress.update(task, advance=1, description=f"loss {loss:.4f}")
         if step in wanted:
             trajectory.append(tracker.measure(step, loss))
+            if partial is not None:
+                partial.write(per_step, trajectory)
+                clock["since_ckpt"] += 1
+                every = cfg.record.checkpoint_every
+                if every and clock["since_ckpt"] >= every and step > 0:
+                    partial.checkpoint(step, model, opt, guard)
+                    clock["since_ckpt"] = 0
         clock["last"] = time.perf_counter()
         return False
 
-    start = time.perf_counter()
+    began = time.perf_counter()
     with progress:
-        task = progress.add_task("fine-tuning", total=cfg.optim.steps)
+        task = progress.add_task("fine-tuning", total=cfg.optim.steps, completed=start)
         finetune(
             model, tokenizer, None, cfg.optim.steps, lr=cfg.optim.lr,
             batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, stream=stream,
-            callback=callback, optimizer=opt, loss_weighting="example",
+            callback=callback, optimizer=opt, start_step=start, loss_weighting="example",
             guard=None if cfg.guard.guard == "none" else guard,
         )  # fmt: skip
     timings = dict(stages.timings)
-    timings["finetune"] = time.perf_counter() - start
+    timings["finetune"] = time.perf_counter() - began
     finalized = guard.finalize(model)
     if finalized:  # a post-hoc guard changed the weights: measure the model that is saved
         rec = tracker.measure(cfg.optim.steps, per_step[-1]["loss"] if per_step else None)
@@ -241,7 +327,7 @@ def run_finetune(
     return FinetuneResult(
         cfg, {"name": guard.name, "settings": guard.settings(), "eval_prompts": eval_source},
         per_step, trajectory, timings, datasets, type(judge).__name__, finalized, model,
-        tokenizer,
+        tokenizer, resumed_from=start or None,
     )  # fmt: skip
 
 

@@ -50,6 +50,14 @@ class AdaptiveGuard(Guard):
         if not self.active:
             self.active, self.activated_at = True, step
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": self.active, "activated_at": self.activated_at,
+                "inner": self.inner.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active, self.activated_at = state["active"], state["activated_at"]
+        self.inner.load_state_dict(state["inner"])
+
     def token_weights(self, batch, logprobs):
         return self.inner.token_weights(batch, logprobs) if self.active else None
 

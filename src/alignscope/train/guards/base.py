@@ -158,6 +158,14 @@ class Guard:
         """The guard's numbers for the last step (JSON-ready floats)."""
         return dict(self._signals)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides theta0 (which ``setup`` recomputes): tensors and
+        plain values only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` after ``setup``."""
+
     def step_loss(
         self, model: nn.Module, batch: LMBatch, step: int, weighting: str = "token"
     ) -> tuple[torch.Tensor, torch.Tensor]:

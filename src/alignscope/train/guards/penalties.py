@@ -112,6 +112,12 @@ class AnchorGuard(Guard):
         self.safety = safety_batch
         self.reference = Reference(model, selection)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["generator"])
+
     def kl(self, model, batch) -> torch.Tensor:
         """Mean over examples of the per-token ``KL(pi_theta0 || pi_theta)`` on ``batch``."""
         device = next(model.parameters()).device

@@ -238,6 +238,14 @@ class TrackingGuard(ProjectGuard):
         self.n_estimates += 1
         return eig
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"basis": self.basis, "values": self.values, "estimates": self.n_estimates,
+                "rotation": self.rotation}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.basis, self.values = state["basis"], state["values"]
+        self.n_estimates, self.rotation = state["estimates"], state["rotation"]
+
     def before_step(self, model, step) -> None:
         if step > 0 and step % self.every == 0:
             self.reestimate(model)
