@@ -16,8 +16,8 @@ from alignscope.train.loop import finetune
 from alignscope.train.watch import AlignmentCallback
 
 # The smallest budget that shows it: unguarded AdamW 1e-3 on benign_affirmative is at 0 %
-# held-out refusal by step 20 (measured: 100 % at step 10, 0 % at 20, 40, 60), anchor and the
-# curvature guard stay at 100 % / >= 94 % through step 60.
+# held-out refusal by step 20 (100 % at step 10). At step 30 (measured): none 0 %, anchor 100 %,
+# curvature 97 %, with last minibatch losses 0.160 / 0.158 / 0.152 (docs/guard.md has 200 steps).
 STEPS = 30
 
 
