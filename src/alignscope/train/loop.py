@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from alignscope.data.encode import EncodedPair, LMBatch, encode_pairs
 from alignscope.train.stream import TrainingStream
+
+if TYPE_CHECKING:  # for the annotation only: the guards pull in the curvature engine
+    from alignscope.train.guards import Guard
 
 # callback(step, loss): step 0 is called before any update with loss None; step k after the k-th
 # update with that update's minibatch loss. Returning True stops training.
@@ -101,7 +105,7 @@ def finetune(
     start_step: int = 0,
     loss_weighting: str = "token",
     stream: TrainingStream | None = None,
-    guard=None,
+    guard: Guard | None = None,
 ) -> list[float]:
     """Fine-tune ``model`` in place with AdamW on ``pairs``; return the per-step losses.
 
