@@ -290,7 +290,7 @@ class _Partial:
         lines = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in records)
         write_text_atomic(self.path / "trajectory.jsonl", lines)
 
-    def checkpoint(self, step: int, model, opt) -> None:
+    def checkpoint(self, step: int, model, opt, guard=None) -> None:
         state = {
             "step": step,
             # only what training changes: the frozen weights are reloaded from --model (a LoRA
@@ -298,6 +298,7 @@ class _Partial:
             "model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(),
+            "guard": guard.state_dict() if guard is not None else {},
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         save_torch_atomic(self.path / "checkpoint.pt", state)
@@ -341,7 +342,7 @@ def _check_diagnosis(diagnosis: DiagnoseResult, cfg: VerifyConfig) -> None:
 def _setup_guard(cfg: VerifyConfig, model, selection, safety_batch, basis, values, stages):
     """The run's guard set up at the aligned weights (None without one); the projection
     guards take the diagnosis' subspace when it has enough vectors. A resumed run sets the
-    guard up at theta0 again (project-tracking restarts from theta0's subspace)."""
+    guard up at theta0 again, then restores its state from the checkpoint."""
     if cfg.guard.guard == "none":
         return None
     from alignscope.train.guards import guard_from_spec
@@ -509,6 +510,8 @@ def run_verify(
                 )
             model.load_state_dict(ckpt["model"], strict=False)
             opt.load_state_dict(ckpt["optimizer"])
+            if guard is not None and ckpt.get("guard"):
+                guard.load_state_dict(ckpt["guard"])
             torch.set_rng_state(ckpt["rng"])
             if torch.cuda.is_available() and ckpt.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -528,7 +531,7 @@ def run_verify(
                     and since_ckpt >= cfg.record.checkpoint_every
                     and step > 0
                 ):
-                    partial.checkpoint(step, model, opt)
+                    partial.checkpoint(step, model, opt, guard)
                     since_ckpt = 0
         return False
 
