@@ -357,7 +357,7 @@ class GuardSpec:
     )  # fmt: skip
     anchor_beta: float = option(1.0, "anchor: beta x the alignment KL on safety prompts.")
     guard_examples: int = option(
-        16, "Safety examples per step (anchor's minibatch, the curvature guard's Fisher)."
+        8, "Safety examples per step (anchor's minibatch, the curvature guard's Fisher)."
     )
     safe_lora_tau: float = option(
         0.5, "safe-lora: project the layers whose cos(C B A, B A) is at most tau."

@@ -15,8 +15,11 @@ accumulated displacement already occupies. Per step, with one exact product ``w 
 2. after the optimizer, if ``w . u > 0`` the update loses its component along ``w``:
    ``u <- u - (w . u / |w|^2) w``, so the cross term is never positive.
 
-Cost: one Fisher product per step (a forward-mode and a cached backward pass on the guard's
-safety examples), about one gradient evaluation.
+Cost: one Fisher product per step on the guard's safety examples. ``F`` is fixed at theta0, so
+both linearisations are built once: ``J^T w`` is a backward pass through the stored graph of the
+logits, and ``J v`` the backward pass of the linear map ``u -> J^T u`` (the double-vjp trick) on
+its own stored graph. A product is then two backward passes and no forward pass: 21 ms against a
+47 ms gradient step on the test organism (forward-mode ``J v`` took 88 ms).
 """
 
 from __future__ import annotations
@@ -24,10 +27,39 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.func import vjp
 
-from alignscope.curvature.fisher import FisherOperator
 from alignscope.curvature.functional import FunctionalLM
+from alignscope.curvature.losses import ResponsePositions
+from alignscope.data.encode import LMBatch
 from alignscope.train.guards.base import Guard, read_theta, write_theta
+
+
+class FrozenFisher:
+    """Exact products ``F v`` with the alignment Fisher at theta0, both factors' graphs kept.
+
+    ``F v = J^T Lambda J v`` over the response positions of ``batch`` (docs/theory.md), with
+    ``J^T w`` the vjp of the logits at theta0 and ``J v`` the vjp of ``u -> J^T u`` at ``u = 0``
+    (linear in ``u``, so exact): two backward passes per product, no forward pass.
+    """
+
+    def __init__(self, flm: FunctionalLM, batch: LMBatch) -> None:
+        positions = ResponsePositions(batch, flm.dtype)
+        self.weights = positions.weights
+
+        def logits(theta: torch.Tensor) -> torch.Tensor:
+            return positions.gather(flm.logits(theta, batch.input_ids))
+
+        z, self._transpose = vjp(logits, flm.theta0)
+        self.q = torch.softmax(z.detach(), dim=-1)
+        _, self._forward = vjp(lambda u: self._transpose(u)[0], torch.zeros_like(z))
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``F v``."""
+        jv = self._forward(v.to(self.q.dtype))[0]
+        q = self.q
+        lam = self.weights[:, None] * (q * jv - q * (q * jv).sum(-1, keepdim=True))
+        return self._transpose(lam)[0]
 
 
 class CurvatureGuard(Guard):
@@ -35,7 +67,7 @@ class CurvatureGuard(Guard):
 
     name = "curvature"
 
-    def __init__(self, mu: float = 1.0, project: bool = True, examples: int | None = 16) -> None:
+    def __init__(self, mu: float = 30.0, project: bool = True, examples: int | None = 8) -> None:
         super().__init__()
         if mu < 0:
             raise ValueError("--curvature-mu must be >= 0")
@@ -57,7 +89,7 @@ class CurvatureGuard(Guard):
         was = model.training
         try:
             flm = FunctionalLM(model, selection)
-            self.op = FisherOperator(flm, batch)  # at theta0, backward graph cached
+            self.op = FrozenFisher(flm, batch)
         finally:
             model.train(was)
         self.theta0 = flm.theta0
