@@ -121,6 +121,31 @@ def _run_key(cfg: dict[str, Any], data: str | None = None, lr: Any = None) -> tu
     return (_norm(cfg.get("model")), _norm(data or cfg.get("data")), cfg.get("optimizer"), lr)
 
 
+def _guard(r: Result) -> str:
+    return str(r.data.get("config", {}).get("guard") or "none")
+
+
+def _guard_outcome(r: Result) -> list[tuple[str | None, Any]]:
+    """(results.json key or None, value) of refusal start/end/min, KL and task loss at the end."""
+    if r.kind == "finetune":
+        s = r.data.get("summary", {})
+        return [
+            (f"summary.{k}", s.get(k))
+            for k in ("refusal_rate_start", "refusal_rate_end", "refusal_rate_min", "kl_end",
+                      "task_loss_end")
+        ]  # fmt: skip
+    s, traj = r.data.get("scores", {}), r.data.get("trajectory", [])
+    rates = [t["refusal_rate"] for t in traj if t.get("refusal_rate") is not None]
+    last = traj[-1] if traj else {}
+    return [
+        ("scores.refusal_rate_start", s.get("refusal_rate_start")),
+        ("scores.refusal_rate_end", s.get("refusal_rate_end")),
+        (None, min(rates) if rates else None),
+        (None, last.get("kl")),
+        (None, last.get("finetune_loss")),
+    ]
+
+
 def build_index(root: str | Path, index: str | Path | None = None) -> Report:
     """The index page for the outputs under ``root`` (links relative to ``index``'s folder)."""
     root = Path(root)
@@ -128,7 +153,7 @@ def build_index(root: str | Path, index: str | Path | None = None) -> Report:
     found = find_outputs(root)
     rep = Report(f"alignscope results in {root.resolve().name or root}")
     rep.text("Every alignscope output found under ", Code(str(root)), ".")
-    kinds = ("diagnose", "verify", "rank")
+    kinds = ("diagnose", "verify", "rank", "finetune")
     rep.headline(
         [(f"{k} runs", len(found.of(k)), None) for k in kinds]
         + [("watch logs", len(found.logs), None)]
@@ -143,8 +168,10 @@ def build_index(root: str | Path, index: str | Path | None = None) -> Report:
         return Keyed(value, f"{_rel(r.path, base)}#{dotted}")
 
     runs: dict[tuple, dict[str, list[Result]]] = {}
+    guarded = [r for r in found.of("verify") if _guard(r) != "none"] + found.of("finetune")
     for r in found.of("diagnose") + found.of("verify"):
-        runs.setdefault(_run_key(r.data["config"]), {}).setdefault(r.kind, []).append(r)
+        if _guard(r) == "none":  # a guarded run is not the outcome the forecast is scored on
+            runs.setdefault(_run_key(r.data["config"]), {}).setdefault(r.kind, []).append(r)
     places: dict[tuple, list[tuple[Result, int, int]]] = {}
     for r in found.of("rank"):
         cfg, ranking = r.data["config"], r.data["ranking"]
@@ -214,6 +241,27 @@ def build_index(root: str | Path, index: str | Path | None = None) -> Report:
                 rep.heading(f"{Path(str(data)).stem}: {optimizer}{lr_text}", level=3)
                 rep.text("Model ", Code(str(model)), ", fine-tuning set ", Code(str(data)), ".")
                 rep.gallery(figs)
+
+    if guarded:
+        rep.heading("Guarded fine-tuning")
+        rows = []
+        for r in guarded:
+            cfg, out = r.data["config"], _guard_outcome(r)
+            rows.append([
+                Code(_short(cfg.get("model"))), Path(str(cfg.get("data"))).stem,
+                f"{cfg.get('optimizer')} {cfg.get('lr'):g}", Code(_guard(r)), r.kind,
+                *(keyed(r, key, value) if key else value for key, value in out),
+                link(r, "report"),
+            ])  # fmt: skip
+        rep.table(
+            ["model", "fine-tuning set", "optimizer, lr", "guard", "run", "refusal at start",
+             "refusal at end", "lowest refusal", "KL at end", "task loss at end", "report"],
+            rows,
+        )  # fmt: skip
+        rep.note(
+            "Refusal: greedy refusal rate on the run's held-out harmful prompts; KL: the alignment "
+            "KL (nats/token). A verify run with a guard is listed here, not beside its forecast."
+        )
 
     if found.of("rank"):
         rep.heading("Rankings")
