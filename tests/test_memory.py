@@ -55,6 +55,20 @@ def test_estimate_adds_what_stays_resident(model):
     assert est.eigensolver == 0 and est.plan is None
 
 
+def test_kl_reference_follows_the_fisher_reference_choice(model):
+    """Recomputed (the default): one Fisher chunk's softmax at a time; a table: every position."""
+    per_example = 8 * 10 * 64 * 4  # diagnose's Fisher chunk: 8 logit-sized tensors per example
+    cfg = _cfg(rank=4, max_new_tokens=10, memory_budget_gb=3 * per_example / 2**30)
+    sel = select_params(model, ["all"])
+
+    def estimate(**kw):
+        return estimate_memory(*_specs(cfg), model, sel, n_safety=8, check_available=False,
+                               eigensolver=False, **kw)  # fmt: skip
+
+    assert estimate().kl_reference == 3 * 10 * 64 * 4  # 3 of the 8 prompts at once
+    assert estimate(kl_reference="table").kl_reference == 8 * 10 * 64 * 4
+
+
 def test_blockwise_plan_holds_one_block_at_a_time():
     whole = plan_spectrum(10_000, 4, 32, method="lanczos")
     blocks = plan_spectrum(10_000, 4, 32, method="lanczos", blockwise=True,

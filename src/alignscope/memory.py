@@ -1,7 +1,8 @@
 """How much memory a diagnosis will need, printed before the work starts.
 
-The estimate adds what stays resident: the weights, the KL reference (log-probabilities over the
-vocabulary at every response position of the safety set), the eigensolver's working set (from
+The estimate adds what stays resident: the weights, the KL reference (the softmax over the
+vocabulary at the response positions of the safety set: one Fisher chunk's worth, recomputed per
+product, or every position's when stored as a table), the eigensolver's working set (from
 :func:`~alignscope.curvature.spectrum.plan_spectrum`, which also picks Lanczos or the Gram route
 from the budget), the trace estimator's float64 blocks and the per-sample-gradient chunk, which
 is sized to the budget. When the eigensolver cannot fit the budget, or the total cannot fit the
@@ -110,12 +111,14 @@ def estimate_memory(
     *,
     check_available: bool = True,
     eigensolver: bool = True,
+    kl_reference: str = "recompute",
 ) -> MemoryEstimate:
     """The estimate for a diagnosis of ``model`` (loaded as ``spec`` says) with ``selection``,
     the subspace as ``curvature`` says and generated responses of ``data.max_new_tokens``;
     raises :class:`MemoryError` naming the options that would fit when it cannot.
     ``eigensolver=False``: the subspace is reused from an earlier diagnosis, so no eigensolver
-    runs."""
+    runs. ``kl_reference``: the Fisher's ``reference`` (``"recompute"``, diagnose's choice, or
+    ``"table"``)."""
     budget = int(curvature.memory_budget_gb * GiB)
     itemsize = 8 if spec.dtype == "float64" else 4  # curvature runs in at least float32
     k = curvature.eigenpairs
@@ -124,7 +127,13 @@ def estimate_memory(
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if any(p.dtype != torch.float32 and p.dtype != torch.float64 for p in model.parameters()):
         weights += sum(p.numel() * itemsize for p in model.parameters())  # float32 copy
-    kl_reference = n_safety * data.max_new_tokens * vocab * itemsize
+    if kl_reference == "table":
+        held = n_safety
+    else:
+        # Recomputed: one Fisher chunk's softmax at a time (diagnose's _fisher_chunk, with the
+        # response length standing in for the sequence length, which errs high).
+        held = min(n_safety, max(1, budget // (8 * data.max_new_tokens * vocab * 4)))
+    reference = held * data.max_new_tokens * vocab * itemsize
 
     def plan(dim: int, rank: int, dims=None, method: str = curvature.solver) -> SpectrumPlan:
         return plan_spectrum(
@@ -141,7 +150,7 @@ def estimate_memory(
             raise MemoryError(advice) from None
     est = MemoryEstimate(
         weights=weights,
-        kl_reference=kl_reference,
+        kl_reference=reference,
         eigensolver=(
             0
             if not eigensolver
@@ -159,8 +168,9 @@ def estimate_memory(
             f"{est.describe()}: the work adds ~{est.still_needed / GiB:.2f} GiB to the loaded "
             f"model, more than the {est.available / GiB:.2f} GiB still available. Lower "
             f"--memory-gb (gradient "
-            f"chunks and the eigensolver use it), --max-safety (the KL reference is "
-            f"{n_safety} prompts x {data.max_new_tokens} tokens x {vocab:,} vocabulary), or "
+            f"chunks and the eigensolver use it), --max-safety (the KL reference holds "
+            f"{held} of {n_safety} prompts x "
+            f"{data.max_new_tokens} tokens x {vocab:,} vocabulary at once), or "
             "analyse fewer parameters (--params, --lora-r)"
         )
     return est

@@ -20,22 +20,33 @@ from alignscope.curvature.functional import (
     ensure_eager_attention,
     response_weights,
 )
-from alignscope.curvature.losses import ResponsePositions
+from alignscope.curvature.losses import REFERENCES, ResponsePositions
 from alignscope.curvature.operator import ParameterOperator, check_matmat_input
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET, per_sample_grads
 from alignscope.data.encode import LMBatch
 
 
 class _Chunk:
-    """One slice of examples: its positions, softmax at theta, and (optionally) a cached vjp."""
+    """One slice of examples: its positions, its softmax at theta (stored, or recomputed when
+    asked for) and (optionally) a cached vjp."""
 
-    def __init__(self, flm: FunctionalLM, batch: LMBatch, theta: torch.Tensor, n_total: int):
+    def __init__(
+        self, flm: FunctionalLM, batch: LMBatch, theta: torch.Tensor, n_total: int, store: bool
+    ):
         self.batch = batch
+        self.theta = theta
         self.positions = ResponsePositions(batch, flm.dtype, n_total=n_total)
         self.fn = lambda th: self.positions.gather(flm.logits(th, batch.input_ids))
-        with torch.no_grad():
-            self.q = torch.softmax(self.fn(theta), dim=-1)
+        self.table: torch.Tensor | None = None
+        self.table = self.softmax() if store else None
         self.vjp_fn: Callable | None = None
+
+    def softmax(self) -> torch.Tensor:
+        """``[N_c, V]`` softmax at theta: the stored table, or one no-grad forward pass."""
+        if self.table is not None:
+            return self.table
+        with torch.no_grad():
+            return torch.softmax(self.fn(self.theta), dim=-1)
 
 
 class FisherOperator(ParameterOperator):
@@ -57,9 +68,15 @@ class FisherOperator(ParameterOperator):
         memory_budget: bytes that the vectors of one batched pass may take (their output
             perturbations ``[m, N_c, V]`` and parameter-sized results); ``matmat``, ``gram`` and
             ``quad_diag`` split their vectors into blocks that fit it.
+        reference: where the softmax ``q`` of the curvature ``diag q - q q^T`` comes from (at
+            ``flm.theta0`` it is the KL's reference distribution): ``"recompute"`` (default)
+            runs one no-grad forward pass per chunk and call (per block of vectors in
+            ``matmat``/``gram``/``quad_diag``), so only one chunk's ``[N_c, V]`` is alive at a
+            time; ``"table"`` keeps every chunk's ``q`` resident (``positions x vocabulary``)
+            and saves that pass. The products are the same numbers either way.
 
     Raises:
-        ValueError: an unknown ``jvp_mode``.
+        ValueError: an unknown ``jvp_mode`` or ``reference``.
     """
 
     def __init__(
@@ -72,9 +89,13 @@ class FisherOperator(ParameterOperator):
         cache_vjp: bool = True,
         jvp_mode: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        reference: str = "recompute",
     ) -> None:
         if jvp_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jvp_mode {jvp_mode!r}; use auto, forward or reverse")
+        if reference not in REFERENCES:
+            raise ValueError(f"unknown reference {reference!r}; use recompute or table")
+        self.reference = reference
         self.flm, self.batch = flm, batch
         if jvp_mode != "reverse" and not ensure_eager_attention(flm.model):
             jvp_mode = "reverse"  # fused attention kernels have no forward-mode AD
@@ -84,7 +105,9 @@ class FisherOperator(ParameterOperator):
         self.vmap_ok = True  # set False (with one warning) when vmap cannot run the model
         size = chunk_size or batch.size
         self.chunks = [
-            _Chunk(flm, batch.select(slice(s, s + size)), self.theta, batch.size)
+            _Chunk(
+                flm, batch.select(slice(s, s + size)), self.theta, batch.size, reference == "table"
+            )
             for s in range(0, batch.size, size)
         ]
         self.n_products = 0
@@ -122,8 +145,7 @@ class FisherOperator(ParameterOperator):
         v = v.to(self.theta.dtype)
         return [self._jvp_chunk(c, v) for c in self.chunks]
 
-    def _lambda(self, chunk: _Chunk, jv: torch.Tensor) -> torch.Tensor:
-        q = chunk.q
+    def _lambda(self, chunk: _Chunk, jv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return chunk.positions.weights[:, None] * (q * jv - q * (q * jv).sum(-1, keepdim=True))
 
     def _chunk_vjp_fn(self, chunk: _Chunk) -> Callable:
@@ -138,22 +160,24 @@ class FisherOperator(ParameterOperator):
         return self._chunk_vjp_fn(chunk)(u)[0]
 
     # -- the same factors for a block of vectors at once ----------------------------------------
-    def _block_size(self, chunk: _Chunk) -> int:
+    def _block_size(self, chunk: _Chunk, q: torch.Tensor) -> int:
         """How many vectors one vmapped pass over ``chunk`` takes within the memory budget.
 
         Per vector: its output perturbation and curvature-weighted copy ``[N_c, V]`` (and the
         vmapped pass's own copy of it), plus the parameter-sized result and its tangent.
         """
-        n, v = chunk.q.shape
+        n, v = q.shape
         per_vector = (3 * n * v + 2 * self.dim) * self.theta.element_size()
         return max(1, self.memory_budget // max(1, per_vector))
 
-    def _jvp_vmapped(self, chunk: _Chunk, tangents: torch.Tensor) -> torch.Tensor:
+    def _jvp_vmapped(
+        self, chunk: _Chunk, tangents: torch.Tensor, q: torch.Tensor
+    ) -> torch.Tensor:
         if self.jvp_mode == "reverse":
             # J t = the vjp of the linear map u -> J^T u, taken at u = 0: vmappable, and it
             # reuses the chunk's cached backward graph.
             fn = self._chunk_vjp_fn(chunk)
-            _, lin = vjp(lambda u: fn(u)[0], torch.zeros_like(chunk.q))
+            _, lin = vjp(lambda u: fn(u)[0], torch.zeros_like(q))
             return vmap(lambda t: lin(t)[0])(tangents)
         return vmap(lambda t: jvp(chunk.fn, (self.theta,), (t,))[1])(tangents)
 
@@ -165,11 +189,11 @@ class FisherOperator(ParameterOperator):
         )
         self.vmap_ok = False
 
-    def _jvp_block(self, chunk: _Chunk, tangents: torch.Tensor) -> torch.Tensor:
+    def _jvp_block(self, chunk: _Chunk, tangents: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """``J t`` for every row ``t`` of ``tangents`` ``[m, P]``: ``[m, N_c, V]`` in one pass."""
         if self.vmap_ok:
             try:
-                return self._jvp_vmapped(chunk, tangents)
+                return self._jvp_vmapped(chunk, tangents, q)
             except (NotImplementedError, RuntimeError) as err:
                 failure = err
                 if self.jvp_mode == "auto":
@@ -178,7 +202,7 @@ class FisherOperator(ParameterOperator):
                     self._jvp_chunk(chunk, tangents[0])
                     if self.jvp_mode == "reverse":
                         try:
-                            return self._jvp_vmapped(chunk, tangents)
+                            return self._jvp_vmapped(chunk, tangents, q)
                         except (NotImplementedError, RuntimeError) as again:
                             failure = again
                 self._vmap_failed(failure)
@@ -201,7 +225,8 @@ class FisherOperator(ParameterOperator):
         v = v.to(self.theta.dtype)
         out = torch.zeros_like(self.theta)
         for chunk in self.chunks:
-            out += self._vjp_chunk(chunk, self._lambda(chunk, self._jvp_chunk(chunk, v)))
+            jv = self._jvp_chunk(chunk, v)
+            out += self._vjp_chunk(chunk, self._lambda(chunk, jv, chunk.softmax()))
         return out
 
     __call__ = matvec
@@ -220,10 +245,11 @@ class FisherOperator(ParameterOperator):
         rows = vectors.T.contiguous()  # vmap maps over the leading dimension
         out = torch.zeros((k, self.dim), dtype=self.theta.dtype, device=self.theta.device)
         for chunk in self.chunks:
-            block = self._block_size(chunk)
+            q = chunk.softmax()
+            block = self._block_size(chunk, q)
             for start in range(0, k, block):
                 part = rows[start : start + block]
-                lam = self._lambda(chunk, self._jvp_block(chunk, part))
+                lam = self._lambda(chunk, self._jvp_block(chunk, part, q), q)
                 out[start : start + part.shape[0]] += self._vjp_block(chunk, lam)
         return out.T
 
@@ -232,7 +258,8 @@ class FisherOperator(ParameterOperator):
         ju = self.output_jvp(u)
         jw = ju if w is None else self.output_jvp(w)
         return sum(
-            (a * self._lambda(c, b)).sum() for c, a, b in zip(self.chunks, ju, jw, strict=True)
+            (a * self._lambda(c, b, c.softmax())).sum()
+            for c, a, b in zip(self.chunks, ju, jw, strict=True)
         )
 
     def quad_diag(
@@ -247,11 +274,12 @@ class FisherOperator(ParameterOperator):
         vectors = vectors.to(self.theta.dtype)
         out = torch.zeros(vectors.shape[0], dtype=self.theta.dtype, device=self.theta.device)
         for chunk in self.chunks:
-            block = self._forms_block(chunk, memory_budget)
+            q = chunk.softmax()
+            block = self._forms_block(q, memory_budget)
             for start in range(0, vectors.shape[0], block):
                 part = vectors[start : start + block]
-                jv = self._jvp_block(chunk, part)
-                lam = self._lambda(chunk, jv)
+                jv = self._jvp_block(chunk, part, q)
+                lam = self._lambda(chunk, jv, q)
                 out[start : start + part.shape[0]] += (jv * lam).sum(dim=(-1, -2))
         return out
 
@@ -265,16 +293,17 @@ class FisherOperator(ParameterOperator):
         k = vectors.shape[0]
         out = torch.zeros((k, k), dtype=self.theta.dtype, device=self.theta.device)
         for chunk in self.chunks:
-            block = self._forms_block(chunk, None)
+            q = chunk.softmax()
+            block = self._forms_block(q, None)
             jv = torch.cat(
-                [self._jvp_block(chunk, vectors[s : s + block]) for s in range(0, k, block)]
+                [self._jvp_block(chunk, vectors[s : s + block], q) for s in range(0, k, block)]
             )
-            out += torch.einsum("inv,jnv->ij", jv, self._lambda(chunk, jv))
+            out += torch.einsum("inv,jnv->ij", jv, self._lambda(chunk, jv, q))
         return (out + out.T) / 2  # symmetric to the last bit, as a Gram matrix must be
 
-    def _forms_block(self, chunk: _Chunk, memory_budget: int | None) -> int:
+    def _forms_block(self, q: torch.Tensor, memory_budget: int | None) -> int:
         """Vectors per pass for forms (no backward): ``J v`` and ``Lambda J v`` and vmap's copy."""
-        n, v = chunk.q.shape
+        n, v = q.shape
         budget = self.memory_budget if memory_budget is None else memory_budget
         return max(1, budget // max(1, 3 * n * v * self.theta.element_size()))
 
@@ -300,8 +329,9 @@ class FisherOperator(ParameterOperator):
         for chunk in self.chunks:
             mask = chunk.positions.mask
             coef = (chunk.positions.weights / s).sqrt()
+            q = chunk.softmax()
             for _ in range(s):
-                drawn = torch.multinomial(chunk.q, 1, generator=generator).squeeze(-1)
+                drawn = torch.multinomial(q, 1, generator=generator).squeeze(-1)
                 ys = torch.zeros(mask.shape, dtype=torch.long)
                 cs = torch.zeros(mask.shape, dtype=self.theta.dtype)
                 ys[mask], cs[mask] = drawn, coef
