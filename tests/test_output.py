@@ -80,3 +80,18 @@ def test_subspace_file_of_the_earlier_layout_still_reads(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a subspace file"):
         load_subspace(tmp_path / "other.pt")
+
+
+def test_environment_records_the_tf32_setting():
+    from alignscope.report.output import environment
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            assert environment()["tf32_matmul"] == str(flag)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert environment()["cuda"] == (
+        torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    )

@@ -33,6 +33,11 @@ def environment() -> dict[str, str]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "torch_threads": str(torch.get_num_threads()),
+        # TF32 matmuls change float32 results at the 1e-3 level on Ampere+ GPUs: recorded so a
+        # CUDA run's numbers can be told apart from strict float32 ones.
+        "tf32_matmul": str(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": str(torch.backends.cudnn.allow_tf32),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
 
 
