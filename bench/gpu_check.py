@@ -2,7 +2,8 @@
 
 For a tiny random Llama and a random Llama of SmolLM2-135M's shape (hidden 576, 30 layers, 9
 heads, 3 key/value heads, MLP 1536, vocabulary 49,152), saved to a temporary directory and run
-with ``--device`` and the weights' dtype (bf16 on CUDA by default): ``diagnose`` over the last
+with ``--device`` and the weights' dtype (bf16 on CUDA by default; alignscope upcasts 16-bit
+weights to float32 for the math, so TF32 decides the matmul precision): ``diagnose`` over the last
 two MLPs (rank 8), ``verify`` for a few steps on the same selection, and the exact Fisher
 ``F v`` / ``F V`` (8 vectors) and Hessian ``H v`` products. Prints each stage's seconds and the
 peak CUDA memory (``torch.cuda.max_memory_allocated``), the TF32 settings and the environment
