@@ -537,7 +537,11 @@ def run_diagnose(
         per_sample = per_sample_grads(
             flm.example_nll,
             flm.theta0,
-            (noise_rows.input_ids, response_weights(noise_rows, flm.dtype)),
+            (
+                noise_rows.input_ids,
+                response_weights(noise_rows, flm.dtype),
+                *flm.example_extra(noise_rows.input_ids),
+            ),
             memory_budget=budget,
         )
     _check_finite(float(g.norm()), "the fine-tuning gradient norm")

@@ -344,12 +344,16 @@ class FisherOperator(ParameterOperator):
         cs = torch.cat([_pad(x, width - 1) for x in cs_rows])
         flm = self.flm
 
-        def score(theta: torch.Tensor, i: torch.Tensor, y: torch.Tensor, c: torch.Tensor):
-            logp = torch.log_softmax(flm.logits(theta, i)[:-1], dim=-1)
+        def score(theta: torch.Tensor, i: torch.Tensor, y: torch.Tensor, c: torch.Tensor, *h):
+            logp = torch.log_softmax(flm.example_logits(theta, i, *h)[:-1], dim=-1)
             return (c * logp.gather(-1, y[:, None]).squeeze(-1)).sum()
 
         return per_sample_grads(
-            score, self.theta, (ids, ys, cs), memory_budget=memory_budget, out_dtype=out_dtype
+            score,
+            self.theta,
+            (ids, ys, cs, *flm.example_extra(ids)),  # the cached prefix, when there is one
+            memory_budget=memory_budget,
+            out_dtype=out_dtype,
         )
 
     def empirical_factor_rows(
@@ -366,7 +370,7 @@ class FisherOperator(ParameterOperator):
         return per_sample_grads(
             self.flm.example_nll,
             self.theta,
-            (b.input_ids, weights),
+            (b.input_ids, weights, *self.flm.example_extra(b.input_ids)),
             memory_budget=memory_budget,
             out_dtype=out_dtype,
         )

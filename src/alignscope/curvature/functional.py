@@ -8,11 +8,13 @@ torch.func compose vmap, grad and jvp over it.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from alignscope.curvature.prefix import DEFAULT_PREFIX_MEMORY_BUDGET, PrefixCache
 from alignscope.data.encode import LMBatch
 from alignscope.params import ParamSelection
 
@@ -46,9 +48,23 @@ class FunctionalLM:
     ``theta0`` is a detached copy of the selected parameters at construction time (the point at
     which curvature is measured). The model is put in eval mode: dropout would make every
     curvature product a different random matrix.
+
+    ``prefix_cache`` (default on): when every selected parameter lies in decoder layer ``L`` or
+    above of a recognised decoder (see :mod:`alignscope.curvature.prefix`), the hidden states
+    entering layer ``L`` are computed once per batch of token ids and kept within
+    ``prefix_memory_budget`` bytes; every logits evaluation then runs layers ``L..`` only. The
+    numbers are the same as the whole network's. ``self.prefix`` is None when the model or the
+    selection does not allow it (the reason is logged at debug level).
     """
 
-    def __init__(self, model: nn.Module, selection: ParamSelection) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        selection: ParamSelection,
+        *,
+        prefix_cache: bool = True,
+        prefix_memory_budget: int = DEFAULT_PREFIX_MEMORY_BUDGET,
+    ) -> None:
         self.model = model.eval()
         self.selection = selection
         live = selection.tensors(model)
@@ -58,6 +74,10 @@ class FunctionalLM:
         # for them (they may still have requires_grad=True on the module).
         self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
         _skip_padding_check(model)
+        self.prefix = (
+            PrefixCache.build(model, selection, prefix_memory_budget) if prefix_cache else None
+        )
+        self._single: dict[int, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
 
     @property
     def dim(self) -> int:
@@ -76,20 +96,67 @@ class FunctionalLM:
         single = input_ids.dim() == 1
         ids = input_ids[None] if single else input_ids
         params = {**self._frozen, **self.selection.unflatten(theta)}
+        state = self._prefix_state(ids)
+        if state is not None:
+            logits = self.prefix.logits(params, state.hidden, state.layer_inputs)
+            return logits[0] if single else logits
         out = functional_call(self.model, params, (ids,), {"use_cache": False})
         logits = out.logits if hasattr(out, "logits") else out
         return logits[0] if single else logits
 
-    def token_logprobs(self, theta: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def _prefix_state(self, ids: torch.Tensor):
+        # Token ids batched by vmap (per-sample gradients) cannot be looked up: those calls run
+        # the whole network unless the caller passes the hidden states (example_extra).
+        if self.prefix is None or torch._C._functorch.is_functorch_wrapped_tensor(ids):
+            return None
+        return self.prefix.state({**self._frozen, **self._theta0_params()}, ids)
+
+    def _theta0_params(self) -> dict[str, torch.Tensor]:
+        return self.selection.unflatten(self.theta0)
+
+    def example_extra(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Extra per-example inputs for :meth:`example_nll` under vmap: ``(hidden,)``, the
+        ``[B, T, H]`` hidden states entering the first selected layer, when the prefix is
+        cached (and fits its budget); ``()`` otherwise."""
+        state = self._prefix_state(input_ids)
+        if state is None:
+            return ()
+        width = int(input_ids.shape[1])
+        if width not in self._single:
+            # What each layer is called with for one example: vmap runs examples one by one.
+            params = {**self._frozen, **self._theta0_params()}
+            self._single[width] = self.prefix.capture(params, input_ids[:1]).layer_inputs
+        return (state.hidden,)
+
+    def example_logits(
+        self, theta: torch.Tensor, input_ids: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``[T, V]`` of one example, from its cached ``hidden`` states when given."""
+        if hidden is None:
+            return self.logits(theta, input_ids)
+        params = {**self._frozen, **self.selection.unflatten(theta)}
+        layer_inputs = self._single[int(input_ids.shape[-1])]
+        return self.prefix.logits(params, hidden[None], layer_inputs)[0]
+
+    def token_logprobs(
+        self, theta: torch.Tensor, input_ids: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Log-probabilities of the observed next tokens, ``[..., T-1]``."""
-        logp = torch.log_softmax(self.logits(theta, input_ids)[..., :-1, :], dim=-1)
+        logits = self.example_logits(theta, input_ids, hidden)
+        logp = torch.log_softmax(logits[..., :-1, :], dim=-1)
         return logp.gather(-1, input_ids[..., 1:, None]).squeeze(-1)
 
     def example_nll(
-        self, theta: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor
+        self,
+        theta: torch.Tensor,
+        input_ids: torch.Tensor,
+        weights: torch.Tensor,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Weighted token NLL of one example (1-D inputs) or per example (2-D): vmap-friendly."""
-        return -(weights * self.token_logprobs(theta, input_ids)).sum(dim=-1)
+        """Weighted token NLL of one example (1-D inputs) or per example (2-D): vmap-friendly.
+
+        ``hidden``: that example's row of :meth:`example_extra` (one example only)."""
+        return -(weights * self.token_logprobs(theta, input_ids, hidden)).sum(dim=-1)
 
     def per_example_nll(self, theta: torch.Tensor, batch: LMBatch) -> torch.Tensor:
         """``[B]`` mean token NLL over each example's response tokens."""
