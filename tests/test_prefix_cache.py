@@ -195,3 +195,14 @@ def test_changing_a_prefix_parameter_invalidates_the_cache():
 def test_falls_back_to_the_whole_network(build, spec):
     model = build()
     assert FunctionalLM(model, select_params(model, spec)).prefix is None
+
+
+def test_the_model_keeps_its_own_parameters(pair):
+    # functional_call swaps tensors in and out of the model: after cached products every
+    # parameter must be the model's own leaf again (an optimizer is built on them next)
+    whole, cached = pair
+    before = {n: p for n, p in cached.model.named_parameters()}
+    batch = random_batch(4)
+    FisherOperator(cached, batch).matvec(_vec(cached.dim, 0))
+    after = dict(cached.model.named_parameters())
+    assert all(after[n] is p and p.is_leaf for n, p in before.items())

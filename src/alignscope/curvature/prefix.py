@@ -84,15 +84,19 @@ class _Suffix(nn.Module):
         self, root: nn.Module, layers: nn.ModuleList, start: int, norm: nn.Module, head: nn.Module
     ) -> None:
         super().__init__()
-        # ``root`` is registered so that functional_call takes the root's parameter names.
+        # ``root`` is the one registered child, so functional_call takes the root's parameter
+        # names. The suffix modules are kept unregistered: registered, they would be a second
+        # name for the same parameters, which functional_call treats as tied weights and does
+        # not put back correctly.
         self.root = root
-        self._layers, self._start, self._norm, self._head = layers, start, norm, head
+        object.__setattr__(self, "_parts", (list(layers)[start:], norm, head))
 
     def forward(self, hidden: torch.Tensor, layer_inputs: list) -> torch.Tensor:
-        for layer, (args, kwargs) in zip(self._layers[self._start :], layer_inputs, strict=True):
+        layers, norm, head = self._parts
+        for layer, (args, kwargs) in zip(layers, layer_inputs, strict=True):
             out = layer(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return self._head(self._norm(hidden))
+        return head(norm(hidden))
 
 
 def _find_lm(root: nn.Module) -> tuple[str, nn.Module, tuple[str, str, str]] | None:
