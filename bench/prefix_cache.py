@@ -10,11 +10,11 @@ the whole network; the default, the suffix from cached hidden states) it measure
    operator and its softmax), curvature (Lanczos, a fixed number of products), trace (Hutch++),
    gradients (the fine-tuning gradient and 8 per-sample gradients) and the H g coupling.
 
-Paths alternate within each repeat so that background load hits both alike; the table shows the
-fastest repeat. The two paths' F v agree to float32 rounding (printed). The last line of stdout
-is one JSON object with the headline figures.
+Both paths run each stage back to back, their order alternating by repeat, so that background
+load hits both alike; the table shows the fastest repeat. The two paths' F v agree to float32
+rounding (printed). The last line of stdout is one JSON object with the headline figures.
 
-Usage: ``python bench/prefix_cache.py [--repeats 2] [--threads 1] [--quick]``.
+Usage: ``python bench/prefix_cache.py [--repeats 3] [--threads 1] [--quick]``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from alignscope.geometry import finetune_gradient
 from alignscope.params import select_params
 from curvature import build_batch, build_model, full_config, quick_config  # bench/ on sys.path
 
-LANCZOS_PRODUCTS = 24
+LANCZOS_PRODUCTS = 16
 TRACE_PRODUCTS = 12
 MATMAT_VECTORS = 8
 
@@ -52,54 +52,53 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def run_path(model: torch.nn.Module, batch, patterns: list[str], cached: bool) -> dict[str, Any]:
-    """One diagnosis-shaped pass over the engine, with or without the prefix cache."""
-    times: dict[str, float] = {}
-    sel = select_params(model, patterns)
+class BenchPath:
+    """One path (whole network or cached prefix) through the diagnosis-shaped stages."""
 
-    def setup() -> tuple[FunctionalLM, FisherOperator]:
-        flm = FunctionalLM(model, sel, prefix_cache=cached)
-        return flm, FisherOperator(flm, batch)
+    def __init__(self, model: torch.nn.Module, batch, patterns: list[str], cached: bool) -> None:
+        self.model, self.batch, self.cached = model, batch, cached
+        self.sel = select_params(model, patterns)
+        gen = torch.Generator().manual_seed(0)
+        self.v = torch.randn(self.sel.size, generator=gen)
+        self.vs = torch.randn(self.sel.size, MATMAT_VECTORS, generator=gen)
 
-    times["setup"], (flm, op) = _timed(setup)
-    assert (flm.prefix is not None) == cached, "the prefix cache did not switch on"
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(flm.dim, generator=gen)
-    vs = torch.randn(flm.dim, MATMAT_VECTORS, generator=gen)
-    op.matvec(v)  # warm: builds the cached backward graph
-    t_matvec, fv = _timed(lambda: [op.matvec(v) for _ in range(3)][-1])
-    t_matmat, _ = _timed(lambda: op.matmat(vs))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a fixed product count need not converge
-        times["curvature"], eig = _timed(
-            lambda: lanczos_eigs(op, 8, max_iter=LANCZOS_PRODUCTS, tol=0.0)
-        )
-    times["trace"], _ = _timed(lambda: hutchpp(op, TRACE_PRODUCTS))
+    def setup(self) -> None:
+        self.flm = FunctionalLM(self.model, self.sel, prefix_cache=self.cached)
+        assert (self.flm.prefix is not None) == self.cached, "the prefix cache did not switch on"
+        self.op = FisherOperator(self.flm, self.batch)
 
-    def gradients() -> torch.Tensor:
-        g = finetune_gradient(flm, batch)
+    def matvec(self) -> torch.Tensor:
+        return self.op.matvec(self.v)
+
+    def matmat(self) -> torch.Tensor:
+        return self.op.matmat(self.vs)
+
+    def curvature(self) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a fixed product count need not converge
+            eig = lanczos_eigs(self.op, 8, max_iter=LANCZOS_PRODUCTS, tol=0.0)
+        return float(eig.values[0])
+
+    def trace(self) -> None:
+        hutchpp(self.op, TRACE_PRODUCTS)
+
+    def gradients(self) -> None:
+        flm, batch = self.flm, self.batch
+        self.g = finetune_gradient(flm, batch)
         w = response_weights(batch, flm.dtype)
         ids = batch.input_ids
         per_sample_grads(flm.example_nll, flm.theta0, (ids, w, *flm.example_extra(ids)))
-        return g
 
-    times["gradients"], g = _timed(gradients)
-    hessian = HessianOperator(lambda t: flm.mean_nll(t, batch), flm.theta0)
-    times["hvp"], _ = _timed(lambda: hessian.matvec(g))
-    times["total"] = sum(times.values())
-    return {
-        "times": times,
-        "matvec_per_s": 3 / t_matvec,
-        "matmat_per_s": MATMAT_VECTORS / t_matmat,
-        "fv": fv,
-        "top_eig": float(eig.values[0]),
-        "n_params": flm.dim,
-    }
+    def hvp(self) -> None:
+        HessianOperator(lambda t: self.flm.mean_nll(t, self.batch), self.flm.theta0).matvec(self.g)
+
+
+STAGES = ("setup", "curvature", "trace", "gradients", "hvp")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="the small bench model")
     args = parser.parse_args()
@@ -116,40 +115,59 @@ def main() -> None:
         f"{cfg.hidden}, vocab {cfg.vocab}; batch {batch.size} x {batch.input_ids.shape[1]} "
         f"tokens; selection {patterns}; torch {torch.__version__}, {args.threads} thread(s)"
     )
-    runs: dict[str, list[dict[str, Any]]] = {"whole": [], "cached": []}
+    paths = {
+        name: BenchPath(model, batch, patterns, name == "cached") for name in ("whole", "cached")
+    }
+    times: dict[str, dict[str, list[float]]] = {n: {} for n in paths}
+    outputs: dict[str, dict[str, Any]] = {n: {} for n in paths}
+    # Every stage and product runs both paths back to back, the order alternating by repeat, so
+    # that background load on a shared machine hits both alike; the fastest repeat is kept.
     for r in range(args.repeats):
         order = ("whole", "cached") if r % 2 == 0 else ("cached", "whole")
-        for name in order:
-            runs[name].append(run_path(model, batch, patterns, cached=name == "cached"))
+        for stage in (*STAGES[:1], "matvec", "matmat", *STAGES[1:]):
+            for name in order:
+                reps = 3 if stage == "matvec" else 1
+                t, out = _timed(
+                    lambda p=paths[name], s=stage, n=reps: [getattr(p, s)() for _ in range(n)]
+                )
+                times[name].setdefault(stage, []).append(t / reps)
+                outputs[name][stage] = out[-1]
+            if stage == "setup":
+                for name in order:
+                    paths[name].matvec()  # warm: builds the cached backward graph
     best = {
         name: {
-            "times": {k: min(x["times"][k] for x in rs) for k in rs[0]["times"]},
-            "matvec_per_s": max(x["matvec_per_s"] for x in rs),
-            "matmat_per_s": max(x["matmat_per_s"] for x in rs),
+            "times": {s: min(times[name][s]) for s in STAGES},
+            "matvec_per_s": 1 / min(times[name]["matvec"]),
+            "matmat_per_s": MATMAT_VECTORS / min(times[name]["matmat"]),
         }
-        for name, rs in runs.items()
+        for name in paths
     }
-    w, c = runs["whole"][0], runs["cached"][0]
-    fv_err = float((w["fv"] - c["fv"]).norm() / w["fv"].norm())
+    for b in best.values():
+        b["times"]["total"] = sum(b["times"].values())
+    fw, fc = outputs["whole"]["matvec"], outputs["cached"]["matvec"]
+    fv_err = float((fw - fc).norm() / fw.norm())
+    n_sel = paths["whole"].sel.size
+    eig_w, eig_c = outputs["whole"]["curvature"], outputs["cached"]["curvature"]
     print(
-        f"selected parameters: {w['n_params']:,}; F v relative difference whole vs cached "
-        f"{fv_err:.1e} (float32); top eigenvalue {w['top_eig']:.6g} vs {c['top_eig']:.6g}"
+        f"selected parameters: {n_sel:,}; F v relative difference whole vs cached "
+        f"{fv_err:.1e} (float32); top eigenvalue {eig_w:.6g} vs {eig_c:.6g}; best of "
+        f"{args.repeats} repeats"
     )
     print()
     print(f"{'':34}{'whole':>10}{'cached':>10}{'speedup':>9}")
-    rows = [
-        ("Fisher products/s, matvec", "matvec_per_s", True),
-        (f"Fisher products/s, matmat x{MATMAT_VECTORS}", "matmat_per_s", True),
-    ]
-    for label, key, higher in rows:
+    for label, key in (
+        ("Fisher products/s, matvec", "matvec_per_s"),
+        (f"Fisher products/s, matmat x{MATMAT_VECTORS}", "matmat_per_s"),
+    ):
         a, b = best["whole"][key], best["cached"][key]
-        print(f"{label:34}{a:10.2f}{b:10.2f}{(b / a if higher else a / b):8.2f}x")
+        print(f"{label:34}{a:10.2f}{b:10.2f}{b / a:8.2f}x")
     for stage in best["whole"]["times"]:
         a, b = best["whole"]["times"][stage], best["cached"]["times"][stage]
         print(f"{'stage ' + stage + ' (s)':34}{a:10.2f}{b:10.2f}{a / b:8.2f}x")
     headline = {
         "bench": "prefix_cache",
-        "n_params_selected": w["n_params"],
+        "n_params_selected": n_sel,
         "matvec_per_s": {k: round(best[k]["matvec_per_s"], 3) for k in best},
         "matmat_per_s": {k: round(best[k]["matmat_per_s"], 3) for k in best},
         "stage_total_s": {k: round(best[k]["times"]["total"], 3) for k in best},
