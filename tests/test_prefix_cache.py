@@ -94,8 +94,9 @@ def test_fisher_products_equal_the_whole_network(pair, jvp_mode):
     batch = random_batch(4)
     before = cached.prefix.n_computed
     ops = [FisherOperator(f, batch, jvp_mode=jvp_mode, chunk_size=3) for f in (whole, cached)]
-    assert 1 <= cached.prefix.n_computed - before <= 2  # one prefix pass per chunk, at most
     u, w = _vec(whole.dim, 1), _vec(whole.dim, 2)
+    ops[1].matvec(w)  # the first product computes the prefix
+    assert 1 <= cached.prefix.n_computed - before <= 2  # one prefix pass per chunk, at most
     vs = torch.stack([u, w, u - w], dim=1)
     # the cached products never run the prefix: count calls of the first decoder layer
     calls = []
