@@ -51,6 +51,10 @@ def test_cli_writes_every_predictor_for_every_candidate(ranked):
     assert res["schema"] == "alignscope.rank/1" and res["seed"] == 0
     assert {"torch", "transformers", "alignscope"} <= set(res["environment"])
     assert res["predictor"] == DEFAULT_PREDICTOR
+    # the trial run's seed: one the planned run (--seed 0) does not use
+    assert res["lookahead_order"] == "independent" and res["trial_seed"] == 7919
+    assert res["config"]["lookahead_order"] == "independent"
+    assert {c["details"]["lookahead"]["seed"] for c in res["candidates"]} == {7919}
     assert len(res["candidates"]) == 2
     for cand in res["candidates"]:
         assert set(cand["predictors"]) == set(PREDICTORS)
@@ -195,6 +199,13 @@ def test_candidates_and_labels():
     assert _label("x/a.jsonl", 3e-5, lrs) == "lr 3e-05"
     sets = RankConfig.from_options(model="m", safety="s", data=["x/a.jsonl", "y/b.jsonl"])
     assert _label("y/b.jsonl", 2e-5, sets) == "b"
+    with pytest.raises(ValueError, match="--lookahead-order 'sideways'"):
+        RankConfig.from_options(
+            model="m", safety="s", data=["a", "b"], lookahead_order="sideways"
+        ).validate()
+    assert sets.ranking.trial_seed(4) == 4 + 7919
+    same = RankConfig.from_options(model="m", safety="s", data=["a", "b"], lookahead_order="same")
+    assert same.ranking.trial_seed(4) == 4
     with pytest.raises(ValueError, match="gradient_similarity needs --compliance"):
         RankConfig.from_options(
             model="m", safety="s", data=["a", "b"], predictor="gradient_similarity"
@@ -210,3 +221,43 @@ def test_lookahead_length_defaults_to_a_tenth_of_the_plan():
     assert n(steps=200) == 20 and n(steps=1000) == 100
     assert n(steps=50) == 12 and n(steps=8) == 8  # at least 12, never beyond the plan
     assert n(steps=200, lookahead_steps=5) == 5
+
+
+def test_trial_run_order_is_independent_by_default_and_same_on_request(organism_test):
+    """The trial run draws another batch order than the planned run (seed + TRIAL_SEED_OFFSET),
+    so its KL is not verify's; ``same`` replays verify's first steps bit for bit."""
+    from alignscope.commands.predictors import RankState
+    from alignscope.commands.verify import VerifyConfig, run_verify
+    from alignscope.config import TRIAL_SEED_OFFSET
+    from alignscope.train.stream import batch_indices
+
+    org = organism_test
+    fast = dict(max_safety=12, max_data=16, noise_examples=4, rank=4, threads=1, max_eval=4)
+    vcfg = VerifyConfig.for_organism(
+        org, "benign_affirmative", lr=1e-3, batch_size=16, steps=6, seed=3, **fast
+    )
+    model, tok = org.aligned_model(), org.tokenizer()
+    state = RankState(vcfg.diagnose_config(), lookahead_steps=6, model=model, tokenizer=tok)
+    assert state.lookahead_order == "independent"
+    assert state.trial_seed() == 3 + TRIAL_SEED_OFFSET and state.trial_seed(order="same") == 3
+    geo = state.geometry(vcfg.finetune.data)
+    n = len(geo.rows)
+    planned = batch_indices(n, 16, 3)
+    trial = batch_indices(n, 16, state.trial_seed())
+    assert [next(trial) for _ in range(6)] != [next(planned) for _ in range(6)]
+
+    ver = run_verify(vcfg, diagnosis=geo.diagnosis, model=model, tokenizer=tok, quiet=True)
+    verify_kl = {r["step"]: r["kl"] for r in ver.trajectory}
+    assert sorted(verify_kl) == [0, 1, 2, 3, 4, 6]
+    for how, same in (("independent", False), ("same", True)):
+        ks, kls, _, _ = state.lookahead(geo, "adamw", 1e-3, order=how)
+        trial_kl = dict(zip(ks, kls, strict=True))
+        assert trial_kl[0] == verify_kl[0] == 0.0
+        for k in (1, 2, 3, 4, 6):
+            if same:
+                assert trial_kl[k] == verify_kl[k], (how, k)  # bit-identical
+            else:
+                assert trial_kl[k] != pytest.approx(verify_kl[k], rel=1e-3), (how, k)
+    with pytest.raises(ValueError, match="lookahead order"):
+        RankState(vcfg.diagnose_config(), lookahead_steps=6, lookahead_order="shuffled",
+                  model=model, tokenizer=tok)  # fmt: skip

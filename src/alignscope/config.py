@@ -24,6 +24,11 @@ DEFAULT_LR = 2e-5
 # README.md, "Which predictor works": Spearman 0.91 with the observed refusal drop, AUC 0.97 for
 # collapse, over 108 runs on the test organism).
 DEFAULT_PREDICTOR = "lookahead_kl_measured"
+# rank's trial run (lookahead) draws its batches with the planned run's seed plus this offset
+# (a prime, so trial and planned orders never coincide for nearby seeds): a prediction made on
+# an order the planned run does not use, as a user's real run will (docs/rank.md).
+TRIAL_SEED_OFFSET = 7919
+LOOKAHEAD_ORDERS = ("independent", "same")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spelled out rather than read from data.loaders, which would import torch before --help;
 # tests/test_loaders.py checks that it names every format.
@@ -318,6 +323,11 @@ class RankingSpec:
         None, "Optimizer steps of the trial run (lookahead) (default: a tenth of --steps, at "
         "least 12).",
     )  # fmt: skip
+    lookahead_order: str = option(
+        "independent", "Data order and seed of the trial run: independent (--seed + "
+        f"{TRIAL_SEED_OFFSET}, an order the planned run does not use) | same (the planned "
+        "run's --seed: the trial replays its first batches).",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.data = list(self.data)
@@ -333,6 +343,21 @@ class RankingSpec:
             raise ValueError("--data: the same fine-tuning set is given twice")
         if self.lookahead_steps is not None and self.lookahead_steps < 1:
             raise ValueError("--lookahead-steps must be in 1..--steps")
+        if self.lookahead_order not in LOOKAHEAD_ORDERS:
+            raise ValueError(
+                f"--lookahead-order {self.lookahead_order!r}: use {' or '.join(LOOKAHEAD_ORDERS)}"
+            )
+
+    def trial_seed(self, seed: int) -> int:
+        """The seed of the trial run's batch order (and torch draws) for a planned ``seed``."""
+        return trial_seed(seed, self.lookahead_order)
+
+
+def trial_seed(seed: int, order: str = "independent") -> int:
+    """The trial run's seed: ``seed + TRIAL_SEED_OFFSET`` (independent) or ``seed`` (same)."""
+    if order not in LOOKAHEAD_ORDERS:
+        raise ValueError(f"lookahead order {order!r}: use {' or '.join(LOOKAHEAD_ORDERS)}")
+    return seed + TRIAL_SEED_OFFSET if order == "independent" else seed
 
 
 # Spelled out rather than read from train.guards (torch); tests/test_finetune.py checks them.

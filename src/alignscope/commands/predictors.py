@@ -24,7 +24,10 @@ Predictors (docs/theory.md, "Predictors of damage"; issue #7):
   of compliant answers to harmful prompts (in the spirit of He et al. 2024);
 - ``lookahead_kl`` / ``lookahead_collapse_step``: a few real optimizer steps on a copy of the
   model, the alignment KL measured at each, its power-law trend extrapolated to the budget;
-  ``lookahead_kl_measured``: the KL at the end of that run, not extrapolated.
+  ``lookahead_kl_measured``: the KL at the end of that run, not extrapolated. By default this
+  trial run draws its batches on a seed the planned run does not use (``seed +
+  TRIAL_SEED_OFFSET``, :func:`alignscope.config.trial_seed`); ``lookahead_order="same"`` replays
+  the planned run's order instead (its first steps, exactly).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 
 from alignscope.commands.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
-from alignscope.config import DEFAULT_PREDICTOR
+from alignscope.config import DEFAULT_PREDICTOR, trial_seed
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.sample import subsample
@@ -240,8 +243,11 @@ class RankState:
     ``base``: the diagnosis config of the model as configured (its adapter included, any one
     candidate set); every candidate is diagnosed with it, on the loaded model. ``compliance``:
     harmful prompts with compliant answers (the gradient-similarity reference), or None.
-    ``lookahead_steps``: optimizer steps of each lookahead run. ``eval_prompts``: held-out
-    harmful prompts whose refusal rate each lookahead measures at its first and last step.
+    ``lookahead_steps``: optimizer steps of each lookahead run. ``lookahead_order``:
+    ``"independent"`` (default: the trial run's batch order and torch draws are seeded with
+    ``trial_seed(seed)``, an order the planned run does not use) or ``"same"`` (the planned
+    run's seed). ``eval_prompts``: held-out harmful prompts whose refusal rate each lookahead
+    measures at its first and last step.
     """
 
     def __init__(
@@ -249,6 +255,7 @@ class RankState:
         base: DiagnoseConfig,
         *,
         lookahead_steps: int,
+        lookahead_order: str = "independent",
         compliance: str | None = None,
         eval_prompts: Sequence[str] | None = None,
         model=None,
@@ -259,6 +266,8 @@ class RankState:
         self.cfg = base
         self.compliance = compliance
         self.lookahead_steps = lookahead_steps
+        trial_seed(0, lookahead_order)  # checks the name
+        self.lookahead_order = lookahead_order
         self.eval_prompts = list(eval_prompts) if eval_prompts is not None else None
         self.quiet = quiet
         self.shared_timings: dict[str, float] = {}
@@ -352,9 +361,23 @@ class RankState:
             threshold=self.cfg.optim.threshold,
         )
 
+    def trial_seed(self, seed: int | None = None, order: str | None = None) -> int:
+        """The trial run's seed for a planned run on ``seed`` (default the config's)."""
+        planned = self.cfg.runtime.seed if seed is None else seed
+        return trial_seed(planned, order or self.lookahead_order)
+
     def lookahead(
-        self, geo: CandidateGeometry, optimizer: str, lr: float, seed: int | None = None
+        self,
+        geo: CandidateGeometry,
+        optimizer: str,
+        lr: float,
+        seed: int | None = None,
+        *,
+        order: str | None = None,
+        n_steps: int | None = None,
     ) -> tuple[list[int], list[float], dict[int, float], float]:
+        """The trial run for a planned run on ``seed``: ``(steps, KL, refusal, seconds)``.
+        ``order`` and ``n_steps`` override the state's ``lookahead_order`` and length."""
         start = time.perf_counter()
         ks, kls, refusal = run_lookahead(
             self.model,
@@ -363,9 +386,9 @@ class RankState:
             geo.rows,
             optimizer=optimizer,
             lr=lr,
-            n_steps=self.lookahead_steps,
+            n_steps=self.lookahead_steps if n_steps is None else n_steps,
             batch_size=self.cfg.optim.batch_size,
-            seed=self.cfg.runtime.seed if seed is None else seed,
+            seed=self.trial_seed(seed, order),
             max_length=self.cfg.datasets.max_length,
             params=self.cfg.param_spec(),
             eval_prompts=self.eval_prompts,
@@ -375,7 +398,9 @@ class RankState:
     def predict(
         self, geo: CandidateGeometry, optimizer: str, lr: float, seed: int | None = None
     ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-        """Every predictor for one candidate: ``({name: {value, score, seconds}}, details)``."""
+        """Every predictor for one candidate: ``({name: {value, score, seconds}}, details)``.
+        ``seed``: the planned run's (default the config's); the trial run's seed and order are
+        in ``details["lookahead"]``."""
         steps = self.cfg.optim.steps
         start = time.perf_counter()
         fc = self.forecast(geo, optimizer, lr)
@@ -426,6 +451,8 @@ class RankState:
             },
             "forecast_dL_step": len(dl) if dl else None,
             "lookahead": {
+                "order": self.lookahead_order,
+                "seed": self.trial_seed(seed),
                 "steps": ks,
                 "kl": kls,
                 "exponent": trend.exponent,

@@ -135,6 +135,9 @@ class RankResult:
                 "mode": self.mode,
                 "parameters": self.parameters,
                 "predictor": self.config.ranking.predictor,
+                # the trial run's batch order: the planned --seed (same) or one it does not use
+                "lookahead_order": self.config.ranking.lookahead_order,
+                "trial_seed": self.config.ranking.trial_seed(self.config.runtime.seed),
                 "predictor_descriptions": PREDICTORS,
                 "candidates": cands,
                 "ranking": [cands[i]["label"] for i in self.ranking],
@@ -233,8 +236,9 @@ def run_rank(
     with stages.stage("load", cfg.model.model):
         state = RankState(
             cfg.model_config(), lookahead_steps=cfg.n_lookahead,
-            compliance=cfg.ranking.compliance, eval_prompts=cfg.eval_prompts(), model=model,
-            tokenizer=tokenizer, quiet=True, subspace=subspace,
+            lookahead_order=cfg.ranking.lookahead_order, compliance=cfg.ranking.compliance,
+            eval_prompts=cfg.eval_prompts(), model=model, tokenizer=tokenizer, quiet=True,
+            subspace=subspace,
         )  # fmt: skip
     candidates: list[dict[str, Any]] = []
     parameters = None
