@@ -437,6 +437,13 @@ def breakdown(rows: list[dict], default_n: int) -> dict:
             "crossed_in_budget_without_collapse": fired_safe,
         }  # fmt: skip
     fc = [r for r in rows if r["predictors"]["forecast_collapse_step"]["value"]]
+    horizon = {}  # the forecast's validity horizon (steps) per optimizer: min, median, max
+    for o in LRS:
+        h = [r["details"]["forecast"]["horizon_steps"] for r in rows if r["optimizer"] == o]
+        h = [x for x in h if x is not None]
+        if h:
+            horizon[o] = [int(min(h)), float(np.median(h)), int(max(h))]
+    out["forecast_horizon_steps"] = horizon
     out["forecast_collapse_step_fired"] = {
         "runs": len(fc),
         "of_which_instant_collapses": sum(
@@ -521,6 +528,7 @@ def print_breakdown(b: dict) -> None:
             print(f"| {name} | " + " | ".join(_f(fixed[c][name]) for c in cols) + " |")
     print("\ncollapses:", json.dumps(b["collapses"]))
     print("forecast_collapse_step fired:", json.dumps(b["forecast_collapse_step_fired"]))
+    print("forecast horizon steps (min, median, max):", json.dumps(b["forecast_horizon_steps"]))
     print("trial KL vs the scored run's KL (steps both recorded):",
           json.dumps(b["trial_vs_scored_run_kl"]))  # fmt: skip
     print("default trial's power-law exponent:", json.dumps(b["trial_exponent"]))
@@ -663,7 +671,8 @@ def main(argv=None) -> None:
         grids.append(("confirmation", Path(args.confirm)))
     headline: dict = {}
     for label, path in grids:
-        rows = [r for r in load_rows(path) if r["seed"] in args.seeds]
+        keep = args.optimizers or list(LRS)
+        rows = [r for r in load_rows(path) if r["seed"] in args.seeds and r["optimizer"] in keep]
         if not rows:
             print(f"{path}: no rows", file=sys.stderr)
             continue
