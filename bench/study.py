@@ -99,11 +99,15 @@ def trial_predictors(
 
     k = [s for s in ks if s <= n]
     v = kls[: len(k)]
-    trend = extrapolate_trend(k, v, steps, threshold)
+    # a diverged trial (KL inf/NaN, stored as null) is the most damage there is; its trend is
+    # fitted on the steps before it diverged
+    ok = [(s, x) for s, x in zip(k, v, strict=True) if x is not None and math.isfinite(x)]
+    trend = extrapolate_trend([s for s, _ in ok], [x for _, x in ok], steps, threshold)
+    last = v[-1] if v[-1] is not None and math.isfinite(v[-1]) else math.inf
     secs = seconds * n / ks[-1]
     step = trend.crossing_step
     return {
-        "lookahead_kl_measured": {"value": v[-1], "score": v[-1], "seconds": secs},
+        "lookahead_kl_measured": {"value": last, "score": last, "seconds": secs},
         "lookahead_kl": {"value": trend.value_at_target, "score": trend.value_at_target,
                          "seconds": secs},
         "lookahead_collapse_step": {"value": step, "score": steps / step if step else 0.0,
@@ -295,7 +299,7 @@ def metrics(rows: list[dict], name: str) -> dict:
     for r in rows:
         groups.setdefault((r["optimizer"], r["lr"], r["seed"]), []).append(r)
     scores = [_score(r, name) for r in rows]
-    finite = [s if math.isfinite(s) else -1e300 for s in scores]
+    finite = [s if math.isfinite(s) else math.copysign(1e300, s) for s in scores]
     within = [
         _spearman([_score(r, name) for r in g], [r["observed"]["refusal_drop"] for r in g])
         for g in groups.values()
@@ -459,7 +463,7 @@ def breakdown(rows: list[dict], default_n: int) -> dict:
             t = r["trials"][order]
             trial = dict(zip(t["steps"], t["kl"], strict=True))
             for k, v in zip(r["trajectory"]["step"], r["trajectory"]["kl"], strict=True):
-                if 1 <= k <= t["steps"][-1] and k in trial:
+                if 1 <= k <= t["steps"][-1] and trial.get(k) is not None and v is not None:
                     equal += trial[k] == v
                     rel.append(abs(trial[k] - v) / max(abs(v), 1e-12))
         check[order] = {"points": len(rel), "bit_identical": int(equal),
