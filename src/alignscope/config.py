@@ -21,8 +21,9 @@ DEFAULT_RANK = 20  # subspace dimension d unless --explained
 EXPLAINED_MAX_RANK = 40  # eigenpairs computed when --explained chooses d
 DEFAULT_LR = 2e-5
 # The predictor rank orders by unless told otherwise: the winner of bench/study.py (see
-# README.md, "Which predictor works": Spearman 0.91 with the observed refusal drop, AUC 0.97 for
-# collapse, over 108 runs on the test organism).
+# README.md, "Which predictor works": with a 20-step trial on an independent order, Spearman
+# 0.93 / 0.94 with the observed refusal drop and AUC 0.97 / 0.96 for collapse, over 18 AdamW runs
+# on each of two test organisms; a partial grid).
 DEFAULT_PREDICTOR = "lookahead_kl_measured"
 # rank's trial run (lookahead) draws its batches with the planned run's seed plus this offset
 # (a prime, so trial and planned orders never coincide for nearby seeds): a prediction made on
