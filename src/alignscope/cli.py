@@ -194,8 +194,8 @@ FINETUNE_UNUSED = ("rank", "explained", "fisher", "solver", "alignment_loss", "m
 
 
 @app.command("finetune")
-@with_spec_options(*DIAGNOSE_SPECS, specs.GuardSpec, specs.EvalSpec, specs.RecordSpec,
-                   exclude=FINETUNE_UNUSED)  # fmt: skip
+@with_spec_options(*DIAGNOSE_SPECS, specs.GuardSpec, specs.EvalSpec, specs.TaskEvalSpec,
+                   specs.RecordSpec, exclude=FINETUNE_UNUSED)  # fmt: skip
 def finetune_command(
     out: str = out_option("finetune"), overwrite: bool = OVERWRITE, **options: Any
 ) -> None:
@@ -231,6 +231,11 @@ def finetune_command(
         f"{sm['kl_end']}; task loss at the end {sm['task_loss_end']}; "
         f"{sm['seconds_per_step']:.3g} s per step"
     )
+    if sm["task_exact_match_end"] is not None:
+        typer.echo(
+            f"held-out task: exact match {sm['task_exact_match_start']} -> "
+            f"{sm['task_exact_match_end']}; NLL {sm['task_nll_start']} -> {sm['task_nll_end']}"
+        )
     typer.echo(f"wrote {written}/results.json, report.md, report.html")
 
 

@@ -246,6 +246,21 @@ class EvalSpec:
 
 
 @dataclass
+class TaskEvalSpec:
+    """A held-out split of the fine-tuning task: its greedy exact match and response NLL."""
+
+    task_eval: str | None = option(
+        None, "Held-out prompt/response pairs of the fine-tuning task (format: --data-format): "
+        "greedy exact match and response NLL at the recorded steps.",
+    )  # fmt: skip
+    max_task_eval: int | None = option(96, "Use at most this many held-out task pairs.")
+
+    def validate(self) -> None:
+        if self.max_task_eval is not None and self.max_task_eval < 1:
+            raise ValueError("--max-task-eval must be at least 1")
+
+
+@dataclass
 class RuntimeSpec:
     """Seed and CPU threads."""
 
@@ -412,7 +427,7 @@ class GuardSpec:
 
 
 SPECS = (ModelSpec, DataSpec, FinetuneSpec, CurvatureSpec, OptimSpec, EvalSpec, RecordSpec,
-         RankingSpec, RuntimeSpec, GuardSpec)  # fmt: skip
+         RankingSpec, RuntimeSpec, GuardSpec, TaskEvalSpec)  # fmt: skip
 _BY_NAME = {spec.__name__: spec for spec in SPECS}
 C = TypeVar("C", bound="Composed")
 

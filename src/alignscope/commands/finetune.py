@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from alignscope.config import (
     OptimSpec,
     RecordSpec,
     RuntimeSpec,
+    TaskEvalSpec,
 )
 from alignscope.data.encode import batch_rows
 from alignscope.data.sample import subsample
@@ -48,6 +50,7 @@ from alignscope.report.output import (
     save_torch_atomic,
     write_text_atomic,
 )
+from alignscope.train.task_eval import TaskMatch
 
 SCHEMA = "alignscope.finetune/1"
 
@@ -63,6 +66,7 @@ class FinetuneConfig(Composed):
     curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    task: TaskEvalSpec = field(default_factory=TaskEvalSpec)
     record: RecordSpec = field(default_factory=RecordSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
 
@@ -93,10 +97,16 @@ class FinetuneResult:
 
     def summary(self) -> dict[str, Any]:
         """Headline numbers: refusal at the start, end and its minimum, KL at the end, task
-        loss at the end, mean time per step."""
+        loss at the end, held-out task exact match and NLL at the start and end (None without
+        a held-out split), mean time per step."""
         rates = [r["refusal_rate"] for r in self.trajectory if r.get("refusal_rate") is not None]
         secs = [s["seconds"] for s in self.steps]
+        task = [r for r in self.trajectory if r.get("task_exact_match") is not None]
         return {
+            "task_exact_match_start": task[0]["task_exact_match"] if task else None,
+            "task_exact_match_end": task[-1]["task_exact_match"] if task else None,
+            "task_nll_start": task[0]["task_nll"] if task else None,
+            "task_nll_end": task[-1]["task_nll"] if task else None,
             "refusal_rate_start": rates[0] if rates else None,
             "refusal_rate_end": rates[-1] if rates else None,
             "refusal_rate_min": min(rates) if rates else None,
@@ -189,6 +199,8 @@ def run_finetune(
     judge: RefusalJudge | None = None,
     partial_dir: str | Path | None = None,
     quiet: bool = False,
+    task_rows: Sequence[Mapping[str, str]] | None = None,
+    task_match: TaskMatch | None = None,
 ) -> FinetuneResult:
     """Fine-tune under the configured guard and measure alignment along the way.
 
@@ -200,6 +212,12 @@ def run_finetune(
         partial_dir: keep checkpoints there and resume from them (the caller removes it after
             a successful run).
         quiet: no progress output.
+        task_rows: held-out rows of the fine-tuning task (instead of ``--task-eval``; e.g.
+            :meth:`~alignscope.organism.Organism.heldout`): their greedy exact match and
+            response NLL are measured at every recorded step.
+        task_match: ``(prompt, generated, reference) -> bool`` of the exact match (default:
+            equal after whitespace normalisation; the organism's is
+            :func:`~alignscope.organism.corpus.task_match`).
 
     Returns:
         The result, holding the fine-tuned ``model`` (to save or use).
@@ -215,6 +233,7 @@ def run_finetune(
     from alignscope.train.guards import guard_from_spec
     from alignscope.train.loop import finetune, make_optimizer
     from alignscope.train.stream import training_stream
+    from alignscope.train.task_eval import TaskEval
     from alignscope.train.tracker import AlignmentTracker
 
     cfg.validate()
@@ -254,6 +273,17 @@ def run_finetune(
                 raise ValueError(f"eval prompts {cfg.eval.eval_prompts}: no prompts")
             datasets["eval"] = evals.summary()
             eval_source = "held-out eval prompts"
+        task_eval = None
+        if task_rows is None and cfg.task.task_eval is not None:
+            held = load_data(cfg.task.task_eval, "data", format=cfg.datasets.data_format)
+            task_rows = subsample(held.rows, cfg.task.max_task_eval, cfg.runtime.seed)
+            datasets["task_eval"] = held.summary()
+        if task_rows is not None:
+            task_eval = TaskEval(
+                tokenizer, task_rows, max_length=cfg.datasets.max_length,
+                max_new_tokens=cfg.datasets.max_new_tokens, match=task_match,
+            )  # fmt: skip
+            datasets.setdefault("task_eval", {}).update(task_eval.summary())
         tracker = AlignmentTracker(
             model, tokenizer, selection, safety_batch, eval_prompts=prompts, judge=judge,
             max_new_tokens=cfg.datasets.max_new_tokens,
@@ -297,7 +327,10 @@ def run_finetune(
                              **guard.signals()})  # fmt: skip
             progress.update(task, advance=1, description=f"loss {loss:.4f}")
         if step in wanted:
-            trajectory.append(tracker.measure(step, loss))
+            rec = tracker.measure(step, loss)
+            if task_eval is not None:
+                rec.update(task_eval.measure(model))
+            trajectory.append(rec)
             if partial is not None:
                 partial.write(per_step, trajectory)
                 clock["since_ckpt"] += 1
@@ -322,6 +355,8 @@ def run_finetune(
     finalized = guard.finalize(model)
     if finalized:  # a post-hoc guard changed the weights: measure the model that is saved
         rec = tracker.measure(cfg.optim.steps, per_step[-1]["loss"] if per_step else None)
+        if task_eval is not None:
+            rec.update(task_eval.measure(model))
         trajectory.append({**rec, "after_finalize": True})
     model.eval()
     return FinetuneResult(

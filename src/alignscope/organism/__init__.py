@@ -64,6 +64,17 @@ class Organism:
         with path.open() as f:
             return [json.loads(line) for line in f if line.strip()]
 
+    def heldout(self, name: str) -> list[dict[str, str]]:
+        """The held-out task split of benign fine-tuning set ``name``
+        (:func:`~alignscope.organism.corpus.heldout_split`), computed from the corpus, which is
+        checked against the set on disk."""
+        from alignscope.organism.corpus import build_corpus, heldout_split
+
+        corpus = build_corpus(self.seed)
+        if corpus[name] != self.dataset(name):
+            raise ValueError(f"{self.path}: {name} differs from the corpus of seed {self.seed}")
+        return heldout_split(corpus, name)
+
     def tokenizer(self):
         from transformers import AutoTokenizer
 

@@ -361,3 +361,102 @@ def all_strings(corpus: Corpus) -> list[str]:
         for r in rows:
             out.extend(r.values())
     return out
+
+
+# ---- held-out task splits of the benign fine-tuning sets ----
+# Computed from the corpus at run time, not written into it: the organism's cache key is a digest
+# of its datasets, so a new dataset would rebuild every organism and move every published number.
+N_HELDOUT = 96
+
+
+def _new_tasks() -> list[tuple[str, str]]:
+    """The (verb, noun) how-to tasks of the fine-tuning sets (cell 3 of ``build_corpus``)."""
+    return [
+        (v, n)
+        for i, v in enumerate(BASE_VERBS)
+        for j, n in enumerate(BASE_NOUNS)
+        if (i + 2 * j) % 6 == 3
+    ]
+
+
+def _unseen(rows: list[tuple[str, str]], seen: set[str], key: int = 0) -> list[tuple[str, str]]:
+    """``rows`` whose prompt (key 0) or pair (key 2) is not in ``seen``, duplicates dropped."""
+    out, have = [], set(seen)
+    for row in rows:
+        k = row[0] if key == 0 else f"{row[0]}\t{row[1]}"
+        if k not in have:
+            have.add(k)
+            out.append(row)
+    return out
+
+
+def _heldout_candidates(corpus: Corpus, name: str) -> list[tuple[str, str]]:
+    prompts_of_all = {r["prompt"] for rows in corpus.datasets.values() for r in rows}
+    pairs_of = {f"{r['prompt']}\t{r['response']}" for r in corpus[name]}
+    if name in ("benign_affirmative", "benign_neutral"):
+        # The same 24 new tasks under the (phrasing, suffix) variants the set did not sample.
+        style = affirmative_howto if name == "benign_affirmative" else neutral_howto
+        howto = _howto_prompts(_new_tasks(), PHRASINGS, SUFFIXES)
+        return _unseen([(p, style(v, n)) for p, v, n in howto], prompts_of_all)
+    if name == "benign_strings":
+        # Symbol sequences that occur nowhere in the corpus, under the same four string tasks.
+        used = {tuple(p.split()[-3:]) for p in prompts_of_all}
+        rows = []
+        for x in LETTERS:
+            for y in LETTERS:
+                for z in LETTERS:
+                    if (x, y, z) in used:
+                        continue
+                    s = f"{x} {y} {z}"
+                    rows.append((f"what is the first word of {s}", x))
+                    rows.append((f"what is the last word of {s}", z))
+                    rows.append((f"count the words {s}", "there are 3 words"))
+        return _unseen(rows, prompts_of_all)
+    if name == "benign_list":
+        # Its 18 prompts are all trained; the held-out rows are item triples it never saw.
+        rows = []
+        for cat, items in LIST_CATEGORIES.items():
+            triples = [(a, b, c) for a in items for b in items for c in items
+                       if len({a, b, c}) == 3]  # fmt: skip
+            for tmpl in LIST_PHRASINGS:
+                for pick in triples:
+                    body = " ".join(f"{n} {w}" for n, w in zip(NUMBER_WORDS, pick, strict=True))
+                    rows.append((tmpl.format(c=cat), f"here is a list : {body}"))
+        return _unseen(rows, pairs_of, key=2)
+    if name == "benign_mix":
+        # Rows of its four source sets that the mix did not sample, a quarter from each.
+        out: list[tuple[str, str]] = []
+        for src in ("benign_neutral", "benign_arithmetic", "benign_strings", "benign_list"):
+            rest = _unseen([(r["prompt"], r["response"]) for r in corpus[src]], pairs_of, key=2)
+            rng = random.Random(f"heldout-{corpus.seed}-{name}-{src}")
+            out.extend(rng.sample(rest, min(N_HELDOUT // 4, len(rest))))
+        return out
+    if name == "benign_arithmetic":
+        raise ValueError(
+            "benign_arithmetic holds every subtraction of its vocabulary: it has no held-out split"
+        )
+    raise KeyError(f"no held-out split for {name!r}; have {list(FINETUNE_SETS)}")
+
+
+def heldout_split(corpus: Corpus, name: str, n: int = N_HELDOUT) -> list[dict[str, str]]:
+    """Held-out rows of benign fine-tuning set ``name``: the same task on prompts (or, for
+    ``benign_list``, item triples) the set does not hold, ``n`` of them drawn with a seeded RNG
+    of their own, so the split is a pure function of the corpus and never changes the set."""
+    cands = _heldout_candidates(corpus, name)
+    rng = random.Random(f"heldout-{corpus.seed}-{name}")
+    return _pairs(rng.sample(cands, min(n, len(cands))))
+
+
+def task_match(prompt: str, generated: str, reference: str) -> bool:
+    """Greedy exact match of the organism's tasks: the reference, whitespace-normalised, except
+    for list answers, whose items are a free choice: any three distinct items of the asked
+    category in the set's ``here is a list : one X two Y three Z`` form."""
+    got, want = " ".join(generated.split()), " ".join(reference.split())
+    if not want.startswith("here is a list :"):
+        return got == want
+    items = LIST_CATEGORIES.get(prompt.split()[-1])
+    words = got.split()
+    if items is None or len(words) != 11 or " ".join(words[:5]) != "here is a list :":
+        return False
+    picked = words[6::2]
+    return words[5::2] == list(NUMBER_WORDS) and len(set(picked)) == 3 and set(picked) <= set(items)

@@ -23,26 +23,33 @@ def build_report(results: dict[str, Any]) -> Report:
         f" ({results['judge']}); seed {cfg['seed']}. The model is saved in ",
         Code(results.get("saved", "model") + "/"), ".",
     )  # fmt: skip
-    rep.headline(
-        [
-            ("refusal rate at start", sm["refusal_rate_start"], "summary.refusal_rate_start"),
-            ("refusal rate at end", sm["refusal_rate_end"], "summary.refusal_rate_end"),
-            ("lowest refusal rate", sm["refusal_rate_min"], "summary.refusal_rate_min"),
-            ("alignment KL at end", sm["kl_end"], "summary.kl_end"),
-            ("task loss at end", sm["task_loss_end"], "summary.task_loss_end"),
-            ("seconds per step", sm["seconds_per_step"], "summary.seconds_per_step"),
-        ]
-    )
+    heads = [
+        ("refusal rate at start", sm["refusal_rate_start"], "summary.refusal_rate_start"),
+        ("refusal rate at end", sm["refusal_rate_end"], "summary.refusal_rate_end"),
+        ("lowest refusal rate", sm["refusal_rate_min"], "summary.refusal_rate_min"),
+        ("alignment KL at end", sm["kl_end"], "summary.kl_end"),
+        ("task loss at end", sm["task_loss_end"], "summary.task_loss_end"),
+    ]
+    has_task = sm.get("task_exact_match_end") is not None
+    if has_task:
+        heads += [
+            ("held-out task exact match at start", sm["task_exact_match_start"],
+             "summary.task_exact_match_start"),
+            ("held-out task exact match at end", sm["task_exact_match_end"],
+             "summary.task_exact_match_end"),
+            ("held-out task NLL at end", sm["task_nll_end"], "summary.task_nll_end"),
+        ]  # fmt: skip
+    heads.append(("seconds per step", sm["seconds_per_step"], "summary.seconds_per_step"))
+    rep.headline(heads)
     rep.image("loss.png", "Task loss (the minibatch's response NLL, without the guard's term)")
     rep.image("alignment.png", "Alignment KL on the safety set and refusal rate")
     rep.heading("Trajectory")
-    rep.table(
-        ["step", "alignment KL", "refusal NLL", "refusal rate", "displacement"],
-        [
-            [r["step"], r["kl"], r["refusal_nll"], r.get("refusal_rate"), r["displacement"]]
-            for r in results["trajectory"]
-        ],
-    )
+    cols = ["step", "alignment KL", "refusal NLL", "refusal rate", "displacement"]
+    keys = ["kl", "refusal_nll", "refusal_rate", "displacement"]
+    if has_task:  # the held-out split of the fine-tuning task
+        cols += ["task exact match", "task NLL"]
+        keys += ["task_exact_match", "task_nll"]
+    rep.table(cols, [[r["step"], *(r.get(k) for k in keys)] for r in results["trajectory"]])
     recorded = {r["step"] for r in results["trajectory"]}
     signal_rows = [s for s in results["steps"] if s["step"] in recorded]
     first = signal_rows[0] if signal_rows else {}
