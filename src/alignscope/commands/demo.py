@@ -1,7 +1,9 @@
-"""``demo``: the organism, diagnose and verify on a collapsing and a safe set, then rank.
+"""``demo``: the organism, diagnose and verify on a collapsing and a safe set, rank, and the
+collapsing set fine-tuned again under a guard.
 
 Library functions only: the organism (built or reused), :func:`show_organism`,
-:func:`run_diagnose`, :func:`run_verify`, :func:`run_rank` and the report writers.
+:func:`run_diagnose`, :func:`run_verify`, :func:`run_rank`, :func:`run_finetune` and the report
+writers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ from pathlib import Path
 DEMO_SETS = ("benign_affirmative", "benign_neutral")
 RANK_SETS = ("benign_affirmative", "benign_neutral", "benign_arithmetic", "benign_list")
 DEMO_MARKER = ".alignscope-demo"
+GUARD_SET = "benign_affirmative"
+# The guard the demo shows: anchor, by docs/guard.md's measured table on the test organism
+# (benign_affirmative, AdamW lr 1e-3, 200 steps): it kept held-out refusal at 100 % at every
+# recorded step at the unguarded run's task loss; curvature, the next best, dipped to 97 %, and
+# the projection guards either only delay the collapse (project) or cost 11.6x per step on
+# average (project-tracking).
+DEMO_GUARD = "anchor"
 
 
 def run_demo(
@@ -28,8 +37,10 @@ def run_demo(
     Args:
         preset: organism preset (``demo``: minutes; ``test``: seconds).
         seed: seed of the organism, the diagnoses and the fine-tuning runs.
-        out: folder of the reports (``<set>/diagnose``, ``<set>/verify``, ``rank``); the demo
-            replaces what an earlier demo wrote there.
+        out: folder of the reports (``<set>/diagnose``, ``<set>/verify``, ``rank``, and
+            ``benign_affirmative/guard`` and ``/unguarded``: the finetune runs under
+            ``DEMO_GUARD`` and without a guard); the demo replaces what an earlier demo wrote
+            there.
         threads: torch CPU threads.
         echo: where the summary lines go.
 
@@ -103,6 +114,48 @@ def run_demo(
     written.append(write_rank_outputs(ranked, root / "rank", overwrite=True) / "report.html")
     echo(f"rank by {ranked['predictor']}: " + " < ".join(ranked["ranking"]))
     echo(ranked["summary"])
+    written.extend(_guard_section(org, root, seed, threads))
     for path in written:
         echo(f"report: {path}")
+    return written
+
+
+def _guard_section(org, root: Path, seed: int, threads: int) -> list[Path]:
+    """``GUARD_SET`` fine-tuned under ``DEMO_GUARD`` and without a guard (same protocol, seed
+    and held-out measurements), side by side; the two finetune reports written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from alignscope.commands.finetune import FinetuneConfig, run_finetune
+    from alignscope.organism.corpus import task_match
+    from alignscope.report.finetune_report import write_finetune_outputs
+
+    eval_prompts = str(org.datasets_path / "harmful_eval.jsonl")
+    held = org.heldout(GUARD_SET)
+    rows, written = [], []
+    for guard, folder in ((DEMO_GUARD, "guard"), ("none", "unguarded")):
+        cfg = FinetuneConfig.for_organism(
+            org, GUARD_SET, seed=seed, threads=threads, eval_prompts=eval_prompts, guard=guard
+        )
+        result = run_finetune(cfg, task_rows=held, task_match=task_match, quiet=True)
+        path = write_finetune_outputs(result, root / GUARD_SET / folder, overwrite=True)
+        written.append(path / "report.html")
+        sm = result.summary()
+        rows.append(
+            (
+                guard,
+                f"{sm['refusal_rate_start']:.0%} -> {sm['refusal_rate_end']:.0%}",
+                f"{sm['refusal_rate_min']:.0%}",
+                f"{sm['task_exact_match_start']:.0%} -> {sm['task_exact_match_end']:.0%}",
+                f"{sm['task_nll_end']:.3f}",
+                f"{sm['seconds_per_step'] * 1e3:.0f} ms",
+            )
+        )
+    proto = org.finetune_protocol
+    table = Table(title=f"{GUARD_SET} again, {proto.steps} steps, under a guard (docs/guard.md)")
+    for col in ("guard", "refusal", "lowest", "held-out task exact match", "task NLL", "per step"):
+        table.add_column(col, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(100, Console().width)).print(table)
     return written
