@@ -201,6 +201,7 @@ def run_finetune(
     quiet: bool = False,
     task_rows: Sequence[Mapping[str, str]] | None = None,
     task_match: TaskMatch | None = None,
+    guard: Any = None,
 ) -> FinetuneResult:
     """Fine-tune under the configured guard and measure alignment along the way.
 
@@ -218,6 +219,8 @@ def run_finetune(
         task_match: ``(prompt, generated, reference) -> bool`` of the exact match (default:
             equal after whitespace normalisation; the organism's is
             :func:`~alignscope.organism.corpus.task_match`).
+        guard: a :class:`~alignscope.train.guards.Guard` to run instead of the configured one
+            (e.g. a wrapper that records extra measurements); set up here like that one.
 
     Returns:
         The result, holding the fine-tuned ``model`` (to save or use).
@@ -289,7 +292,8 @@ def run_finetune(
             max_new_tokens=cfg.datasets.max_new_tokens,
         )  # fmt: skip
     with stages.stage("guard", f"{cfg.guard.guard} at the aligned weights"):
-        guard = guard_from_spec(
+        custom = guard is not None
+        guard = guard or guard_from_spec(
             cfg.guard, memory_budget=int(cfg.curvature.memory_budget_gb * 2**30),
             seed=cfg.runtime.seed, dtype=cfg.model.dtype, device=cfg.model.device,
         )  # fmt: skip
@@ -348,7 +352,7 @@ def run_finetune(
             model, tokenizer, None, cfg.optim.steps, lr=cfg.optim.lr,
             batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, stream=stream,
             callback=callback, optimizer=opt, start_step=start, loss_weighting="example",
-            guard=None if cfg.guard.guard == "none" else guard,
+            guard=guard if custom or cfg.guard.guard != "none" else None,
         )  # fmt: skip
     timings = dict(stages.timings)
     timings["finetune"] = time.perf_counter() - began
