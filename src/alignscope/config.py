@@ -408,6 +408,12 @@ class GuardSpec:
         0.1, "constrained-sft: base beta (x5 on the first response token, x20 on tokens 2-5)."
     )
 
+    def check_model(self, model: ModelSpec) -> None:
+        """What the guard needs from the model options, checked before anything is loaded
+        (finetune and verify --guard alike)."""
+        if self.guard == "safe-lora" and not model.uses_adapter:
+            raise ValueError("--guard safe-lora needs a LoRA adapter (--adapter or --lora-r)")
+
     def validate(self) -> None:
         if self.guard not in GUARD_NAMES:
             raise ValueError(f"--guard {self.guard!r}: use {', '.join(GUARD_NAMES)}")

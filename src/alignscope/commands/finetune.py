@@ -72,13 +72,7 @@ class FinetuneConfig(Composed):
 
     def validate(self) -> None:
         super().validate()
-        check_guard_prerequisites(self.guard, self.model)
-
-
-def check_guard_prerequisites(guard: GuardSpec, model: ModelSpec) -> None:
-    """What a guard needs from the model options, checked before anything is loaded."""
-    if guard.guard == "safe-lora" and not model.uses_adapter:
-        raise ValueError("--guard safe-lora needs a LoRA adapter (--adapter or --lora-r)")
+        self.guard.check_model(self.model)
 
 
 @dataclass

@@ -84,9 +84,7 @@ class VerifyConfig(Composed):
 
     def validate(self) -> None:
         super().validate()
-        from alignscope.commands.finetune import check_guard_prerequisites
-
-        check_guard_prerequisites(self.guard, self.model)
+        self.guard.check_model(self.model)
 
     def diagnose_config(self) -> DiagnoseConfig:
         """The diagnosis this run scores (the same model, data, curvature, optimizer, seed)."""
