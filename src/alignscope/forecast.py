@@ -56,8 +56,9 @@ class ForecastInputs:
     ``a_norm = |a|``. Optional: ``ga_g = g_a.g``, ``ga_a = g_a.a`` (zero for the KL loss),
     ``aFa_sub = a^T F P_d a = gamma^2``, ``a3_norm = |a3|`` (third-order horizon),
     ``gFa3 = g^T F a3`` and ``ga_a3 = g_a.a3`` (exact c4 / c3 corrections), ``trFSigma =
-    tr(F Sigma)`` with ``Sigma`` the population (1/M) covariance of the per-sample fine-tuning
-    gradients (minibatch noise; for sampling without replacement multiply by ``(M-b)/(M-1)``),
+    tr(F Sigma)`` with ``Sigma`` the covariance of the per-example fine-tuning gradients
+    (minibatch noise; :func:`alignscope.geometry.noise_trace` estimates it with the unbiased
+    ``1/(M-1)`` sample covariance; for sampling without replacement multiply by ``(M-b)/(M-1)``),
     ``a_inf = max_i |a_i|`` (Adam's horizon; defaults to the conservative ``a_norm``),
     ``aFa3 = a^T F a3`` (sgd horizon from the first neglected term of dL_a itself).
     Round-off negatives of the PSD forms (above ``-1e-8 lambda |u|^2``, ``lambda`` the largest
