@@ -159,3 +159,15 @@ def test_estimate_against_the_measured_peak_of_a_small_diagnosis(tmp_path):
     assert got["memory"]["plan"].startswith("matrix-free Lanczos")
     assert estimate > 50 * 2**20  # the basis and the budget dominate, not allocator noise
     assert estimate / 2 <= measured <= 2 * estimate, (measured / estimate, got)
+
+
+def test_auto_does_not_fall_back_to_a_gram_route_too_small_for_the_rank():
+    lanczos = 65 * 10_000 * 4
+    budget = lanczos - 1  # Lanczos's basis does not fit; 8 Gram rows do
+    assert plan_spectrum(10_000, 4, 8, memory_budget=budget).method == "gram"
+    with pytest.raises(MemoryError, match="finds at most 8 eigenpairs"):
+        plan_spectrum(10_000, 12, 8, memory_budget=budget)
+    # block-wise, each block gives up to 8 eigenpairs: four blocks deliver 12
+    blocks = plan_spectrum(10_000, 12, 8, memory_budget=1_000_000, blockwise=True,
+                           block_dims=[2_500] * 4)  # fmt: skip
+    assert blocks.method == "gram"

@@ -52,7 +52,8 @@ def plan_spectrum(
     blockwise: bool = False,
     block_dims: Sequence[int] | None = None,
 ) -> SpectrumPlan:
-    """Pick exact Lanczos when its basis fits the budget, else the Gram route, else raise.
+    """Pick exact Lanczos when its basis fits the budget, else the Gram route when it fits and
+    has rows enough for ``k`` eigenpairs, else raise.
 
     Lanczos keeps its basis at the operator's precision: ``(iterations + 1) x P x itemsize``
     bytes; block-wise (``block_dims``: the size of each block) one block at a time, so the
@@ -75,10 +76,23 @@ def plan_spectrum(
         iterations = min(dim, max(6 * k, k + 60))
         lanczos_bytes = (iterations + 1) * dim * op_item  # basis at operator precision
     gram_bytes = n_rows * dim * itemsize * 2 + n_rows * n_rows * 8
+    # The Gram route finds at most n_rows eigenpairs (per block, block-wise), so 'auto' must not
+    # fall back to it for a rank it cannot deliver: that would fail later with a message about
+    # factor rows, although Lanczos with a larger budget would have given the rank asked for.
+    gram_rank = n_rows * (len(block_dims) if blockwise and block_dims else 1)
     if method == "lanczos" or (method == "auto" and lanczos_bytes <= memory_budget):
         return SpectrumPlan("lanczos", blockwise, 0, iterations, lanczos_bytes)
-    if method == "gram" or gram_bytes <= memory_budget:
+    if method == "gram" or (gram_bytes <= memory_budget and gram_rank >= k):
         return SpectrumPlan("gram", blockwise, n_rows, 0, gram_bytes)
+    if gram_bytes <= memory_budget:
+        raise MemoryError(
+            f"top-{k} eigenpairs over {dim:,} parameters: matrix-free Lanczos needs "
+            f"~{lanczos_bytes / 2**30:.2f} GiB, over the budget of {memory_budget / 2**30:.2f} "
+            f"GiB, and the Gram route that fits finds at most {gram_rank} eigenpairs (its "
+            "Monte-Carlo factor rows: safety prompts x --samples-per-prompt): lower --rank, draw "
+            "more rows (more safety prompts or --samples-per-prompt), or raise the budget so "
+            "Lanczos fits"
+        )
     need = min(gram_bytes, lanczos_bytes) / 2**30
     raise MemoryError(
         f"top-{k} eigenpairs over {dim:,} parameters need ~{need:.2f} GiB, over the budget of "
