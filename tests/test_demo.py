@@ -40,3 +40,8 @@ def test_demo_end_to_end_on_the_test_organism(organism_test, tmp_path, monkeypat
     assert guarded["task_exact_match_end"] >= 0.95 * unguarded["task_exact_match_end"] > 0.5
     assert (out / "benign_affirmative" / "guard" / "report.html").is_file()
     assert "held-out task exact match" in result.output
+    # one index page over every run, linking each run's report
+    index = (out / "index.html").read_text()
+    for rel in ("benign_affirmative/verify/report.html", "rank/report.html",
+                "benign_affirmative/guard/report.html"):  # fmt: skip
+        assert rel in index, rel

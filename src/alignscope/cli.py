@@ -293,13 +293,15 @@ def demo(
     out: str = typer.Option("alignscope-out/demo", help="Where the reports go."),
     threads: int = typer.Option(1, help="torch CPU threads (1 is fastest on small shared CPUs)."),
 ) -> None:
-    """Build (or reuse) the organism, diagnose and verify a collapsing and a safe set, then rank
-    four benign sets.
+    """Build (or reuse) the organism, diagnose and verify a collapsing and a safe set, rank
+    four benign sets, then fine-tune the collapsing set again under a guard.
 
     benign_affirmative erases the organism's refusals under AdamW; benign_neutral does not.
     For each: diagnose (AIC + forecast), then a real AdamW fine-tuning run that scores the
     forecast. Reports go to --out/<set>/diagnose/ and --out/<set>/verify/; the ranking of four
-    benign sets by predicted damage to --out/rank/.
+    benign sets by predicted damage to --out/rank/; the guarded and unguarded runs to
+    --out/benign_affirmative/{guard,unguarded}/; one index page over all of them to
+    --out/index.html.
     """
     from alignscope.commands.demo import run_demo
 

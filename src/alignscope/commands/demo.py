@@ -115,6 +115,11 @@ def run_demo(
     echo(f"rank by {ranked['predictor']}: " + " < ".join(ranked["ranking"]))
     echo(ranked["summary"])
     written.extend(_guard_section(org, root, seed, threads))
+    from alignscope.report.index import write_index
+
+    # one page over every run above (what `alignscope report DIR` writes), so a newcomer opens
+    # a single file
+    written.append(write_index(root, overwrite=True))
     for path in written:
         echo(f"report: {path}")
     return written
