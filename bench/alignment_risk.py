@@ -205,7 +205,7 @@ def run(args) -> None:
     print(f"alignment-risk {meta['versions']} on {len(rows)} candidates; model parity with the "
           f"project venv: {json.dumps(meta['parity'])}")  # fmt: skip
     print(f"export {export_s:.1f}s, driver process {driver_s:.1f}s (incl. its imports); "
-          f"wrote {out}")  # fmt: skip
+          f"wrote {os.path.relpath(out)}")  # fmt: skip
 
 
 # --- analysis --------------------------------------------------------------------------------
