@@ -8,6 +8,10 @@ besides the hidden states (rotary embeddings, causal masks, position ids) is cap
 forward pre-hooks from one ordinary forward pass, so the suffix sees exactly the arguments the
 model itself computes: the cached path is the same arithmetic as the whole network.
 
+Dropout in the prefix would make its activations random: while any frozen module with dropout
+is in training mode the cache is not used (the whole network runs, drawing the same random
+numbers it always does); in eval mode, or with dropout probability 0, it is.
+
 Recognised: Llama-style decoders (``model.layers`` / ``model.norm`` / ``lm_head``: Llama,
 Qwen2, Qwen3, Mistral) and GPT-2 (``transformer.h`` / ``transformer.ln_f`` / ``lm_head``),
 bare or wrapped (PEFT). Anything else, or a selected parameter in the prefix (embeddings, a
@@ -128,6 +132,7 @@ class PrefixCache:
         suffix_names: list[str],
         prefix_params: list[torch.Tensor],
         memory_budget: int,
+        prefix_modules: list[nn.Module] | None = None,
     ) -> None:
         body = getattr(lm, arch[0])
         self.layers: nn.ModuleList = getattr(body, arch[1])
@@ -139,6 +144,7 @@ class PrefixCache:
         self.memory_budget = int(memory_budget)
         self.hidden_size = int(lm.config.hidden_size)
         self.itemsize = next(iter(lm.parameters())).element_size()
+        self._dropout = [m for m in prefix_modules or () if _has_dropout(m)]
         self._states: OrderedDict[int, PrefixState] = OrderedDict()
         self.n_computed = 0  # how many prefix passes ran (tests and benches read it)
 
@@ -172,13 +178,9 @@ class PrefixCache:
         inside = {id(m) for s in suffix_modules for m in s.modules()}
         # Parameters of every module outside the suffix, by identity: a tied LM head shares its
         # tensor with the input embedding, so it is in both.
+        prefix_modules = [m for m in root.modules() if id(m) not in inside]
         prefix_params = list(
-            {
-                id(p): p
-                for m in root.modules()
-                if id(m) not in inside
-                for p in m.parameters(recurse=False)
-            }.values()
+            {id(p): p for m in prefix_modules for p in m.parameters(recurse=False)}.values()
         )
         prefix_ids = {id(p) for p in prefix_params}
         # A selected tensor the prefix uses (embeddings, a tied LM head) or that the suffix does
@@ -192,7 +194,19 @@ class PrefixCache:
         # Parameter names of the root whose tensors the suffix uses (tied ones included).
         suffix_names = [n for n, p in root.named_parameters() if id(p) in suffix_ids]
         log.debug("prefix cache on: %s layers %d.. of %d", path or "model", first, len(layers))
-        return cls(root, lm, arch, first, suffix_names, prefix_params, memory_budget)
+        return cls(
+            root, lm, arch, first, suffix_names, prefix_params, memory_budget, prefix_modules
+        )
+
+    def dropout_active(self) -> bool:
+        """True while a frozen (prefix) module with dropout is in training mode: its
+        activations are then random and must not be cached."""
+        return any(m.training for m in self._dropout)
+
+    @property
+    def prefix_params(self) -> list[torch.Tensor]:
+        """The tensors the prefix computes with (the cached activations assume them fixed)."""
+        return self._prefix_params
 
     def _version(self) -> int:
         # In-place changes to prefix parameters (a training step on them) invalidate the cache.
@@ -234,6 +248,8 @@ class PrefixCache:
     def state(self, params: dict[str, torch.Tensor], ids: torch.Tensor) -> PrefixState | None:
         """The cached state for ``ids`` [B, T], computed on a miss; None when it does not fit the
         memory budget (the caller then runs the whole network)."""
+        if self.dropout_active():
+            return None  # random activations: run the whole network
         version = self._version()
         key = ids.data_ptr()
         hit = self._states.get(key)
@@ -279,6 +295,17 @@ _DISABLE_FUNCTORCH = getattr(torch._C, "_DisableFuncTorch", None)
 
 def _outside_transforms() -> contextlib.AbstractContextManager:
     return _DISABLE_FUNCTORCH() if _DISABLE_FUNCTORCH is not None else contextlib.nullcontext()
+
+
+def _has_dropout(module: nn.Module) -> bool:
+    """A dropout layer with p > 0, or a module that applies dropout itself (HF attention keeps
+    its probability in an attribute such as ``attention_dropout``)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    return any(
+        isinstance(v, float) and v > 0 and ("dropout" in k or "pdrop" in k)
+        for k, v in vars(module).items()
+    )
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from alignscope.train.stream import TrainingStream
 
 if TYPE_CHECKING:  # for the annotation only: the guards pull in the curvature engine
     from alignscope.train.guards import Guard
+    from alignscope.train.prefix import PrefixForward
 
 # callback(step, loss): step 0 is called before any update with loss None; step k after the k-th
 # update with that update's minibatch loss. Returning True stops training.
@@ -39,15 +40,26 @@ def as_pairs(rows: Sequence[Mapping[str, str] | tuple[str, str]]) -> list[tuple[
     return out
 
 
-def response_nll(model: torch.nn.Module, batch: LMBatch, weighting: str = "token") -> torch.Tensor:
+def response_nll(
+    model: torch.nn.Module,
+    batch: LMBatch,
+    weighting: str = "token",
+    prefix: PrefixForward | None = None,
+) -> torch.Tensor:
     """Mean NLL of the response tokens of ``batch`` (a scalar tensor with grad).
 
     ``weighting="token"``: the mean over all response tokens of the batch (what Trainer does);
     ``"example"``: the mean over examples of each example's token mean, the fine-tuning loss
     ``L_f`` that diagnose differentiates (``FunctionalLM.mean_nll``), so that verify runs the
-    flow the forecast describes.
+    flow the forecast describes. ``prefix``: run the frozen prefix from its per-example cache
+    (:class:`~alignscope.train.prefix.PrefixForward`; the same numbers).
     """
-    logits = model(input_ids=batch.input_ids).logits[:, :-1]
+    if prefix is None:
+        logits = model(input_ids=batch.input_ids).logits[:, :-1]
+    else:
+        from alignscope.train.prefix import lm_logits
+
+        logits = lm_logits(model, batch, prefix)[:, :-1]
     mask = batch.target_mask
     if weighting == "token":
         return F.cross_entropy(logits[mask].float(), batch.targets[mask])
@@ -106,6 +118,7 @@ def finetune(
     loss_weighting: str = "token",
     stream: TrainingStream | None = None,
     guard: Guard | None = None,
+    prefix: PrefixForward | None = None,
 ) -> list[float]:
     """Fine-tune ``model`` in place with AdamW on ``pairs``; return the per-step losses.
 
@@ -122,7 +135,10 @@ def finetune(
     ``max_length`` are used in place of ``pairs``/``encoded``, ``batch_size``, ``seed`` and
     ``max_length``. ``guard``: a :class:`~alignscope.train.guards.Guard` already set up at the
     starting weights; its hooks run inside each step (docs/guard.md) and the returned losses are
-    the task loss without the guard's term or weights.
+    the task loss without the guard's term or weights. ``prefix``: a
+    :class:`~alignscope.train.prefix.PrefixForward` of ``model`` (built on its trainable
+    parameters): every forward pass of the steps, the guard's included, runs the frozen layers
+    from its per-example cache; same losses and weights as without it.
     """
     if stream is None:
         if encoded is None:
@@ -135,12 +151,16 @@ def finetune(
         stream = TrainingStream(list(encoded), batch_size, seed, max_length, pad_id)
     elif pairs is not None or encoded is not None:
         raise ValueError("pass either a stream or pairs/encoded examples, not both")
+    if prefix is not None and prefix.model is not model:
+        raise ValueError("the prefix cache was built for another model; build it on this one")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     was_training = model.training
     model.train()
     losses: list[float] = []
+    if guard is not None and prefix is not None:
+        guard.use_prefix(prefix)
     try:
         if start_step == 0 and callback is not None and callback(0, None):
             return losses
@@ -151,7 +171,7 @@ def finetune(
             for group in opt.param_groups:
                 group["lr"] = lr * factor
             if guard is None:
-                loss = task = response_nll(model, batch.to(device), loss_weighting)
+                loss = task = response_nll(model, batch.to(device), loss_weighting, prefix)
             else:
                 loss, task = guard.step_loss(model, batch.to(device), step, loss_weighting)
             opt.zero_grad(set_to_none=True)
@@ -168,4 +188,6 @@ def finetune(
                 break
     finally:
         model.train(was_training)
+        if guard is not None and prefix is not None:
+            guard.use_prefix(None)
     return losses

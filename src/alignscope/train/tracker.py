@@ -27,6 +27,7 @@ import torch
 
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.losses import AlignmentKL
+from alignscope.curvature.prefix import DEFAULT_PREFIX_MEMORY_BUDGET
 from alignscope.data.encode import LMBatch
 from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, judge_prompts
 from alignscope.params import ParamSelection
@@ -54,12 +55,21 @@ class AlignmentTracker:
         judge: RefusalJudge | None = None,
         max_new_tokens: int = 48,
         generate_refusals: bool = True,
+        prefix_memory_budget: int = DEFAULT_PREFIX_MEMORY_BUDGET,
     ) -> None:
         was_training = model.training
         self.model = model
         self.tokenizer = tokenizer
         self.selection = selection
-        self.flm = FunctionalLM(model, selection)  # theta0 = the parameters right now
+        # theta0 = the parameters right now. The prompt sets never change: with a frozen prefix
+        # their hidden states are computed at the first record and every later KL, NLL and
+        # fine-tuning loss runs the suffix only (within the budget; 0: whole network).
+        self.flm = FunctionalLM(
+            model,
+            selection,
+            prefix_cache=prefix_memory_budget > 0,
+            prefix_memory_budget=prefix_memory_budget,
+        )
         model.train(was_training)
         self.theta0 = self.flm.theta0
         self.safety_batch = safety_batch

@@ -45,6 +45,10 @@ class AdaptiveGuard(Guard):
         self.inner.setup(model, selection, safety_batch, subspace)
         self.selection = selection
 
+    def use_prefix(self, prefix) -> None:
+        super().use_prefix(prefix)
+        self.inner.use_prefix(prefix)
+
     def activate(self, step: int) -> None:
         """Switch the inner guard on from update ``step``."""
         if not self.active:

@@ -17,7 +17,7 @@ The math of every guard is in docs/guard.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,10 @@ from torch.func import functional_call
 
 from alignscope.data.encode import LMBatch
 from alignscope.params import ParamSelection
+from alignscope.train.prefix import lm_logits
+
+if TYPE_CHECKING:
+    from alignscope.train.prefix import PrefixForward
 
 
 def read_theta(model: nn.Module, selection: ParamSelection) -> torch.Tensor:
@@ -47,9 +51,12 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def token_nll(model: nn.Module, batch: LMBatch) -> torch.Tensor:
-    """``[B, T-1]`` token NLL of every next-token prediction of ``batch`` (with grad)."""
-    logits = model(input_ids=batch.input_ids).logits[:, :-1]
+def token_nll(
+    model: nn.Module, batch: LMBatch, prefix: PrefixForward | None = None
+) -> torch.Tensor:
+    """``[B, T-1]`` token NLL of every next-token prediction of ``batch`` (with grad); the
+    frozen prefix from ``prefix``'s cache when given."""
+    logits = lm_logits(model, batch, prefix)[:, :-1]
     return F.cross_entropy(
         at_least_float32(logits).transpose(1, 2), batch.targets, reduction="none"
     )
@@ -90,6 +97,18 @@ class Reference:
             self.model.train(was)
         return out.logits if hasattr(out, "logits") else out
 
+    @torch.no_grad()
+    def batch_logits(self, batch: LMBatch, prefix: PrefixForward | None = None) -> torch.Tensor:
+        """:meth:`logits` of ``batch``, the frozen prefix from ``prefix``'s cache when given."""
+        if prefix is None:
+            return self.logits(batch.input_ids)
+        was = self.model.training
+        self.model.eval()
+        try:
+            return lm_logits(self.model, batch, prefix, self.theta0)
+        finally:
+            self.model.train(was)
+
 
 class Guard:
     """A guard: the baseline ``none`` (every hook a no-op) and the base class of the others.
@@ -101,10 +120,17 @@ class Guard:
     name = "none"
     #: True when the guard changes the loss (needs a loss hook inside transformers.Trainer)
     changes_loss = False
+    #: the training loop's cached frozen prefix, while a run uses one (:meth:`use_prefix`)
+    prefix: PrefixForward | None = None
 
     def __init__(self) -> None:
         self.selection: ParamSelection | None = None
         self._signals: dict[str, Any] = {}
+
+    def use_prefix(self, prefix: PrefixForward | None) -> None:
+        """Run the guard's forward passes (the step's, anchor replay, the reference at theta0)
+        through ``prefix``'s cache of the frozen layers (None: the whole network)."""
+        self.prefix = prefix
 
     def settings(self) -> dict[str, Any]:
         """The guard's options (JSON-ready)."""
@@ -171,7 +197,7 @@ class Guard:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss to differentiate, task loss)`` of one guarded step: the task NLL with the
         guard's token weights, plus its extra term; the task loss is the plain response NLL."""
-        nll = token_nll(model, batch)
+        nll = token_nll(model, batch, self.prefix)
         mask = batch.target_mask
         task = reduce_nll(nll, mask, weighting)
         weights = self.token_weights(batch, -nll.detach())

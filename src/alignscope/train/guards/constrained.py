@@ -77,7 +77,7 @@ class ConstrainedSFTGuard(Guard):
         return torch.where(inside.to(w.device), w, torch.zeros_like(w)).to(logprobs.dtype)
 
     def token_weights(self, batch, logprobs) -> torch.Tensor:
-        logits = at_least_float32(self.reference.logits(batch.input_ids)[:, :-1])
+        logits = at_least_float32(self.reference.batch_logits(batch, self.prefix)[:, :-1])
         ref = torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None]).squeeze(-1)
         w = self.weights_from(batch, logprobs, ref)
         mask = batch.target_mask

@@ -12,6 +12,7 @@ from alignscope.curvature.fisher import FisherOperator
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.losses import ResponsePositions
 from alignscope.train.guards.base import Guard, Reference, at_least_float32, read_theta
+from alignscope.train.prefix import lm_logits
 
 DIAG_METHODS = ("auto", "exact", "mc")
 EXACT_MAX = 4096  # parameters up to which ``auto`` takes the exact diagonal (one product each)
@@ -124,11 +125,9 @@ class AnchorGuard(Guard):
         batch = batch.to(device)
         pos = ResponsePositions(batch, torch.float64)
         ref = torch.log_softmax(
-            at_least_float32(pos.gather(self.reference.logits(batch.input_ids))), -1
+            at_least_float32(pos.gather(self.reference.batch_logits(batch, self.prefix))), -1
         )
-        logq = F.log_softmax(
-            at_least_float32(pos.gather(model(input_ids=batch.input_ids).logits)), -1
-        )
+        logq = F.log_softmax(at_least_float32(pos.gather(lm_logits(model, batch, self.prefix))), -1)
         per_pos = (ref.exp() * (ref - logq)).sum(-1)
         return (per_pos * pos.weights.to(per_pos)).sum()
 
