@@ -48,6 +48,7 @@ BASE = dict(model="m", safety="s", data="d")
         (RankingSpec(["a"], lrs=[1e-5, 1e-5]), "repeat"),
         (RankingSpec(["a"], lrs=[-1.0]), "positive"),
         (RuntimeSpec(threads=0), "--threads"),
+        (RuntimeSpec(prefix_cache_gb=-1), "--prefix-cache-gb"),
     ],
 )
 def test_each_spec_rejects_its_bad_fields(spec, message):

@@ -262,14 +262,26 @@ class TaskEvalSpec:
 
 @dataclass
 class RuntimeSpec:
-    """Seed and CPU threads."""
+    """Seed, CPU threads and the memory for cached frozen-prefix activations."""
 
     seed: int = option(0, "Random seed (recorded in results.json).")
     threads: int | None = option(None, "torch CPU threads (1 is best on a busy 2-core box).")
+    prefix_cache_gb: float = option(
+        1.0, "Memory (GiB) for the activations of the frozen layers below the first trained or "
+        "analysed layer, kept per prompt so that products, training steps and KL measurements "
+        "run the later layers only (beyond it: recomputed; 0: off).",
+    )  # fmt: skip
 
     def validate(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be at least 1")
+        if not (math.isfinite(self.prefix_cache_gb) and self.prefix_cache_gb >= 0):
+            raise ValueError("--prefix-cache-gb must be >= 0 (0 turns the cache off)")
+
+    @property
+    def prefix_budget(self) -> int:
+        """``prefix_cache_gb`` in bytes."""
+        return int(self.prefix_cache_gb * 2**30)
 
     def apply(self) -> None:
         """Seed torch and set its threads."""

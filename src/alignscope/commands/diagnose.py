@@ -469,7 +469,10 @@ def run_diagnose(
             ],
         )
 
-    flm = FunctionalLM(model, selection)
+    budget_prefix = cfg.runtime.prefix_budget
+    flm = FunctionalLM(
+        model, selection, prefix_cache=budget_prefix > 0, prefix_memory_budget=budget_prefix
+    )
     parameters = ParameterInfo(
         spec=spec,
         n_params=selection.size,

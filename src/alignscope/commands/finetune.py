@@ -229,6 +229,7 @@ def run_finetune(
     from alignscope.data.loaders import load_data
     from alignscope.train.guards import guard_from_spec
     from alignscope.train.loop import finetune, make_optimizer
+    from alignscope.train.prefix import PrefixForward
     from alignscope.train.stream import training_stream
     from alignscope.train.task_eval import TaskEval
     from alignscope.train.tracker import AlignmentTracker
@@ -284,6 +285,7 @@ def run_finetune(
         tracker = AlignmentTracker(
             model, tokenizer, selection, safety_batch, eval_prompts=prompts, judge=judge,
             max_new_tokens=cfg.datasets.max_new_tokens,
+            prefix_memory_budget=cfg.runtime.prefix_budget,
         )  # fmt: skip
     with stages.stage("guard", f"{cfg.guard.guard} at the aligned weights"):
         custom = guard is not None
@@ -294,6 +296,8 @@ def run_finetune(
         guard.setup(model, selection, safety_batch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg.optim.optimizer, params, cfg.optim.lr, cfg.optim.adam_eps)
+    # the frozen layers' activations of the fine-tuning set, kept per example
+    prefix = PrefixForward.build(model, selection, cfg.runtime.prefix_budget)
     wanted = set(record_steps(cfg.optim.steps, cfg.record.eval_every))
     trajectory: list[dict[str, Any]] = []
     per_step: list[dict[str, Any]] = []
@@ -346,7 +350,7 @@ def run_finetune(
             model, tokenizer, None, cfg.optim.steps, lr=cfg.optim.lr,
             batch_size=cfg.optim.batch_size, seed=cfg.runtime.seed, stream=stream,
             callback=callback, optimizer=opt, start_step=start, loss_weighting="example",
-            guard=guard if custom or cfg.guard.guard != "none" else None,
+            guard=guard if custom or cfg.guard.guard != "none" else None, prefix=prefix,
         )  # fmt: skip
     timings = dict(stages.timings)
     timings["finetune"] = time.perf_counter() - began

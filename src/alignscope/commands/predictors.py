@@ -45,6 +45,7 @@ import torch
 from alignscope.commands.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
 from alignscope.config import DEFAULT_PREDICTOR, trial_seed
 from alignscope.curvature.functional import FunctionalLM
+from alignscope.curvature.prefix import DEFAULT_PREFIX_MEMORY_BUDGET
 from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.sample import subsample
 from alignscope.forecast import Forecast, forecast_from_aic
@@ -157,11 +158,14 @@ def run_lookahead(
     max_length: int | None,
     params: Sequence[str] = ("all",),
     eval_prompts: Sequence[str] | None = None,
+    prefix_memory_budget: int = DEFAULT_PREFIX_MEMORY_BUDGET,
 ) -> tuple[list[int], list[float], dict[int, float]]:
     """``n_steps`` real optimizer steps on a copy of ``model`` (the fine-tuning loop and the
     tracker verify uses); the alignment KL at steps ``0..n_steps`` and, with ``eval_prompts``,
-    the refusal rate on them at the first and the last step (``{step: rate}``, else empty)."""
+    the refusal rate on them at the first and the last step (``{step: rate}``, else empty).
+    ``prefix_memory_budget``: bytes of cached frozen-layer activations (0: off)."""
     from alignscope.train.loop import finetune, make_optimizer
+    from alignscope.train.prefix import PrefixForward
     from alignscope.train.stream import training_stream
     from alignscope.train.tracker import AlignmentTracker
 
@@ -170,8 +174,9 @@ def run_lookahead(
     selection.train_only(work)
     tracker = AlignmentTracker(
         work, tokenizer, selection, safety_batch, eval_prompts=eval_prompts,
-        generate_refusals=False,
+        generate_refusals=False, prefix_memory_budget=prefix_memory_budget,
     )  # fmt: skip
+    prefix = PrefixForward.build(work, selection, prefix_memory_budget)
     stream = training_stream(
         tokenizer, rows, batch_size=batch_size, seed=seed, max_length=max_length
     )
@@ -200,6 +205,7 @@ def run_lookahead(
         callback=callback,
         optimizer=opt,
         loss_weighting="example",
+        prefix=prefix,
     )
     return ks, kls, refusal
 
@@ -298,7 +304,11 @@ class RankState:
     def flm(self) -> FunctionalLM:
         if self._flm is None:
             spec = self.cfg.param_spec()
-            self._flm = FunctionalLM(self.model, select_params(self.model, spec))
+            budget = self.cfg.runtime.prefix_budget
+            self._flm = FunctionalLM(
+                self.model, select_params(self.model, spec), prefix_cache=budget > 0,
+                prefix_memory_budget=budget,
+            )  # fmt: skip
         return self._flm
 
     def _compliance(self) -> torch.Tensor | None:
@@ -328,9 +338,9 @@ class RankState:
             self.shared_timings["subspace"] = timings.get("subspace", 0.0)
         if self.safety_batch is None:
             rows = res.alignment.rows()
-            self.safety_batch = batch_rows(
-                self.tokenizer, rows, dcfg.datasets.max_length, "rank"
-            )[0]
+            self.safety_batch = batch_rows(self.tokenizer, rows, dcfg.datasets.max_length, "rank")[
+                0
+            ]
         seconds = sum(v for k, v in timings.items() if k != "subspace")
         rows = _load_rows(data, "data", self.cfg.datasets.data_format)
         sim, sim_seconds = None, 0.0
@@ -392,6 +402,7 @@ class RankState:
             max_length=self.cfg.datasets.max_length,
             params=self.cfg.param_spec(),
             eval_prompts=self.eval_prompts,
+            prefix_memory_budget=self.cfg.runtime.prefix_budget,
         )
         return ks, kls, refusal, time.perf_counter() - start
 

@@ -55,6 +55,7 @@ from alignscope.report.output import (
     write_text_atomic,
 )
 from alignscope.train.loop import finetune, make_optimizer
+from alignscope.train.prefix import PrefixForward
 from alignscope.train.stream import training_stream
 from alignscope.train.tracker import AlignmentTracker
 
@@ -480,7 +481,10 @@ def run_verify(
             eigenvalues=values,
             judge=judge,
             max_new_tokens=cfg.datasets.max_new_tokens,
+            prefix_memory_budget=cfg.runtime.prefix_budget,
         )
+        # the frozen layers' activations of the fine-tuning set, kept per example
+        prefix = PrefixForward.build(model, selection, cfg.runtime.prefix_budget)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(cfg.optim.optimizer, params, cfg.optim.lr, cfg.optim.adam_eps)
     guard = _setup_guard(cfg, model, selection, safety_batch, basis, values, stages)
@@ -548,6 +552,7 @@ def run_verify(
             start_step=start,
             loss_weighting="example",  # the L_f of the diagnosis
             guard=guard,
+            prefix=prefix,
         )
     if guard is not None and guard.finalize(model) and records:
         # a post-hoc guard (safe-lora) changed the weights: the last record measures them
