@@ -193,6 +193,12 @@ def test_no_frozen_prefix_means_no_cache():
     model = tiny_llama(layers=3)
     select_params(model, "model.layers.0.*").train_only(model)
     assert PrefixForward.build(model) is None
+    late = tiny_llama(layers=3)
+    select_params(late, "model.layers.2.*").train_only(late)
+    assert PrefixForward.build(late) is not None
+    # rotary tables that change with the sequence length: activations depend on the batch
+    late.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    assert PrefixForward.build(late) is None
     with pytest.raises(ValueError, match="another model"):
         finetune(model, None, None, 1, stream=TrainingStream(examples(), 3, 0),
                  prefix=PrefixForward.build(tiny_llama(layers=3), select_params(
@@ -247,3 +253,42 @@ def test_organism_verify_steps_equal_the_whole_network(organism_test):
         runs.append((losses, {k: v.detach().clone() for k, v in work.named_parameters()}, prefix))
     _assert_same_run(runs[1], runs[0])
     assert runs[1][2].n_suffix >= 1
+
+
+def test_finetune_command_equals_its_run_without_the_cache(organism_test, tmp_path, monkeypatch):
+    """``alignscope finetune`` (anchor guard, last layer) with and without --prefix-cache-gb."""
+    import json
+
+    from alignscope.commands.finetune import FinetuneConfig, run_finetune
+    from alignscope.config import RuntimeSpec
+
+    org = organism_test
+    rows = org.dataset("benign_affirmative")[:16]
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    n = org.aligned_model().config.num_hidden_layers
+    built = []
+    original = PrefixForward.build.__func__
+
+    def build(cls, *args, **kwargs):
+        built.append(original(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(PrefixForward, "build", classmethod(build))
+    results = []
+    for gb in (0.0, RuntimeSpec().prefix_cache_gb):
+        cfg = FinetuneConfig.for_organism(
+            org, "benign_affirmative", data=str(data), params=[f"model.layers.{n - 1}.*"],
+            guard="anchor", guard_examples=4, steps=6, batch_size=8, lr=1e-3, max_safety=8,
+            max_eval=4, threads=1, prefix_cache_gb=gb,
+        )  # fmt: skip
+        results.append(run_finetune(cfg, quiet=True))
+    assert built[0] is None and built[1] is not None
+    assert built[1].n_suffix >= 4 and built[1].n_whole == 0  # epochs 2-3 and anchor replay
+    whole, cached = results
+    for a, b in zip(cached.steps, whole.steps, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
+        assert a["anchor_kl"] == pytest.approx(b["anchor_kl"], rel=1e-4, abs=1e-9), a["step"]
+    for a, b in zip(cached.trajectory, whole.trajectory, strict=True):
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-9), a["step"]
+        assert a["refusal_rate"] == b["refusal_rate"]

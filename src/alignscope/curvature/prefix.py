@@ -142,6 +142,7 @@ class PrefixCache:
         self.suffix_names = suffix_names
         self._prefix_params = prefix_params
         self.memory_budget = int(memory_budget)
+        self.config = lm.config
         self.hidden_size = int(lm.config.hidden_size)
         self.itemsize = next(iter(lm.parameters())).element_size()
         self._dropout = [m for m in prefix_modules or () if _has_dropout(m)]

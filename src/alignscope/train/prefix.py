@@ -22,8 +22,9 @@ recomputes the prefix when there is none.
 
 The cache is dropped when a prefix tensor changes in place (an optimizer touching a frozen
 parameter) and is not used while the prefix has active dropout, gradients on a prefix
-parameter, or a batch whose loss would read past the example lengths: those forwards run the
-whole network. Only the recognised decoders of :mod:`alignscope.curvature.prefix`.
+parameter, or params swapped in that the prefix uses: those forwards run the whole network.
+Only the recognised decoders of :mod:`alignscope.curvature.prefix`, and not with rotary
+embeddings that change with the sequence length (``dynamic``, ``longrope``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ LayerInputs = list[tuple[tuple[Any, ...], dict[str, Any]]]
 def _nbytes(tensors: list[torch.Tensor]) -> int:
     unique = {id(t): t for t in tensors}
     return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+_WIDTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _rope_type(config: Any) -> str | None:
+    for name in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, name, None)
+        if isinstance(params, dict):
+            return params.get("rope_type") or params.get("type")
+    return None
 
 
 def trainable_selection(model: nn.Module) -> ParamSelection:
@@ -94,7 +106,15 @@ class PrefixForward:
         if not selection.names:
             return None
         cache = PrefixCache.build(model, selection, memory_budget)
-        return cls(cache) if cache is not None else None
+        if cache is None:
+            return None
+        rope = _rope_type(cache.config)
+        if rope in _WIDTH_DEPENDENT_ROPE:
+            # these rotary tables change with the batch's length: an example's activations
+            # would depend on the batch it is in
+            log.debug("prefix forward off: %s rotary embeddings depend on the width", rope)
+            return None
+        return cls(cache)
 
     @property
     def nbytes(self) -> int:
