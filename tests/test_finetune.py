@@ -137,3 +137,61 @@ def test_resume_matches_an_uninterrupted_run(organism_test, tmp_path):
     assert resumed.trajectory[-1]["kl"] == pytest.approx(full.trajectory[-1]["kl"], rel=1e-4)
     with pytest.raises(ValueError, match="other arguments"):
         run_finetune(cfg.with_options(lr=2e-3), partial_dir=partial, quiet=True)
+
+
+def _cli_args(org, out, *extra) -> list[str]:
+    data = org.datasets_path
+    return ["finetune", "-m", str(org.aligned_path), "-s", str(data / "harmful_align.jsonl"),
+            "-d", str(data / "benign_affirmative.jsonl"), "-e", str(data / "harmful_eval.jsonl"),
+            "--max-eval", "8", "--max-safety", "12", "--threads", "1", "--optimizer", "adamw",
+            "--lr", "1e-3", "--batch-size", "16", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_adaptive_mode_from_the_cli_switches_the_guard_on_at_the_warning(organism_test, tmp_path):
+    # unguarded, benign_affirmative erases refusal between steps 10 and 20: the watcher's
+    # first-token refusal trend warns before that (measured: at step 12, greedy refusal 100 %)
+    out = tmp_path / "adaptive"
+    args = _cli_args(organism_test, out, "--steps", "16", "--guard", "curvature",
+                     "--guard-adaptive", "--adaptive-every", "2")  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    res = json.loads((out / "results.json").read_text())
+    record = res["guard"]["record"]
+    assert res["config"]["guard_adaptive"] is True and res["guard"]["name"] == "adaptive-curvature"
+    warned = [r["step"] for r in record["watcher"]["records"] if r["warning"] is not None]
+    assert warned, "the watcher never warned in 16 steps"
+    on = record["activated_at"]
+    assert on == warned[0] == record["warning"]["step"] and 0 < on < 16
+    assert res["summary"]["guard_activated_at"] == on
+    assert f"switched on by the watcher's warning at step {on}" in result.output
+    # per-step rows (1-based: row k is update k - 1): off up to the warning, on after it
+    for s in res["steps"]:
+        assert s["active"] == (s["step"] > on), s
+        assert ("quad" in s) == s["active"]  # the curvature guard's own signal only when on
+    assert record["watcher"]["records"][0]["warning"] is None  # it did not warn at theta0
+    html = (out / "report.html").read_text()
+    assert "Adaptive mode" in html and "guard.record.activated_at" in html
+
+
+def test_adaptive_mode_needs_a_guard_that_runs_during_training(organism_test, tmp_path):
+    org = organism_test
+    with pytest.raises(ValueError, match="--guard-adaptive needs a guard"):
+        _cfg(org, guard_adaptive=True).validate()
+    with pytest.raises(ValueError, match="safe-lora acts once after training"):
+        _cfg(org, guard="safe-lora", base=str(org.base_path), lora_r=4,
+             guard_adaptive=True).validate()  # fmt: skip
+
+
+def test_verify_runs_a_guard_in_adaptive_mode(organism_test):
+    org = organism_test
+    fast = dict(max_safety=12, max_data=24, noise_examples=8, rank=4, threads=1, max_eval=8)
+    # floor 1: the first-token refusal probability (< 1) is below it at the first measurement
+    cfg = VerifyConfig.for_organism(org, "benign_affirmative", optimizer="adamw", lr=1e-3,
+                                    batch_size=16, steps=3, guard="project", guard_rank=4,
+                                    guard_adaptive=True, adaptive_floor=1.0,
+                                    **fast)  # fmt: skip
+    result = run_verify(cfg, quiet=True)
+    guard = result.to_json()["guard"]
+    assert guard["name"] == "adaptive-project" and guard["record"]["activated_at"] == 0
+    last = result.trajectory[-1]
+    assert last["subspace_displacement"] <= 1e-5 * last["displacement"]  # on from update 0

@@ -293,3 +293,74 @@ def test_adaptive_mode_turns_the_guard_on_at_the_warning():
     assert guard.active and guard.activated_at == 3 and guard.signals()["active"]
     after = u.T @ (read_theta(model, selection) - theta0)
     assert torch.allclose(after, before, atol=1e-10)  # from then on nothing enters it
+
+
+def test_fisher_low_rank_penalty_and_gradient_against_the_dense_fisher():
+    model, selection, safety = _setup()
+    f = _dense_fisher(model, selection, safety)
+    u, s = _top(f, 3)
+    guard = FisherGuard(lam=0.7, method="exact", rank=3)
+    guard.setup(model, selection, safety)
+    theta0 = read_theta(model, selection)
+    # the guard's F: U S U^T plus the diagonal of what it leaves, F - U S U^T
+    low = u @ torch.diag(s) @ u.T
+    approx = low + torch.diag((f - low).diagonal())
+    assert torch.allclose(guard.basis @ guard.basis.T, u @ u.T, atol=1e-8)
+    assert torch.allclose(approx.diagonal(), f.diagonal(), rtol=1e-10)  # the diagonal is F's
+    gen = torch.Generator().manual_seed(1)
+    delta = 1e-2 * torch.randn(selection.size, generator=gen, dtype=torch.float64)
+    theta = (theta0 + delta).requires_grad_(True)
+    penalty = guard.penalty(theta)
+    assert torch.allclose(penalty, 0.35 * delta @ approx @ delta, rtol=1e-8)
+    (grad,) = torch.autograd.grad(penalty, theta)
+    want = 0.7 * approx @ delta
+    assert torch.allclose(grad, want, rtol=1e-8, atol=1e-9 * float(want.abs().max()))
+    # along the top eigenvector the low-rank term sees the eigenvalue, the diagonal alone not
+    plain = FisherGuard(lam=0.7, method="exact")
+    plain.setup(model, selection, safety)
+    v = u[:, 0]
+    top = float(guard.penalty(theta0 + v)) / 0.35
+    assert top >= float(s[0]) - 1e-10 and top == pytest.approx(float(v @ approx @ v), rel=1e-8)
+    assert float(plain.penalty(theta0 + v)) / 0.35 == pytest.approx(
+        float(v @ torch.diag(f.diagonal()) @ v), rel=1e-8
+    )
+
+
+def test_tracking_reestimates_when_the_drift_signal_moves():
+    model, selection, safety = _setup()
+    theta0 = read_theta(model, selection)
+    # one unguarded step: how far a step moves the weights, relative to |theta0|
+    probe = tiny_llama(0)
+    select_params(probe, PARAMS).train_only(probe)
+    _train(probe, None, steps=1)
+    step_move = float((read_theta(probe, selection) - theta0).norm() / theta0.norm())
+    drift = 1.5 * step_move  # about every second step, never on the schedule (every = 0)
+    guard = TrackingGuard(rank=3, every=0, drift=drift, max_blocks=6, tol=1e-10)
+    guard.setup(model, selection, safety)
+    thetas = {0: theta0}
+
+    def callback(step, loss):  # the weights after `step` updates = before update `step`
+        thetas[step] = read_theta(model, selection)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    finetune(model, TOKENIZER, None, 8, batch_size=4, encoded=_data(), optimizer=opt,
+             guard=guard, callback=callback)  # fmt: skip
+    expected, last = [], theta0
+    for step in range(1, 8):  # the rule, recomputed from the recorded weights
+        if float((thetas[step] - last).norm() / theta0.norm()) >= drift:
+            expected.append(step)
+            last = thetas[step]
+    assert 2 <= len(expected) < 7  # the drift rule decided, not every step
+    assert [e["step"] for e in guard.record()["reestimations"]] == expected
+    assert all(e["reason"] == "drift" and e["moved"] >= drift for e in guard.estimates)
+    assert guard.n_estimates == len(expected)
+    # warm-started from the previous basis: the last estimate is the eigensolve at its weights
+    u, _ = _top(_dense_fisher(model, selection, safety, thetas[expected[-1]]), 3)
+    assert torch.allclose(guard.basis @ guard.basis.T, u @ u.T, atol=1e-6)
+    resumed = TrackingGuard(rank=3, every=0, drift=drift)
+    resumed.setup(tiny_llama(0).requires_grad_(True), selection, safety)
+    resumed.load_state_dict(guard.state_dict())
+    assert resumed.record() == guard.record() and torch.equal(resumed.theta_last, last)
+    with pytest.raises(ValueError, match="--track-drift"):
+        TrackingGuard(rank=3, every=0)

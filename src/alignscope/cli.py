@@ -185,7 +185,21 @@ def verify(
         f"{sc['refusal_rate_end']}, refusal collapse (below half) at step "
         f"{sc['refusal_collapse_step'] or 'never'}"
     )
+    _echo_adaptive(res.get("guard"))
     typer.echo(f"wrote {written}/results.json, report.md, report.html")
+
+
+def _echo_adaptive(guard: dict | None) -> None:
+    """Adaptive mode: when the watcher's warning switched the guard on (or that it never did)."""
+    record = (guard or {}).get("record") or {}
+    if not record.get("adaptive"):
+        return
+    if record["activated_at"] is None:
+        typer.echo(f"adaptive {guard['settings']['inner']}: the watcher never warned, the guard "
+                   "never ran")  # fmt: skip
+        return
+    typer.echo(f"adaptive {guard['settings']['inner']}: switched on by the watcher's warning at "
+               f"step {record['activated_at']} ({record['warning']['message']})")  # fmt: skip
 
 
 # diagnose's options that a guarded fine-tuning run does not use (no forecast, no checkpoints)
@@ -236,6 +250,7 @@ def finetune_command(
             f"held-out task: exact match {sm['task_exact_match_start']} -> "
             f"{sm['task_exact_match_end']}; NLL {sm['task_nll_start']} -> {sm['task_nll_end']}"
         )
+    _echo_adaptive(result.guard)
     typer.echo(f"wrote {written}/results.json, report.md, report.html")
 
 

@@ -399,11 +399,20 @@ class GuardSpec:
 
     guard: str = option("none", " | ".join(GUARD_NAMES) + " (docs/guard.md).")
     guard_rank: int = option(20, "project / project-tracking: dimension d of the subspace.")
-    track_every: int = option(10, "project-tracking: re-estimate the subspace every N steps.")
+    track_every: int = option(
+        10, "project-tracking: re-estimate the subspace every N steps (0: only on --track-drift)."
+    )
+    track_drift: float | None = option(
+        None, "project-tracking: also re-estimate when the weights have moved this far since the "
+        "last estimate, relative to |theta0| (e.g. 0.002).",
+    )  # fmt: skip
     curvature_mu: float = option(
         30.0, "curvature: strength mu of the pull mu F delta (gradient of mu/2 delta^T F delta)."
     )
     ewc_lambda: float = option(1e4, "fisher: lambda of lambda/2 sum_i F_ii delta_i^2.")
+    fisher_rank: int = option(
+        0, "fisher: add the top-d low-rank part of F (d = this; 0: the diagonal only)."
+    )
     fisher_diag: str = option(
         "auto", "fisher: the Fisher diagonal, exact | mc (Monte Carlo) | auto (exact up to 4096 "
         "parameters)."
@@ -419,6 +428,21 @@ class GuardSpec:
     csft_beta: float = option(
         0.1, "constrained-sft: base beta (x5 on the first response token, x20 on tokens 2-5)."
     )
+    guard_adaptive: bool = option(
+        False, "Adaptive mode: keep the guard off (no cost per step) until the alignment "
+        "watcher's early warning, then on for the rest of the run (docs/guard.md).",
+    )  # fmt: skip
+    adaptive_every: int = option(
+        10, "adaptive mode: the watcher measures at steps 0 1 2 4 8 ..., then every N steps."
+    )
+    adaptive_floor: float = option(
+        0.8, "adaptive mode: warn when a refusal signal's trend (greedy rate, first-token "
+        "probability) falls below this.",
+    )  # fmt: skip
+    adaptive_kl: float | None = option(
+        None, "adaptive mode: also warn when the alignment KL's trend rises above this "
+        "(nats/token).",
+    )  # fmt: skip
 
     def check_model(self, model: ModelSpec) -> None:
         """What the guard needs from the model options, checked before anything is loaded
@@ -429,8 +453,16 @@ class GuardSpec:
     def validate(self) -> None:
         if self.guard not in GUARD_NAMES:
             raise ValueError(f"--guard {self.guard!r}: use {', '.join(GUARD_NAMES)}")
-        if self.guard_rank < 1 or self.track_every < 1 or self.guard_examples < 1:
-            raise ValueError("--guard-rank, --track-every and --guard-examples must be >= 1")
+        if self.guard_rank < 1 or self.guard_examples < 1:
+            raise ValueError("--guard-rank and --guard-examples must be >= 1")
+        if self.fisher_rank < 0:
+            raise ValueError("--fisher-rank must be >= 0")
+        if self.track_every < 0:
+            raise ValueError("--track-every must be >= 0")
+        if self.track_drift is not None and not self.track_drift > 0:
+            raise ValueError("--track-drift must be positive")
+        if self.track_every == 0 and self.track_drift is None:
+            raise ValueError("--track-every 0 re-estimates only on drift: pass --track-drift")
         for name in ("curvature_mu", "ewc_lambda", "anchor_beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{_flag(name)} must be >= 0")
@@ -442,6 +474,20 @@ class GuardSpec:
             raise ValueError("--csft-beta must be positive")
         if self.guard == "safe-lora" and not self.base:
             raise ValueError("--guard safe-lora needs --base (the unaligned base model)")
+        if self.guard_adaptive:
+            if self.guard == "none":
+                raise ValueError("--guard-adaptive needs a guard to switch on (--guard NAME)")
+            if self.guard == "safe-lora":
+                raise ValueError(
+                    "--guard-adaptive: safe-lora acts once after training, there is nothing to "
+                    "switch on; drop --guard-adaptive"
+                )
+        if self.adaptive_every < 1:
+            raise ValueError("--adaptive-every must be at least 1")
+        if not 0 <= self.adaptive_floor <= 1:
+            raise ValueError("--adaptive-floor is a refusal rate in [0, 1]")
+        if self.adaptive_kl is not None and not self.adaptive_kl > 0:
+            raise ValueError("--adaptive-kl must be positive")
 
 
 SPECS = (ModelSpec, DataSpec, FinetuneSpec, CurvatureSpec, OptimSpec, EvalSpec, RecordSpec,

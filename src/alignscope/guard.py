@@ -15,6 +15,7 @@ from alignscope.train.guards import (
     TrackingGuard,
     make_guard,
     warned,
+    watched_guard,
 )
 from alignscope.train.guards.trainer import GuardCallback, attach_guard
 
@@ -34,4 +35,5 @@ __all__ = [
     "attach_guard",
     "make_guard",
     "warned",
+    "watched_guard",
 ]

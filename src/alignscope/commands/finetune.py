@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,8 @@ class FinetuneResult:
     def summary(self) -> dict[str, Any]:
         """Headline numbers: refusal at the start, end and its minimum, KL at the end, task
         loss at the end, held-out task exact match and NLL at the start and end (None without
-        a held-out split), mean time per step."""
+        a held-out split), mean time per step, and in adaptive mode the update the guard
+        switched on at."""
         rates = [r["refusal_rate"] for r in self.trajectory if r.get("refusal_rate") is not None]
         secs = [s["seconds"] for s in self.steps]
         task = [r for r in self.trajectory if r.get("task_exact_match") is not None]
@@ -108,6 +110,8 @@ class FinetuneResult:
             "task_loss_end": self.steps[-1]["loss"] if self.steps else None,
             "seconds_per_step": sum(secs) / len(secs) if secs else None,
             "steps_run": len(self.steps),
+            # adaptive mode: the update (0-based) from which the guard ran, None: never/not adaptive
+            "guard_activated_at": self.guard.get("record", {}).get("activated_at"),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -227,12 +231,13 @@ def run_finetune(
 
     from alignscope.commands.verify import record_steps
     from alignscope.data.loaders import load_data
-    from alignscope.train.guards import guard_from_spec
+    from alignscope.train.guards import adaptive_from_spec, guard_from_spec
     from alignscope.train.loop import finetune, make_optimizer
     from alignscope.train.prefix import PrefixForward
     from alignscope.train.stream import training_stream
     from alignscope.train.task_eval import TaskEval
     from alignscope.train.tracker import AlignmentTracker
+    from alignscope.train.watch import AlignmentCollapseWarning
 
     cfg.validate()
     cfg.runtime.apply()
@@ -293,7 +298,14 @@ def run_finetune(
             cfg.guard, memory_budget=int(cfg.curvature.memory_budget_gb * 2**30),
             seed=cfg.runtime.seed, dtype=cfg.model.dtype, device=cfg.model.device,
         )  # fmt: skip
+        # adaptive mode: a watcher at theta0 (built before a checkpoint is restored)
+        guard = adaptive_from_spec(
+            cfg.guard, guard, model, tokenizer, [rows[i] for i in safety_fit.kept], prompts,
+            seed=cfg.runtime.seed, max_new_tokens=cfg.datasets.max_new_tokens,
+            max_length=cfg.datasets.max_length,
+        )  # fmt: skip
         guard.setup(model, selection, safety_batch)
+    watcher = getattr(guard, "watcher", None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg.optim.optimizer, params, cfg.optim.lr, cfg.optim.adam_eps)
     # the frozen layers' activations of the fine-tuning set, kept per example
@@ -328,6 +340,10 @@ def run_finetune(
             per_step.append({"step": step, "loss": loss, "seconds": now - clock["last"],
                              **guard.signals()})  # fmt: skip
             progress.update(task, advance=1, description=f"loss {loss:.4f}")
+        if watcher is not None:  # adaptive mode: its warning switches the guard on
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AlignmentCollapseWarning)  # recorded instead
+                watcher.step(step, loss)
         if step in wanted:
             rec = tracker.measure(step, loss)
             if task_eval is not None:
@@ -362,7 +378,8 @@ def run_finetune(
         trajectory.append({**rec, "after_finalize": True})
     model.eval()
     return FinetuneResult(
-        cfg, {"name": guard.name, "settings": guard.settings(), "eval_prompts": eval_source},
+        cfg, {"name": guard.name, "settings": guard.settings(), "eval_prompts": eval_source,
+              "record": guard.record()},
         per_step, trajectory, timings, datasets, type(judge).__name__, finalized, model,
         tokenizer, resumed_from=start or None,
     )  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from alignscope.train.loop import finetune, make_optimizer
 from alignscope.train.prefix import PrefixForward
 from alignscope.train.stream import training_stream
 from alignscope.train.tracker import AlignmentTracker
+from alignscope.train.watch import AlignmentCollapseWarning
 
 # /2: the alignment-loss threshold crossing is named apart from the refusal collapse
 # (collapse_step_* -> threshold_step_*, collapse_bracket_observed -> threshold_bracket_observed,
@@ -106,6 +108,7 @@ class VerifyResult:
     judge: str = "KeywordRefusalJudge"
     resumed_from: int | None = None
     datasets: dict[str, Any] = field(default_factory=dict)  # how each data file was read and fitted
+    guard: dict[str, Any] | None = None  # the guard, its settings and record (--guard)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +116,7 @@ class VerifyResult:
             "judge": self.judge,
             "resumed_from_step": self.resumed_from,
             "datasets": self.datasets,
+            "guard": self.guard,
             "diagnosis": jsonable(self.diagnosis.to_json()),
             "trajectory": self.trajectory,
             "scores": self.scores,
@@ -338,19 +342,27 @@ def _check_diagnosis(diagnosis: DiagnoseResult, cfg: VerifyConfig) -> None:
         )
 
 
-def _setup_guard(cfg: VerifyConfig, model, selection, safety_batch, basis, values, stages):
+def _setup_guard(cfg: VerifyConfig, model, selection, safety_batch, basis, values, stages,
+                 watch=None):  # fmt: skip
     """The run's guard set up at the aligned weights (None without one); the projection
     guards take the diagnosis' subspace when it has enough vectors. A resumed run sets the
-    guard up at theta0 again, then restores its state from the checkpoint."""
+    guard up at theta0 again, then restores its state from the checkpoint. ``watch``:
+    ``(tokenizer, safety rows, eval prompts)`` for the watcher of adaptive mode."""
     if cfg.guard.guard == "none":
         return None
-    from alignscope.train.guards import guard_from_spec
+    from alignscope.train.guards import adaptive_from_spec, guard_from_spec
 
     with stages.stage("guard", f"{cfg.guard.guard} at the aligned weights"):
         guard = guard_from_spec(
             cfg.guard, memory_budget=int(cfg.curvature.memory_budget_gb * 2**30),
             seed=cfg.runtime.seed, dtype=cfg.model.dtype, device=cfg.model.device,
         )  # fmt: skip
+        if cfg.guard.guard_adaptive:
+            tokenizer, rows, prompts = watch
+            guard = adaptive_from_spec(
+                cfg.guard, guard, model, tokenizer, rows, prompts, seed=cfg.runtime.seed,
+                max_new_tokens=cfg.datasets.max_new_tokens, max_length=cfg.datasets.max_length,
+            )  # fmt: skip
         subspace = None
         if basis is not None and basis.shape[1] >= cfg.guard.guard_rank:
             subspace = (basis, values)
@@ -487,7 +499,9 @@ def run_verify(
         prefix = PrefixForward.build(model, selection, cfg.runtime.prefix_budget)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(cfg.optim.optimizer, params, cfg.optim.lr, cfg.optim.adam_eps)
-    guard = _setup_guard(cfg, model, selection, safety_batch, basis, values, stages)
+    watch = (tokenizer, diag.alignment.rows(), prompts)
+    guard = _setup_guard(cfg, model, selection, safety_batch, basis, values, stages, watch)
+    watcher = getattr(guard, "watcher", None)
     fc = diag.forecast
     steps_to_record = set(
         record_steps(
@@ -523,6 +537,10 @@ def run_verify(
 
     def callback(step: int, loss: float | None) -> bool:
         nonlocal since_ckpt
+        if watcher is not None:  # adaptive mode: its warning switches the guard on
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AlignmentCollapseWarning)  # recorded instead
+                watcher.step(step, loss)
         if step in steps_to_record:
             records.append(tracker.measure(step, loss))
             if partial is not None:
@@ -570,4 +588,12 @@ def run_verify(
         judge=type(judge).__name__,
         resumed_from=resumed_from,
         datasets=datasets,
+        guard=_guard_block(guard),
     )
+
+
+def _guard_block(guard) -> dict[str, Any] | None:
+    """The guard's name, settings and record for results.json (None without a guard)."""
+    if guard is None:
+        return None
+    return {"name": guard.name, "settings": guard.settings(), "record": guard.record()}

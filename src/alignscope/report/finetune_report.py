@@ -39,8 +39,28 @@ def build_report(results: dict[str, Any]) -> Report:
              "summary.task_exact_match_end"),
             ("held-out task NLL at end", sm["task_nll_end"], "summary.task_nll_end"),
         ]  # fmt: skip
+    record = guard.get("record") or {}
+    if record.get("adaptive"):
+        heads.append(("guard switched on at step", record["activated_at"],
+                      "guard.record.activated_at"))  # fmt: skip
     heads.append(("seconds per step", sm["seconds_per_step"], "summary.seconds_per_step"))
     rep.headline(heads)
+    if record.get("adaptive"):
+        warning = record.get("warning")
+        rep.note(
+            "Adaptive mode: the guard stayed off until the watcher's early warning ("
+            + (f"step {record['activated_at']}: {warning['message']}); it ran from the next "
+               "update on." if warning else "none came); it never ran.")
+        )  # fmt: skip
+    estimates = record.get("reestimations")
+    if estimates:
+        rep.heading("Subspace re-estimations")
+        rep.table(
+            ["before update", "reason", "rotation", "moved (|theta - theta_last| / |theta0|)",
+             "Fisher products"],
+            [[e["step"], e["reason"], e["rotation"], e["moved"], e["products"]]
+             for e in estimates],
+        )  # fmt: skip
     rep.image("loss.png", "Task loss (the minibatch's response NLL, without the guard's term)")
     rep.image("alignment.png", "Alignment KL on the safety set and refusal rate")
     rep.heading("Trajectory")

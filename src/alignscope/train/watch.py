@@ -354,6 +354,19 @@ class AlignmentWatcher:
                     self.save_last_safe(self.output_dir / "last-safe")
         return rec
 
+    def state_dict(self) -> dict[str, Any]:
+        """The measurements and warnings so far (JSON-ready), so a resumed training run's watcher
+        continues the same trends; theta0 and the references are rebuilt at construction."""
+        return {"records": jsonable(self.records), "warnings": jsonable(self.warnings),
+                "last_safe_step": self.last_safe_step, "prev_step": self._prev_step,
+                "should_stop": self.should_stop}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (on a watcher built at theta0)."""
+        self.records, self.warnings = list(state["records"]), list(state["warnings"])
+        self.last_safe_step, self._prev_step = state["last_safe_step"], state["prev_step"]
+        self.should_stop = state["should_stop"]
+
     def _forecast_error(self, step: int, kl: float) -> dict[str, float | None]:
         """The diagnosis' forecast dL_a at ``step`` and the measured KL's relative error to it
         (None outside the forecast's window or without a diagnosis)."""

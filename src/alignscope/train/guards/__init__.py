@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alignscope.train.guards.adaptive import AdaptiveGuard, warned
+from alignscope.train.guards.adaptive import AdaptiveGuard, warned, watched_guard
 from alignscope.train.guards.base import Guard, NoGuard, read_theta, write_theta
 from alignscope.train.guards.constrained import ConstrainedSFTGuard
 from alignscope.train.guards.curvature import CurvatureGuard
@@ -45,11 +45,13 @@ def guard_from_spec(spec, *, memory_budget: int, seed: int = 0, dtype: str = "fl
     if name == "project":
         return ProjectGuard(spec.guard_rank, memory_budget)
     if name == "project-tracking":
-        return TrackingGuard(spec.guard_rank, spec.track_every, memory_budget=memory_budget)
+        return TrackingGuard(spec.guard_rank, spec.track_every, drift=spec.track_drift,
+                             memory_budget=memory_budget)  # fmt: skip
     if name == "curvature":
         return CurvatureGuard(spec.curvature_mu, examples=spec.guard_examples)
     if name == "fisher":
-        return FisherGuard(spec.ewc_lambda, spec.fisher_diag)
+        return FisherGuard(spec.ewc_lambda, spec.fisher_diag, rank=spec.fisher_rank,
+                           memory_budget=memory_budget)  # fmt: skip
     if name == "anchor":
         return AnchorGuard(spec.anchor_beta, spec.guard_examples, seed)
     if name == "constrained-sft":
@@ -64,6 +66,20 @@ def guard_from_spec(spec, *, memory_budget: int, seed: int = 0, dtype: str = "fl
     raise ValueError(f"unknown guard {name!r}; use one of: {', '.join(GUARDS)}")
 
 
+def adaptive_from_spec(spec, guard: Guard, model, tokenizer, safety_rows, eval_prompts, *,
+                       seed: int = 0, max_new_tokens: int = 48,
+                       max_length: int | None = None) -> Guard:  # fmt: skip
+    """``guard`` in adaptive mode when ``spec.guard_adaptive`` (a watcher of ``model`` at its
+    current weights switches it on, :func:`watched_guard`), else ``guard`` itself."""
+    if not spec.guard_adaptive:
+        return guard
+    return watched_guard(
+        guard, model, tokenizer, safety_rows, eval_prompts, every=spec.adaptive_every,
+        floor=spec.adaptive_floor, kl_threshold=spec.adaptive_kl, seed=seed,
+        max_new_tokens=max_new_tokens, max_length=max_length,
+    )  # fmt: skip
+
+
 __all__ = [
     "GUARDS",
     "AdaptiveGuard",
@@ -76,10 +92,12 @@ __all__ = [
     "ProjectGuard",
     "SafeLoRAGuard",
     "TrackingGuard",
+    "adaptive_from_spec",
     "guard_from_spec",
     "make_guard",
     "read_theta",
     "warm_block_eigs",
     "warned",
+    "watched_guard",
     "write_theta",
 ]

@@ -11,7 +11,8 @@ these hooks of the training loop (:func:`alignscope.train.loop.finetune`; the Tr
 4. :meth:`Guard.after_step` -- after the optimizer: may correct the parameters (projections);
 5. :meth:`Guard.finalize` -- once after training (post-hoc transforms such as Safe LoRA).
 
-:meth:`Guard.signals` returns the guard's own numbers for the step just taken (logged per step).
+:meth:`Guard.signals` returns the guard's own numbers for the step just taken (logged per step),
+:meth:`Guard.record` what it did over the run (results.json).
 The math of every guard is in docs/guard.md.
 """
 
@@ -183,6 +184,11 @@ class Guard:
     def signals(self) -> dict[str, Any]:
         """The guard's numbers for the last step (JSON-ready floats)."""
         return dict(self._signals)
+
+    def record(self) -> dict[str, Any]:
+        """What the guard did over the run, for results.json (JSON-ready; e.g. when an adaptive
+        guard switched on, when a tracking guard re-estimated its subspace)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs besides theta0 (which ``setup`` recomputes): tensors and

@@ -47,42 +47,89 @@ def fisher_diagonal(
 
 
 class FisherGuard(Guard):
-    """``fisher`` (EWC): ``lambda / 2 sum_i F_ii delta_i^2`` added to each step's loss."""
+    """``fisher`` (EWC): ``lambda / 2 sum_i F_ii delta_i^2`` added to each step's loss; with
+    ``rank = d > 0``, the diagonal-plus-low-rank Fisher instead (docs/guard.md, "fisher"):
+
+        lambda / 2 (delta^T U S U^T delta + sum_i r_i delta_i^2),
+        r_i = max(F_ii - sum_j S_j U_ij^2, 0),
+
+    ``U``, ``S`` the top-``d`` eigenpairs of ``F``: exact on the top-``d`` subspace's part of
+    ``F`` and equal to ``F`` on the diagonal (``r`` is the diagonal of ``F - U S U^T``)."""
 
     name = "fisher"
     changes_loss = True
 
-    def __init__(self, lam: float = 1.0, method: str = "auto", samples: int = 8) -> None:
+    def __init__(self, lam: float = 1.0, method: str = "auto", samples: int = 8, rank: int = 0,
+                 memory_budget: int = 2 * 2**30) -> None:  # fmt: skip
         super().__init__()
         if lam < 0:
             raise ValueError("--ewc-lambda must be >= 0")
         if method not in DIAG_METHODS:
             raise ValueError(f"--fisher-diag {method!r}: use {', '.join(DIAG_METHODS)}")
+        if rank < 0:
+            raise ValueError("--fisher-rank must be >= 0")
         self.lam, self.method, self.samples = float(lam), method, int(samples)
+        self.rank, self.memory_budget = int(rank), int(memory_budget)
+        self.basis: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"lambda": self.lam, "diag": self.method, "samples": self.samples}
+        return {"lambda": self.lam, "diag": self.method, "samples": self.samples,
+                "rank": self.rank}  # fmt: skip
 
     def setup(self, model, selection, safety_batch=None, subspace=None) -> None:
+        from alignscope.curvature.spectrum import fisher_eigs
+        from alignscope.train.guards.projection import (
+            check_basis_memory,
+            orthonormal,
+            subspace_basis,
+        )
+
         super().setup(model, selection, safety_batch, subspace)
         if safety_batch is None:
             raise ValueError("guard 'fisher' needs the safety batch (its Fisher)")
         method = self.method
         if method == "auto":
             method = "exact" if selection.size <= EXACT_MAX else "mc"
+        if self.rank:
+            itemsize = next(iter(selection.tensors(model).values())).element_size()
+            check_basis_memory(selection.size, self.rank, itemsize, self.memory_budget,
+                               "guard 'fisher' (--fisher-rank)")  # fmt: skip
         was = model.training
         try:
             op = FisherOperator(FunctionalLM(model, selection), safety_batch)
-            self.diag = fisher_diagonal(op, method, self.samples).detach()
+            diag = fisher_diagonal(op, method, self.samples).detach()
+            if self.rank:
+                basis, values = None, None
+                if subspace is not None:  # the diagnosis' eigenpairs, when it has enough
+                    vecs = subspace_basis(subspace, None)
+                    if vecs[1] is not None and vecs[0].shape[1] >= self.rank:
+                        basis, values = subspace_basis(subspace, self.rank)
+                if basis is None:
+                    eig, _ = fisher_eigs(op, self.rank, method="auto",
+                                         memory_budget=self.memory_budget)  # fmt: skip
+                    basis, values = eig.vectors[:, : self.rank], eig.values[: self.rank]
+                self.basis = orthonormal(basis.detach().to(diag))
+                self.values = values.detach().to(diag).clamp_min(0.0)
+                # the diagonal of F - U S U^T (>= 0 for exact F; clamped against MC noise)
+                diag = (diag - self.basis.square() @ self.values).clamp_min(0.0)
         finally:
             model.train(was)
+        self.diag = diag
         self.method_used = method
         self.theta0 = read_theta(model, selection)
 
-    def extra_loss(self, model, step) -> torch.Tensor:
-        theta = self.selection.flatten(self.selection.tensors(model))
+    def penalty(self, theta: torch.Tensor) -> torch.Tensor:
+        """The penalty at the flat parameters ``theta`` (differentiable)."""
         delta = theta - self.theta0.to(theta)
-        penalty = 0.5 * self.lam * (self.diag.to(theta) * delta.square()).sum()
+        quad = (self.diag.to(theta) * delta.square()).sum()
+        if self.basis is not None:
+            coeff = self.basis.to(theta).T @ delta
+            quad = quad + (self.values.to(theta) * coeff.square()).sum()
+        return 0.5 * self.lam * quad
+
+    def extra_loss(self, model, step) -> torch.Tensor:
+        penalty = self.penalty(self.selection.flatten(self.selection.tensors(model)))
         self._signals = {"penalty": float(penalty.detach())}
         return penalty
 

@@ -187,7 +187,11 @@ class ProjectGuard(Guard):
 
 class TrackingGuard(ProjectGuard):
     """``project-tracking``: as ``project``, with the subspace re-estimated at the current
-    weights every ``every`` steps by block Lanczos warm-started from the previous basis."""
+    weights by block Lanczos warm-started from the previous basis, every ``every`` steps
+    (0: never on a schedule) and whenever the drift signal has moved: the weights have gone
+    ``|theta - theta_last| >= drift |theta0|`` from where the basis was last estimated
+    (``drift=None``: the schedule only). Every re-estimation is kept in :attr:`estimates`
+    (step, reason, rotation, products)."""
 
     name = "project-tracking"
 
@@ -198,16 +202,25 @@ class TrackingGuard(ProjectGuard):
         max_blocks: int = 4,
         tol: float = 1e-6,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        drift: float | None = None,
     ) -> None:
         super().__init__(rank, memory_budget)
-        if every < 1:
-            raise ValueError("--track-every must be at least 1")
-        self.every, self.max_blocks, self.tol = every, max_blocks, tol
+        if every < 0:
+            raise ValueError("--track-every must be >= 0")
+        if drift is not None and not drift > 0:
+            raise ValueError("--track-drift must be positive")
+        if every == 0 and drift is None:
+            raise ValueError("--track-every 0 re-estimates only on drift: pass --track-drift")
+        self.every, self.max_blocks, self.tol, self.drift = every, max_blocks, tol, drift
         self.n_estimates = 0
         self.rotation: float | None = None
+        self.estimates: list[dict[str, Any]] = []
+        self.moved: float = 0.0  # |theta - theta_last| / |theta0| before the current step
+        self.theta_last: torch.Tensor | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"rank": self.rank, "every": self.every, "max_blocks": self.max_blocks}
+        return {"rank": self.rank, "every": self.every, "drift": self.drift,
+                "max_blocks": self.max_blocks}  # fmt: skip
 
     def setup(self, model, selection, safety_batch=None, subspace=None) -> None:
         if safety_batch is None:
@@ -220,8 +233,11 @@ class TrackingGuard(ProjectGuard):
         was = model.training
         self.flm = FunctionalLM(model, selection)
         model.train(was)
+        self.theta_last = self.theta0.clone()
+        self.theta0_norm = max(float(self.theta0.double().norm()), 1e-300)
 
-    def reestimate(self, model: nn.Module) -> EigenResult:
+    def reestimate(self, model: nn.Module, step: int | None = None, reason: str = "manual"
+                   ) -> EigenResult:  # fmt: skip
         """The top-``d`` Fisher eigenpairs at the current weights, warm-started."""
         theta = read_theta(model, self.selection)
         was = model.training
@@ -236,21 +252,46 @@ class TrackingGuard(ProjectGuard):
         self.rotation = 1.0 - overlap  # 0: the same subspace, 1: orthogonal to the old one
         self.basis, self.values = new, eig.values
         self.n_estimates += 1
+        self.theta_last = theta
+        self.estimates.append({"step": step, "reason": reason, "rotation": self.rotation,
+                               "moved": self.moved, "products": eig.n_products,
+                               "converged": eig.converged})  # fmt: skip
         return eig
 
     def state_dict(self) -> dict[str, Any]:
         return {"basis": self.basis, "values": self.values, "estimates": self.n_estimates,
-                "rotation": self.rotation}  # fmt: skip
+                "rotation": self.rotation, "theta_last": self.theta_last,
+                "log": [dict(e) for e in self.estimates]}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.basis, self.values = state["basis"], state["values"]
         self.n_estimates, self.rotation = state["estimates"], state["rotation"]
+        if state.get("theta_last") is not None:
+            self.theta_last = state["theta_last"]
+        self.estimates = [dict(e) for e in state.get("log", [])]
+
+    def due(self, step: int, theta: torch.Tensor) -> str | None:
+        """Why the subspace is re-estimated before update ``step`` (``every`` or ``drift``), or
+        None."""
+        self.moved = float((theta - self.theta_last).double().norm()) / self.theta0_norm
+        if step > 0 and self.every and step % self.every == 0:
+            return "every"
+        if step > 0 and self.drift is not None and self.moved >= self.drift:
+            return "drift"
+        return None
 
     def before_step(self, model, step) -> None:
-        if step > 0 and step % self.every == 0:
-            self.reestimate(model)
-        super().before_step(model, step)
+        super().before_step(model, step)  # reads theta before the update into self._before
+        reason = self.due(step, self._before)
+        if reason is not None:
+            self.reestimate(model, step, reason)
 
     def after_step(self, model, step) -> None:
         super().after_step(model, step)
-        self._signals.update({"estimates": self.n_estimates, "rotation": self.rotation})
+        self._signals.update({"estimates": self.n_estimates, "rotation": self.rotation,
+                              "moved": self.moved})  # fmt: skip
+
+    def record(self) -> dict[str, Any]:
+        """Every re-estimation: the update (0-based) it came before, why (``every``/``drift``),
+        the rotation of the subspace, the drift at that point and the Fisher products spent."""
+        return {"reestimations": [dict(e) for e in self.estimates]}
