@@ -16,6 +16,7 @@ from alignscope.config import (
     CurvatureSpec,
     DataSpec,
     EvalSpec,
+    GuardSpec,
     ModelSpec,
     OptimSpec,
     RankingSpec,
@@ -49,6 +50,12 @@ BASE = dict(model="m", safety="s", data="d")
         (RankingSpec(["a"], lrs=[-1.0]), "positive"),
         (RuntimeSpec(threads=0), "--threads"),
         (RuntimeSpec(prefix_cache_gb=-1), "--prefix-cache-gb"),
+        (GuardSpec(guard_adaptive=True), "--guard-adaptive needs a guard"),
+        (GuardSpec("curvature", adaptive_floor=1.5), "--adaptive-floor"),
+        (GuardSpec("curvature", adaptive_every=0), "--adaptive-every"),
+        (GuardSpec("project-tracking", track_every=0), "--track-drift"),
+        (GuardSpec("project-tracking", track_drift=0.0), "--track-drift must be positive"),
+        (GuardSpec("fisher", fisher_rank=-1), "--fisher-rank"),
     ],
 )
 def test_each_spec_rejects_its_bad_fields(spec, message):

@@ -66,9 +66,12 @@ def outputs(organism_test, tmp_path_factory):
     """diagnose, verify, rank and watch outputs of the test organism under one folder, and
     its index page: ``{kind: report page}``."""
     from alignscope.commands.diagnose import run_diagnose
+    from alignscope.commands.finetune import FinetuneConfig, run_finetune
     from alignscope.commands.rank import RankConfig, run_rank
     from alignscope.commands.verify import VerifyConfig, run_verify
+    from alignscope.organism.corpus import task_match
     from alignscope.report.diagnose_report import write_diagnose_outputs
+    from alignscope.report.finetune_report import write_finetune_outputs
     from alignscope.report.rank_report import write_rank_outputs
     from alignscope.report.verify_report import write_verify_outputs
     from alignscope.train.loop import finetune
@@ -93,6 +96,18 @@ def outputs(organism_test, tmp_path_factory):
         subspace=diagnosis.subspace, quiet=True,
     )  # fmt: skip
     write_rank_outputs(ranked.to_json(), root / "rank")
+    # a guarded fine-tuning run: adaptive (floor 1: on from the first measurement), a tracking
+    # guard (its re-estimations table), the held-out task split (the task headline)
+    tuned = run_finetune(
+        FinetuneConfig.for_organism(
+            org, "benign_affirmative", optimizer="adamw", lr=1e-3, batch_size=16, steps=6,
+            eval_prompts=str(ds / "harmful_eval.jsonl"), max_eval=8, max_safety=12, threads=1,
+            guard="project-tracking", guard_rank=4, track_every=2, guard_adaptive=True,
+            adaptive_floor=1.0, adaptive_every=2, max_task_eval=8,
+        ),
+        task_rows=org.heldout("benign_affirmative"), task_match=task_match, quiet=True,
+    )  # fmt: skip
+    write_finetune_outputs(tuned, root / "affirmative" / "finetune")
     # a real watch log: measurements around a few fine-tuning steps
     model, tok = org.aligned_model(), org.tokenizer()
     log = root / "watch" / "alignscope_watch.jsonl"
@@ -109,6 +124,7 @@ def outputs(organism_test, tmp_path_factory):
     return root, {
         "diagnose": root / "affirmative" / "diagnose" / "report.html",
         "verify": root / "affirmative" / "verify" / "report.html",
+        "finetune": root / "affirmative" / "finetune" / "report.html",
         "rank": root / "rank" / "report.html",
         "watch": root / "watch" / "alignscope_watch-report" / "report.html",
         "index": root / "index.html",
@@ -153,14 +169,16 @@ HEADLINES = {
     "verify": {"scores.relative_l2_error", "scores.threshold_step_observed",
                "scores.refusal_rate_end"},
     "rank": {"ranking.0", "predictor"},
+    "finetune": {"summary.refusal_rate_end", "summary.kl_end", "summary.task_exact_match_end",
+                 "guard.record.activated_at"},
     "index": {"affirmative/diagnose/results.json#verdict.aic_holds",
               "affirmative/verify/results.json#scores.relative_l2_error",
               "rank/results.json#ranking.0"},
 }  # fmt: skip
-MIN_IMAGES = {"diagnose": 2, "verify": 2, "rank": 1, "watch": 2, "index": 5}
+MIN_IMAGES = {"diagnose": 2, "verify": 2, "rank": 1, "watch": 2, "index": 5, "finetune": 2}
 
 
-@pytest.mark.parametrize("kind", ["diagnose", "verify", "rank", "watch", "index"])
+@pytest.mark.parametrize("kind", ["diagnose", "verify", "rank", "watch", "index", "finetune"])
 def test_report_reads_well_in_a_browser(outputs, browser, kind):
     root, pages = outputs
     page = browser.open(pages[kind])
@@ -185,8 +203,14 @@ def test_report_reads_well_in_a_browser(outputs, browser, kind):
         results = pages[kind].parent / (file or "results.json")
         value = _lookup(json.loads(results.read_text()), dotted)
         assert _same(shown, value), (key, shown, value)
-    if kind in ("diagnose", "verify", "rank"):
+    if kind in ("diagnose", "verify", "rank", "finetune"):
         assert "Command line:" in text and "seed" in text and "torch" in text
+    if kind == "finetune":  # adaptive mode and the tracking guard's re-estimations, stated
+        res = json.loads((pages[kind].parent / "results.json").read_text())
+        assert res["guard"]["record"]["activated_at"] == 0
+        assert "Adaptive mode: the guard stayed off until the watcher's early warning" in text
+        steps = [e["step"] for e in res["guard"]["record"]["reestimations"]]
+        assert steps == [2, 4] and "Subspace re-estimations" in text
     if kind == "watch":
         records = [json.loads(line) for line in (root / "watch" / "alignscope_watch.jsonl")
                    .read_text().splitlines()]  # fmt: skip

@@ -433,8 +433,9 @@ class GuardSpec:
         "watcher's early warning, then on for the rest of the run (docs/guard.md).",
     )  # fmt: skip
     adaptive_every: int = option(
-        10, "adaptive mode: the watcher measures at steps 0 1 2 4 8 ..., then every N steps."
-    )
+        10, "adaptive mode: the watcher measures at step 0 and the powers of two below N, "
+        "then every N steps.",
+    )  # fmt: skip
     adaptive_floor: float = option(
         0.8, "adaptive mode: warn when a refusal signal's trend (greedy rate, first-token "
         "probability) falls below this.",
