@@ -2,7 +2,7 @@
 
 A benchmark, not a test. On the organism, for every benign set of the grid (the collapsing sets
 benign_affirmative, benign_list, benign_mix and the control benign_neutral) x every guard at two
-or three strengths x data seeds, one ``finetune`` run under the organism's documented protocol
+to four strengths x data seeds, one ``finetune`` run under the organism's documented protocol
 (AdamW, lr 1e-3, batch 16, 200 steps, all parameters), measured at the recorded (log-spaced)
 steps: held-out refusal (harmful_eval, keyword judge), alignment KL, and the task on the set's
 held-out split (``Organism.heldout``: greedy exact match and response NLL). Per run: refusal at
@@ -57,7 +57,7 @@ RESULTS = Path(__file__).parent / "results"
 COLLAPSING = ("benign_affirmative", "benign_list", "benign_mix")
 CONTROL = "benign_neutral"
 SETS = (*COLLAPSING, CONTROL)
-# Two or three strengths per guard (the flat option names of `alignscope finetune`); the
+# Two to four strengths per guard (the flat option names of `alignscope finetune`); the
 # documented default first: the reduced grid runs that one.
 GRID: dict[str, list[dict[str, Any]]] = {
     "none": [{}],
@@ -70,7 +70,12 @@ GRID: dict[str, list[dict[str, Any]]] = {
         {"guard_rank": 20, "track_every": 0, "track_drift": 0.1},
     ],
     "curvature": [{"curvature_mu": 30.0}, {"curvature_mu": 3.0}, {"curvature_mu": 300.0}],
-    "fisher": [{"ewc_lambda": 1e4}, {"ewc_lambda": 1e3}, {"ewc_lambda": 1e5}],
+    "fisher": [
+        {"ewc_lambda": 1e4},
+        {"ewc_lambda": 1e3},
+        {"ewc_lambda": 1e5},
+        {"ewc_lambda": 1e3, "fisher_rank": 20},  # plus the top-20 low-rank part (docs/guard.md)
+    ],
     "anchor": [{"anchor_beta": 1.0}, {"anchor_beta": 0.3}, {"anchor_beta": 3.0}],
     "constrained-sft": [{"csft_beta": 0.1}, {"csft_beta": 0.5}],
     # LoRA only: a new rank-8 adapter on every linear layer, projected after training against
@@ -276,9 +281,10 @@ def run(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_rows(out)}
     orgs: dict[str, Any] = {}
-    strengths = args.strengths or grid["strengths"]
-    if strengths not in ("all", "default"):
-        strengths = [int(i) for i in strengths.replace(",", " ").split()]
+    strengths: str | list[int] = grid["strengths"]
+    if args.strengths:
+        words = " ".join(args.strengths).replace(",", " ").split()
+        strengths = words[0] if words in (["all"], ["default"]) else [int(i) for i in words]
     unknown = sorted(set(args.guards or []) - set(GRID))
     if unknown:
         raise SystemExit(f"--guards {' '.join(unknown)}: not in the grid ({', '.join(GRID)})")
@@ -525,7 +531,7 @@ def main(argv=None) -> None:
     p.add_argument("--sets", nargs="+", default=None, help=f"a subset of {', '.join(SETS)}")
     p.add_argument("--guards", nargs="+", default=None,
                    help=f"a subset of the guards: {', '.join(GRID)}")  # fmt: skip
-    p.add_argument("--strengths", default=None,
+    p.add_argument("--strengths", nargs="+", default=None,
                    help="default (each guard's first strength), all, or 0-based indices into "
                         "each guard's list in GRID, e.g. '1 2' (default: the grid's)")  # fmt: skip
     p.add_argument("--list", action="store_true",

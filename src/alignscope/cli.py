@@ -145,8 +145,9 @@ def verify(
     """Fine-tune for real and score the diagnosis' forecast against what happens.
 
     Records the alignment KL, refusal NLL, refusal rate, fine-tuning loss and the displacement
-    (total, in the alignment subspace, Fisher-weighted) at log-spaced steps. An interrupted run
-    resumes from <out>.partial when restarted with the same arguments.
+    (total, in the alignment subspace, Fisher-weighted) at log-spaced steps. --guard runs the
+    fine-tuning under a guard (as finetune does; --guard-adaptive: off until the watcher warns).
+    An interrupted run resumes from <out>.partial when restarted with the same arguments.
     """
     import shutil
     from pathlib import Path
@@ -217,8 +218,9 @@ def finetune_command(
 
     Records each step's task loss, time and guard signals, and the alignment KL and refusal rate
     (on --eval-prompts, else on the safety prompts) at log-spaced steps. The fine-tuned model is
-    saved in <out>/model (or the adapter in <out>/adapter). An interrupted run resumes from
-    <out>.partial when restarted with the same arguments.
+    saved in <out>/model (or the adapter in <out>/adapter). With --guard-adaptive the guard stays
+    off until an alignment watcher's early warning and results.json records the step it switched
+    on at. An interrupted run resumes from <out>.partial when restarted with the same arguments.
     """
     import shutil
     from pathlib import Path
