@@ -195,3 +195,40 @@ def test_verify_runs_a_guard_in_adaptive_mode(organism_test):
     assert guard["name"] == "adaptive-project" and guard["record"]["activated_at"] == 0
     last = result.trajectory[-1]
     assert last["subspace_displacement"] <= 1e-5 * last["displacement"]  # on from update 0
+
+
+def test_adaptive_mode_resumes_with_the_watcher_state(organism_test, tmp_path, monkeypatch):
+    from alignscope.train.watch import AlignmentWatcher
+
+    cfg = _cfg(organism_test, guard="curvature", guard_adaptive=True, adaptive_every=2, steps=14,
+               checkpoint_every=1)  # fmt: skip
+    full = run_finetune(cfg, quiet=True)
+    on = full.guard["record"]["activated_at"]
+    assert on is not None and 8 < on < 14  # measured: the warning comes at step 12
+
+    class Crash(RuntimeError):
+        pass
+
+    original = AlignmentWatcher.step
+
+    def crashing(self, step, loss=None, **kw):
+        if step == 9:  # after the checkpoint at recorded step 8, before the warning
+            raise Crash
+        return original(self, step, loss, **kw)
+
+    partial = tmp_path / "run.partial"
+    monkeypatch.setattr(AlignmentWatcher, "step", crashing)
+    with pytest.raises(Crash):
+        run_finetune(cfg, partial_dir=partial, quiet=True)
+    monkeypatch.setattr(AlignmentWatcher, "step", original)
+    resumed = run_finetune(cfg, partial_dir=partial, quiet=True)
+    assert resumed.resumed_from == 8
+    record = resumed.guard["record"]
+    assert record["activated_at"] == on
+    # the watcher's measurements before the crash came back from the checkpoint
+    assert [r["step"] for r in record["watcher"]["records"]] == [
+        r["step"] for r in full.guard["record"]["watcher"]["records"]
+    ]
+    assert [s["active"] for s in resumed.steps] == [s["active"] for s in full.steps]
+    for a, b in zip(resumed.steps, full.steps, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
