@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from inspect import Parameter
 from typing import Any
 
@@ -14,7 +15,7 @@ import typer
 
 from alignscope import __version__
 from alignscope import config as specs
-from alignscope.errors import MissingExtraError
+from alignscope.errors import MissingExtraError, RankFailure
 
 KEYWORD_ONLY = Parameter.KEYWORD_ONLY
 
@@ -46,6 +47,7 @@ def main(
 OVERWRITE = typer.Option(False, help="Replace an existing output directory.")
 ERRORS = (ValueError, FileNotFoundError, FileExistsError, MemoryError, FloatingPointError)
 ERRORS += (MissingExtraError,)  # a missing optional package: how to install it
+ERRORS += (RankFailure,)  # another torchrun process failed: its message
 
 
 def out_option(command: str) -> Any:
@@ -95,6 +97,24 @@ def with_spec_options(*specs: type, exclude: tuple[str, ...] = ()) -> Callable:
     return wrap
 
 
+@contextlib.contextmanager
+def _processes(device: str) -> Iterator[bool]:
+    """Under torchrun, join the process group (unless one exists) and run the command so that
+    an error on any rank stops every rank with its message; nothing in one process. Yields
+    whether this is rank 0, the one process that writes outputs and prints."""
+    from alignscope import distributed as dist
+
+    created = dist.init_from_env(device)
+    try:
+        with dist.guard():
+            yield dist.is_main()
+    finally:
+        if created and dist.initialized():
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
 def _fail(err: Exception) -> typer.Exit:
     typer.secho(f"error: {err}", fg="red", err=True)
     return typer.Exit(2)
@@ -122,12 +142,19 @@ def diagnose(
 
     try:
         cfg = DiagnoseConfig.from_options(**options)
-        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
-        result = run_diagnose(cfg)
+        with _processes(cfg.model.device) as main:
+            if main:  # rank 0 alone writes (and checks) the outputs
+                OutputDir(out, overwrite=overwrite).abort()  # fail before the work if taken
+            result = run_diagnose(cfg)
+            res = result.to_json()
+            if main:
+                path = write_diagnose_outputs(
+                    res, out, overwrite=overwrite, subspace=result.subspace
+                )
     except ERRORS as err:
         raise _fail(err) from None
-    res = result.to_json()
-    path = write_diagnose_outputs(res, out, overwrite=overwrite, subspace=result.subspace)
+    if not main:
+        return
     _print_summary(res)
     typer.echo(f"wrote {path}/results.json, report.md, report.html")
 
@@ -161,21 +188,28 @@ def verify(
     partial = resolved.with_name(resolved.name + ".partial")
     try:
         cfg = VerifyConfig.from_options(**options)
-        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
-        diag = None
-        if diagnosis is not None:
-            try:  # results.json and subspace.pt of diagnose (or the diagnosis in a verify result)
-                diag = load(diagnosis)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"--diagnosis {diagnosis}: no results.json there") from None
-        result = run_verify(cfg, diagnosis=diag, partial_dir=partial)
+        with _processes(cfg.model.device) as main:
+            if main:  # rank 0 alone writes (and checks) the outputs
+                OutputDir(out, overwrite=overwrite).abort()  # fail before the work if taken
+            diag = None
+            if diagnosis is not None:
+                try:  # results.json and subspace.pt of diagnose (or a verify result's diagnosis)
+                    diag = load(diagnosis)
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"--diagnosis {diagnosis}: no results.json there"
+                    ) from None
+            result = run_verify(cfg, diagnosis=diag, partial_dir=partial)
+            res = result.to_json()
+            if main:
+                written = write_verify_outputs(
+                    res, out, overwrite=overwrite, subspace=result.diagnosis.subspace
+                )
+                shutil.rmtree(partial, ignore_errors=True)
     except ERRORS as err:
         raise _fail(err) from None
-    res = result.to_json()
-    written = write_verify_outputs(
-        res, out, overwrite=overwrite, subspace=result.diagnosis.subspace
-    )
-    shutil.rmtree(partial, ignore_errors=True)
+    if not main:
+        return
     sc = res["scores"]
     typer.echo(
         f"forecast horizon {sc['horizon_steps']} steps; relative L2 error of dL_a in the window "
@@ -231,11 +265,12 @@ def finetune_command(
 
     try:
         cfg = FinetuneConfig.from_options(**options)
-        cfg.validate()  # a missing guard prerequisite fails before loading anything
-        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
-        resolved = Path(out).resolve()
-        partial = resolved.with_name(resolved.name + ".partial")
-        result = run_finetune(cfg, partial_dir=partial)
+        with _processes(cfg.model.device):  # under torchrun: refused, with how to run it
+            cfg.validate()  # a missing guard prerequisite fails before loading anything
+            OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
+            resolved = Path(out).resolve()
+            partial = resolved.with_name(resolved.name + ".partial")
+            result = run_finetune(cfg, partial_dir=partial)
     except ERRORS as err:
         raise _fail(err) from None
     written = write_finetune_outputs(result, out, overwrite=overwrite)
@@ -401,9 +436,10 @@ def rank(out: str = out_option("rank"), overwrite: bool = OVERWRITE, **options: 
 
     try:
         cfg = RankConfig.from_options(**options)
-        cfg.validate()
-        OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
-        result = run_rank(cfg)
+        with _processes(cfg.model.device):  # under torchrun: refused, with how to run it
+            cfg.validate()
+            OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
+            result = run_rank(cfg)
     except ERRORS as err:
         raise _fail(err) from None
     res = result.to_json()

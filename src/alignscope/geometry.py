@@ -220,11 +220,14 @@ def measure_direction(
     )
 
 
-def finetune_gradient(flm: FunctionalLM, batch: LMBatch) -> torch.Tensor:
-    """``g = grad L_f(theta0)``, the mean response-token NLL of the fine-tuning batch."""
+def finetune_gradient(
+    flm: FunctionalLM, batch: LMBatch, n_total: int | None = None
+) -> torch.Tensor:
+    """``g = grad L_f(theta0)``, the mean response-token NLL of the fine-tuning batch (of this
+    process' share of it when ``batch`` is a shard of ``n_total`` examples)."""
     theta = flm.theta0.clone().requires_grad_(True)
     with torch.enable_grad():
-        (g,) = torch.autograd.grad(flm.mean_nll(theta, batch), theta)
+        (g,) = torch.autograd.grad(flm.mean_nll(theta, batch, n_total), theta)
     return g
 
 

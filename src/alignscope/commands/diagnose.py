@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from alignscope import distributed as dist
 from alignscope.config import (
     Composed,
     CurvatureSpec,
@@ -293,6 +294,11 @@ def selected_modules(names: list[str]) -> list[str]:
     )
 
 
+# Prompts per generate() call: shared among the ranks call by call, so each call's batch (and its
+# padding) is the one a single process makes.
+GENERATE_BATCH = 32
+
+
 def _fisher_chunk(model, batch: LMBatch, budget: int) -> int:
     """Examples per Fisher chunk: the cached graph holds a few ``T x V`` logit-sized tensors per
     example (logits, log-softmax, tangents), so budget ~8 of them; bigger chunks are faster."""
@@ -391,6 +397,11 @@ def run_diagnose(
             it depends only on those, not on the fine-tuning set (``rank`` diagnoses many sets
             against one). The result records it with plan ``"reused"``.
 
+    Under an initialised ``torch.distributed`` process group of several ranks (torchrun), every
+    rank calls this with the same arguments: the safety prompts and fine-tuning examples are
+    sharded across the ranks, products and sums are summed over them, and every rank returns the
+    same result, equal to the single-process one (docs/scale.md); progress shows on rank 0 only.
+
     Returns:
         The :class:`DiagnoseResult`; ``to_json()`` is results.json.
 
@@ -400,12 +411,20 @@ def run_diagnose(
         MemoryError: the plan does not fit ``cfg.curvature.memory_budget_gb`` (the message
             names what would).
         FloatingPointError: the model gives non-finite losses or gradients on the data.
+        alignscope.distributed.RankFailure: another rank failed (its message).
     """
+    with dist.guard():
+        return _run_diagnose(cfg, model=model, tokenizer=tokenizer, quiet=quiet, subspace=subspace)
+
+
+def _run_diagnose(
+    cfg: DiagnoseConfig, *, model, tokenizer, quiet: bool, subspace: Subspace | None
+) -> DiagnoseResult:
     cfg.validate()
     torch.manual_seed(cfg.runtime.seed)
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
-    stages = Stages(quiet=quiet)
+    stages = Stages(quiet=quiet or not dist.is_main())
     budget = int(cfg.curvature.memory_budget_gb * 2**30)
 
     with stages.stage("load", cfg.model.model):
@@ -416,6 +435,7 @@ def run_diagnose(
                 "--adapter/--lora-r apply when alignscope loads the model; wrap a model passed "
                 "in with PEFT yourself"
             )
+        dist.check_unsharded(model)
         safety = load_data(cfg.datasets.safety, "safety", format=cfg.datasets.safety_format)
         data = load_data(cfg.finetune.data, "data", format=cfg.datasets.data_format)
         safety_rows = subsample(safety.rows, cfg.datasets.max_safety, cfg.runtime.seed)
@@ -432,7 +452,13 @@ def run_diagnose(
 
     with stages.stage("targets", f"{len(safety_rows)} safety prompts"):
         prompts = [r["prompt"] for r in safety_rows]
-        greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.datasets.max_new_tokens)
+        greedy = dist.sharded_map(
+            prompts,
+            lambda part: generate(
+                model, tokenizer, part, max_new_tokens=cfg.datasets.max_new_tokens
+            ),
+            GENERATE_BATCH,
+        )
         judge = KeywordRefusalJudge()
         refused = judge(greedy)
         explicit = all("response" in r for r in safety_rows)
@@ -489,18 +515,26 @@ def run_diagnose(
     if spec != list(cfg.curvature.params):
         parameters.note = "--params all with an adapter: the adapter weights only"
         stages.note(f"parameters: the adapter weights only ({selection.size:,}; --params all)")
+    # Data parallel: each rank takes its shard of both batches with the whole batches' weights;
+    # every sum below is summed over the ranks (identity in one process).
+    n_safety, n_data = safety_batch.size, data_batch.size
+    my_safety = dist.shard_batch(safety_batch, "safety prompts")
+    my_data = dist.shard_batch(data_batch, "fine-tuning examples")
     with torch.no_grad():
-        ft_loss = float(flm.mean_nll(flm.theta0, data_batch))
-        ref_nll = float(flm.mean_nll(flm.theta0, safety_batch))
+        ft_loss = dist.all_reduce_float(float(flm.mean_nll(flm.theta0, my_data, n_data)))
+        ref_nll = dist.all_reduce_float(float(flm.mean_nll(flm.theta0, my_safety, n_safety)))
     _check_finite(ft_loss, "the fine-tuning loss")
     _check_finite(ref_nll, "the refusal NLL")
 
     fisher = FisherOperator(
         flm,
-        safety_batch,
-        chunk_size=_fisher_chunk(model, safety_batch, budget),
+        my_safety,
+        chunk_size=_fisher_chunk(model, my_safety, budget),
         memory_budget=budget,
+        n_total=n_safety,
     )
+    if dist.active():
+        fisher = dist.SumOverRanks(fisher, n_examples=n_safety)
     curv = cfg.curvature
     k = curv.eigenpairs
     reused = subspace is not None
@@ -533,27 +567,31 @@ def run_diagnose(
         d = min(d, subspace.k)
 
     with stages.stage("gradients", f"{data_batch.size} fine-tuning examples"):
-        g = finetune_gradient(flm, data_batch)
+        g = dist.all_reduce_sum(finetune_gradient(flm, my_data, n_data))
         noise_rows = data_batch.select(
             list(range(min(cfg.datasets.noise_examples, data_batch.size)))
         )
+        my_noise = dist.shard_batch(noise_rows, "noise examples (--noise-examples)")
         per_sample = per_sample_grads(
             flm.example_nll,
             flm.theta0,
             (
-                noise_rows.input_ids,
-                response_weights(noise_rows, flm.dtype),
-                *flm.example_extra(noise_rows.input_ids),
+                my_noise.input_ids,
+                response_weights(my_noise, flm.dtype),
+                *flm.example_extra(my_noise.input_ids),
             ),
             memory_budget=budget,
         )
+        per_sample = dist.all_gather_rows(per_sample)  # every rank: all rows, in batch order
     _check_finite(float(g.norm()), "the fine-tuning gradient norm")
 
     ga = None
     if cfg.curvature.alignment_loss == "nll":  # the refusal NLL is not stationary at theta0
-        ga = finetune_gradient(flm, safety_batch)
+        ga = dist.all_reduce_sum(finetune_gradient(flm, my_safety, n_safety))
     with stages.stage("hvp", "curvature coupling H g"):
-        hessian = HessianOperator(lambda t: flm.mean_nll(t, data_batch), flm.theta0)
+        hessian = HessianOperator(lambda t: flm.mean_nll(t, my_data, n_data), flm.theta0)
+        if dist.active():
+            hessian = dist.SumOverRanks(hessian)
         sgd = measure_direction(fisher, hessian, subspace, g, d, alignment_grad=ga)
         adam = None
         diag = None

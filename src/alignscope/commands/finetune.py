@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from alignscope import distributed as dist
 from alignscope.config import (
     Composed,
     CurvatureSpec,
@@ -239,6 +240,7 @@ def run_finetune(
     from alignscope.train.tracker import AlignmentTracker
     from alignscope.train.watch import AlignmentCollapseWarning
 
+    dist.require_single_process("finetune")
     cfg.validate()
     cfg.runtime.apply()
     judge = judge or KeywordRefusalJudge()

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from alignscope import distributed as dist
 from alignscope.commands.diagnose import DiagnoseConfig
 from alignscope.commands.predictors import (
     DEFAULT_PREDICTOR,
@@ -228,6 +229,7 @@ def run_rank(
     Raises:
         ValueError: fewer than two candidates, invalid settings, or data that does not fit.
     """
+    dist.require_single_process("rank")
     cfg.validate()
     torch.manual_seed(cfg.runtime.seed)
     if cfg.runtime.threads is not None:

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignscope.commands.diagnose import DiagnoseConfig, DiagnoseResult, run_diagnose
+from alignscope import distributed as dist
+from alignscope.commands.diagnose import (
+    GENERATE_BATCH,
+    DiagnoseConfig,
+    DiagnoseResult,
+    run_diagnose,
+)
 from alignscope.config import (
     Composed,
     CurvatureSpec,
@@ -395,6 +401,12 @@ def run_verify(
             successful run).
         quiet: no progress lines.
 
+    Under an initialised ``torch.distributed`` process group of several ranks (torchrun), every
+    rank calls this with the same arguments: the diagnosis is data-parallel, each training batch
+    is sharded across the ranks with the gradients summed over them (every rank takes the same
+    step), and every rank returns the single-process result; rank 0 alone writes
+    ``partial_dir`` and shows progress (docs/scale.md). A guard does not run data-parallel yet.
+
     Returns:
         The :class:`VerifyResult`: the diagnosis, the measured trajectory and the scores.
 
@@ -402,19 +414,50 @@ def run_verify(
         TypeError: ``diagnosis`` is not a :class:`DiagnoseResult`.
         ValueError: invalid settings, a diagnosis made for other settings, a ``partial_dir``
             holding another run, or data that does not fit.
+        alignscope.distributed.RankFailure: another rank failed (its message).
     """
+    with dist.guard():
+        return _run_verify(
+            cfg, diagnosis=diagnosis, model=model, tokenizer=tokenizer, judge=judge,
+            partial_dir=partial_dir, quiet=quiet,
+        )  # fmt: skip
+
+
+def _run_verify(
+    cfg: VerifyConfig,
+    *,
+    diagnosis: DiagnoseResult | None,
+    model,
+    tokenizer,
+    judge: RefusalJudge | None,
+    partial_dir: str | Path | None,
+    quiet: bool,
+) -> VerifyResult:
     from alignscope.data.loaders import load_data
 
     cfg.validate()
+    if dist.active() and cfg.guard.guard != "none":
+        raise ValueError(
+            f"--guard {cfg.guard.guard} does not run data-parallel yet: run verify with a guard "
+            "in one process, or without one under torchrun"
+        )
     torch.manual_seed(cfg.runtime.seed)
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     judge = judge or KeywordRefusalJudge()
-    stages = Stages(quiet=quiet)
-    partial = _Partial(Path(partial_dir), cfg) if partial_dir is not None else None
-
+    stages = Stages(quiet=quiet or not dist.is_main())
+    # Rank 0 alone reads and writes the checkpoints and hands what it read to the others (their
+    # file system may not be its own on several nodes).
+    partial = (
+        _Partial(Path(partial_dir), cfg) if partial_dir is not None and dist.is_main() else None
+    )
+    stored = None
     if diagnosis is None and partial is not None and partial.has_diagnosis:
-        diag = partial.diagnosis()
+        stored = partial.diagnosis()
+    if dist.active() and diagnosis is None and partial_dir is not None:
+        stored = dist.broadcast_object(stored)
+    if stored is not None:
+        diag = stored
     else:
         if diagnosis is None:
             diagnosis = run_diagnose(
@@ -435,6 +478,7 @@ def run_verify(
             raise ValueError("--adapter/--lora-r apply when alignscope loads the model")
         else:
             model = copy.deepcopy(model)
+        dist.check_unsharded(model)
         selection = select_params(model, cfg.param_spec(), group=cfg.curvature.group)
         if selection.size != diag.parameters.n_params:
             raise ValueError(
@@ -471,8 +515,12 @@ def run_verify(
                 raise ValueError(f"eval prompts {cfg.eval.eval_prompts}: no prompts")
             prompts = [r["prompt"] for r in rows]
             if not all(r.get("response") for r in rows):
-                greedy = generate(
-                    model, tokenizer, prompts, max_new_tokens=cfg.datasets.max_new_tokens
+                greedy = dist.sharded_map(
+                    prompts,
+                    lambda part: generate(
+                        model, tokenizer, part, max_new_tokens=cfg.datasets.max_new_tokens
+                    ),
+                    GENERATE_BATCH,
                 )
                 pairs = zip(prompts, greedy, strict=True)
                 rows = [{"prompt": p, "response": g or "."} for p, g in pairs]
@@ -515,13 +563,14 @@ def run_verify(
     # A fresh run starts from the seed whether or not the diagnosis ran in this process, so a
     # run that dies before its first checkpoint reruns identically (dropout draws included).
     torch.manual_seed(cfg.runtime.seed)
-    if partial is not None:
-        ckpt, records = partial.resume()
+    if partial_dir is not None:
+        ckpt, records = partial.resume() if partial is not None else (None, [])
+        ckpt, records = dist.broadcast_object((ckpt, records))
         if ckpt is not None:
             trained = {n for n, p in model.named_parameters() if p.requires_grad}
             if set(ckpt["model"]) != trained:
                 raise ValueError(
-                    f"{partial.path}: the checkpoint holds other parameters than this run trains; "
+                    f"{partial_dir}: the checkpoint holds other parameters than this run trains; "
                     "remove that directory to start over"
                 )
             model.load_state_dict(ckpt["model"], strict=False)

@@ -74,6 +74,10 @@ class FisherOperator(ParameterOperator):
             ``matmat``/``gram``/``quad_diag``), so only one chunk's ``[N_c, V]`` is alive at a
             time; ``"table"`` keeps every chunk's ``q`` resident (``positions x vocabulary``)
             and saves that pass. The products are the same numbers either way.
+        n_total: the number of examples of the whole batch when ``batch`` is one process'
+            shard of it (data parallel, :mod:`alignscope.distributed`): the weights stay those
+            of the whole batch, so the shards' products sum to its product. Default:
+            ``batch.size``.
 
     Raises:
         ValueError: an unknown ``jvp_mode`` or ``reference``.
@@ -90,6 +94,7 @@ class FisherOperator(ParameterOperator):
         jvp_mode: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         reference: str = "recompute",
+        n_total: int | None = None,
     ) -> None:
         if jvp_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jvp_mode {jvp_mode!r}; use auto, forward or reverse")
@@ -104,10 +109,10 @@ class FisherOperator(ParameterOperator):
         self.memory_budget = int(memory_budget)
         self.vmap_ok = True  # set False (with one warning) when vmap cannot run the model
         size = chunk_size or batch.size
+        self.n_total = batch.size if n_total is None else int(n_total)
+        table = reference == "table"
         self.chunks = [
-            _Chunk(
-                flm, batch.select(slice(s, s + size)), self.theta, batch.size, reference == "table"
-            )
+            _Chunk(flm, batch.select(slice(s, s + size)), self.theta, self.n_total, table)
             for s in range(0, batch.size, size)
         ]
         self.n_products = 0
@@ -170,9 +175,7 @@ class FisherOperator(ParameterOperator):
         per_vector = (3 * n * v + 2 * self.dim) * self.theta.element_size()
         return max(1, self.memory_budget // max(1, per_vector))
 
-    def _jvp_vmapped(
-        self, chunk: _Chunk, tangents: torch.Tensor, q: torch.Tensor
-    ) -> torch.Tensor:
+    def _jvp_vmapped(self, chunk: _Chunk, tangents: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         if self.jvp_mode == "reverse":
             # J t = the vjp of the linear map u -> J^T u, taken at u = 0: vmappable, and it
             # reuses the chunk's cached backward graph.
@@ -262,9 +265,7 @@ class FisherOperator(ParameterOperator):
             for c, a, b in zip(self.chunks, ju, jw, strict=True)
         )
 
-    def quad_diag(
-        self, vectors: torch.Tensor, memory_budget: int | None = None
-    ) -> torch.Tensor:
+    def quad_diag(self, vectors: torch.Tensor, memory_budget: int | None = None) -> torch.Tensor:
         """``[v_m^T F v_m for each row v_m]``: forward-mode products batched with vmap.
 
         The tangents go through the model together in blocks sized so their output
@@ -366,7 +367,7 @@ class FisherOperator(ParameterOperator):
         docs/theory.md, "The Fisher of the alignment loss").
         """
         b = self.batch
-        weights = response_weights(b, self.theta.dtype) / b.size**0.5
+        weights = response_weights(b, self.theta.dtype) / self.n_total**0.5
         return per_sample_grads(
             self.flm.example_nll,
             self.theta,

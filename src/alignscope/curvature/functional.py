@@ -162,9 +162,16 @@ class FunctionalLM:
         """``[B]`` mean token NLL over each example's response tokens."""
         return self.example_nll(theta, batch.input_ids, response_weights(batch, self.dtype))
 
-    def mean_nll(self, theta: torch.Tensor, batch: LMBatch) -> torch.Tensor:
-        """Mean over examples of the per-example mean response-token NLL (the fine-tuning loss)."""
-        return self.per_example_nll(theta, batch).mean()
+    def mean_nll(
+        self, theta: torch.Tensor, batch: LMBatch, n_total: int | None = None
+    ) -> torch.Tensor:
+        """Mean over examples of the per-example mean response-token NLL (the fine-tuning loss).
+
+        ``n_total``: the size of the whole batch when ``batch`` is one process' shard of it; the
+        result is then the shard's share of the whole batch's mean (the shares sum to it)."""
+        if n_total is None or n_total == batch.size:
+            return self.per_example_nll(theta, batch).mean()
+        return self.per_example_nll(theta, batch).sum() / n_total
 
 
 EXACT_EAGER = "alignscope_eager"

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from alignscope import distributed as dist
+
 if TYPE_CHECKING:
     from alignscope.geometry import Subspace
 
@@ -38,6 +40,9 @@ def environment() -> dict[str, str]:
         "tf32_matmul": str(torch.backends.cuda.matmul.allow_tf32),
         "tf32_cudnn": str(torch.backends.cudnn.allow_tf32),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        # data-parallel processes (torchrun) and their backend; "1" / "none" in one process
+        "world_size": str(dist.world_size()),
+        "dist_backend": str(dist.describe()["backend"] or "none"),
     }
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from alignscope import distributed as dist
 from alignscope.data.encode import EncodedPair, LMBatch, encode_pairs
 from alignscope.train.stream import TrainingStream
 
@@ -70,6 +71,26 @@ def response_nll(
     )  # [B, T-1]
     weights = mask.float() / mask.sum(dim=1, keepdim=True).clamp_min(1)
     return (nll * weights).sum(dim=1).mean()
+
+
+def shard_nll(
+    model: torch.nn.Module,
+    batch: LMBatch,
+    weighting: str = "token",
+    prefix: PrefixForward | None = None,
+) -> torch.Tensor:
+    """This rank's share of :func:`response_nll` of ``batch``: the loss of its shard of the
+    examples, weighted by the whole batch's example or token count, so that the shares (and
+    their gradients) sum over the ranks to the batch's. ``response_nll`` itself in one process.
+    """
+    if not dist.active():
+        return response_nll(model, batch, weighting, prefix)
+    mine = dist.shard_batch(batch, "examples of a training batch (--batch-size)")
+    if weighting == "token":
+        share = int(mine.target_mask.sum()) / int(batch.target_mask.sum())
+    else:
+        share = mine.size / batch.size
+    return response_nll(model, mine, weighting, prefix) * share
 
 
 def make_optimizer(name: str, params, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
@@ -139,7 +160,16 @@ def finetune(
     :class:`~alignscope.train.prefix.PrefixForward` of ``model`` (built on its trainable
     parameters): every forward pass of the steps, the guard's included, runs the frozen layers
     from its per-example cache; same losses and weights as without it.
+
+    Data parallel: under a ``torch.distributed`` group of several ranks (every rank calling
+    this with the same model, stream and seed) each batch is sharded across the ranks and the
+    gradients summed over them (:func:`shard_nll`), so every rank takes the single-process step;
+    a guard does not run data-parallel yet.
     """
+    if guard is not None and dist.active():
+        raise ValueError(
+            "a guard does not run data-parallel yet: fine-tune with a guard in one process"
+        )
     if stream is None:
         if encoded is None:
             if pairs is None:
@@ -171,11 +201,12 @@ def finetune(
             for group in opt.param_groups:
                 group["lr"] = lr * factor
             if guard is None:
-                loss = task = response_nll(model, batch.to(device), loss_weighting, prefix)
+                loss = task = shard_nll(model, batch.to(device), loss_weighting, prefix)
             else:
                 loss, task = guard.step_loss(model, batch.to(device), step, loss_weighting)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.all_reduce_grads(params)  # data parallel: the batch gradient on every rank
             if guard is not None:
                 guard.before_step(model, step)
             if grad_clip is not None:
@@ -183,7 +214,7 @@ def finetune(
             opt.step()
             if guard is not None:
                 guard.after_step(model, step)
-            losses.append(float(task.detach()))
+            losses.append(float(dist.all_reduce_sum(task.detach())))
             if callback is not None and callback(step + 1, losses[-1]):
                 break
     finally:

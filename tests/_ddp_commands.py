@@ -1,0 +1,109 @@
+"""Workers of the two-process (gloo) tests of data-parallel diagnose and verify
+(tests/test_distributed.py): each spawned process joins the group, runs a command and writes
+what it returned as JSON for the parent to compare with a single-process run."""
+
+from __future__ import annotations
+
+import json
+import socket
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A free localhost port for the rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(worker: Callable, *args: Any, nprocs: int = 2) -> None:
+    """Run ``worker(rank, port, *args)`` in ``nprocs`` processes of one gloo group."""
+    mp.spawn(_entry, args=(free_port(), nprocs, worker, args), nprocs=nprocs, join=True)
+
+
+def _entry(rank: int, port: int, size: int, worker: Callable, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
+    )
+    try:
+        worker(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def diagnose_summary(res) -> dict[str, Any]:
+    """What a 2-process diagnosis must share with the 1-process one."""
+    return {
+        "eigenvalues": res.subspace.values.tolist(),
+        "vectors": res.subspace.vectors.tolist(),
+        "trace": res.subspace.trace,
+        "d": res.d,
+        "aic": res.aic_step.to_dict(),
+        "noise_trace": res.noise_trace,
+        "dL": res.forecast.to_dict()["dL"],
+        "losses": res.losses_at_theta0,
+        "refusal_rate": res.alignment.refusal_rate,
+        "responses": [r["response"] for r in res.alignment.responses],
+        "timings": res.timings,
+    }
+
+
+def diagnose_worker(rank: int, options: dict, out: str) -> None:
+    from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
+
+    res = run_diagnose(DiagnoseConfig.from_options(**options), quiet=True)
+    Path(out, f"diagnose{rank}.json").write_text(json.dumps(diagnose_summary(res)))
+
+
+def cli_worker(rank: int, argv: list[str], out: str, fail_rank: int | None) -> None:
+    """The command line in each process (``--out`` as given: rank 0 alone may write it);
+    ``fail_rank`` raises a ValueError on that rank in the middle of the fine-tuning gradients."""
+    from typer.testing import CliRunner
+
+    from alignscope.cli import app
+
+    if fail_rank == rank:
+        import alignscope.geometry as geometry
+
+        def broken(*args, **kwargs):
+            raise ValueError(f"injected failure on rank {rank}")
+
+        geometry_finetune = geometry.finetune_gradient  # noqa: F841 - kept for clarity
+        import alignscope.commands.diagnose as diagnose
+
+        diagnose.finetune_gradient = broken
+    try:
+        result = CliRunner().invoke(app, argv, catch_exceptions=True)
+        info = {"exit_code": result.exit_code, "output": result.output}
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            info["exception"] = "".join(traceback.format_exception(result.exception))
+    except BaseException as err:  # noqa: BLE001 - recorded for the parent
+        info = {"exit_code": None, "output": repr(err)}
+    Path(out, f"cli{rank}.json").write_text(json.dumps(info))
+
+
+def verify_summary(res) -> dict[str, Any]:
+    """What a 2-process verify must share with the 1-process one."""
+    keep = ("step", "minibatch_loss", "kl", "refusal_nll", "finetune_loss", "displacement",
+            "subspace_fraction", "refusal_rate")  # fmt: skip
+    return {
+        "trajectory": [{k: r.get(k) for k in keep} for r in res.trajectory],
+        "eigenvalues": res.diagnosis.subspace.values.tolist(),
+        "dL": res.diagnosis.forecast.to_dict()["dL"],
+    }
+
+
+def verify_worker(rank: int, options: dict, out: str) -> None:
+    from alignscope.commands.verify import VerifyConfig, run_verify
+
+    res = run_verify(VerifyConfig.from_options(**options), quiet=True)
+    Path(out, f"verify{rank}.json").write_text(json.dumps(verify_summary(res)))
