@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(worker: Callable, *args: Any, nprocs: int = 2) -> None:
-    """Run ``worker(rank, port, *args)`` in ``nprocs`` processes of one gloo group."""
-    mp.spawn(_entry, args=(free_port(), nprocs, worker, args), nprocs=nprocs, join=True)
+def spawn(worker: Callable, *args: Any, nprocs: int = 2, timeout: float = 600) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` processes of one gloo group; fail (killing
+    them) if they have not all ended after ``timeout`` seconds: a hang is a failure."""
+    ctx = mp.spawn(_entry, args=(free_port(), nprocs, worker, args), nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"the {nprocs} processes did not end within {timeout} s")
 
 
 def _entry(rank: int, port: int, size: int, worker: Callable, args: tuple) -> None:
@@ -65,23 +73,21 @@ def diagnose_worker(rank: int, options: dict, out: str) -> None:
 
 
 def cli_worker(rank: int, argv: list[str], out: str, fail_rank: int | None) -> None:
-    """The command line in each process (``--out`` as given: rank 0 alone may write it);
+    """The command line in each process (``{rank}`` in ``argv`` replaced by the rank);
     ``fail_rank`` raises a ValueError on that rank in the middle of the fine-tuning gradients."""
     from typer.testing import CliRunner
 
     from alignscope.cli import app
 
     if fail_rank == rank:
-        import alignscope.geometry as geometry
+        import alignscope.commands.diagnose as diagnose
 
         def broken(*args, **kwargs):
             raise ValueError(f"injected failure on rank {rank}")
 
-        geometry_finetune = geometry.finetune_gradient  # noqa: F841 - kept for clarity
-        import alignscope.commands.diagnose as diagnose
-
         diagnose.finetune_gradient = broken
     try:
+        argv = [a.format(rank=rank) for a in argv]
         result = CliRunner().invoke(app, argv, catch_exceptions=True)
         info = {"exit_code": result.exit_code, "output": result.output}
         if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -107,3 +113,9 @@ def verify_worker(rank: int, options: dict, out: str) -> None:
 
     res = run_verify(VerifyConfig.from_options(**options), quiet=True)
     Path(out, f"verify{rank}.json").write_text(json.dumps(verify_summary(res)))
+
+
+def parity_worker(rank: int, argv: list[str], verify_options: dict, out: str) -> None:
+    """diagnose on the command line, then verify from the Python API, in one group."""
+    cli_worker(rank, argv, out, None)
+    verify_worker(rank, verify_options, out)

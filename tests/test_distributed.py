@@ -1,0 +1,169 @@
+"""Data parallel over torch.distributed: the shards' weighted sums equal the whole batch's (in
+one process, float64), and two gloo processes give the single-process diagnose and verify, with
+rank 0 alone writing and a failure on one rank ending both with its message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignscope import distributed as dist
+from alignscope.curvature import FisherOperator, FunctionalLM
+from alignscope.data.encode import batch_rows
+from alignscope.geometry import finetune_gradient
+from alignscope.params import select_params
+from alignscope.train.loop import response_nll, shard_nll
+
+SMALL = dict(max_safety=8, max_data=16, rank=4, threads=1, dtype="float64")
+
+
+def _options(org, **kw):
+    return dict(
+        model=str(org.aligned_path), safety=str(org.datasets_path / "harmful_align.jsonl"),
+        data=str(org.datasets_path / "benign_affirmative.jsonl"), lr=1e-3, batch_size=8,
+        **SMALL, **kw,
+    )  # fmt: skip
+
+
+def _as_rank(monkeypatch, r: int, size: int) -> None:
+    monkeypatch.setattr(dist, "rank", lambda: r)
+    monkeypatch.setattr(dist, "world_size", lambda: size)
+
+
+def test_shards_partition_the_examples(monkeypatch):
+    parts = []
+    for r in range(3):
+        _as_rank(monkeypatch, r, 3)
+        parts.append(list(dist.shard_range(8)))
+    assert parts == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="2 safety prompts cannot be shared by 3 processes"):
+        dist.shard_range(2, "safety prompts")
+
+
+def test_helpers_are_the_identity_in_one_process():
+    t = torch.arange(4.0)
+    assert not dist.active() and dist.is_main() and dist.world_size() == 1
+    assert dist.all_reduce_sum(t) is t and dist.all_gather_rows(t) is t
+    assert dist.sharded_map(list(range(5)), lambda xs: [x * 2 for x in xs], 2) == [0, 2, 4, 6, 8]
+    with dist.guard():
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny(organism_test):
+    model = organism_test.aligned_model().double()
+    tok = organism_test.tokenizer()
+    batch, _ = batch_rows(tok, organism_test.dataset("harmful_align")[:5], 64, "safety")
+    flm = FunctionalLM(model, select_params(model, ["*layers.1.mlp.*"]))
+    return model, flm, batch
+
+
+def test_shard_weights_sum_to_the_whole_batch(tiny, monkeypatch):
+    """What each rank computes on its shard, with the whole batch's weights, sums to the whole
+    batch's Fisher products and forms, loss and gradient (float64)."""
+    model, flm, batch = tiny
+    n = batch.size
+    shards = [batch.select(slice(0, 3)), batch.select(slice(3, 5))]
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(flm.dim, 3, generator=gen, dtype=torch.float64)
+    whole = FisherOperator(flm, batch)
+    parts = [FisherOperator(flm, s, n_total=n) for s in shards]
+    torch.testing.assert_close(sum(p.matmat(v) for p in parts), whole.matmat(v), rtol=1e-10, atol=0)
+    torch.testing.assert_close(sum(p.gram(v.T) for p in parts), whole.gram(v.T), rtol=1e-10, atol=0)
+    rows = torch.cat([p.empirical_factor_rows() for p in parts])
+    torch.testing.assert_close(rows, whole.empirical_factor_rows(), rtol=1e-10, atol=1e-14)
+    loss = sum(flm.mean_nll(flm.theta0, s, n) for s in shards)
+    torch.testing.assert_close(loss, flm.mean_nll(flm.theta0, batch), rtol=1e-12, atol=0)
+    g = sum(finetune_gradient(flm, s, n) for s in shards)
+    torch.testing.assert_close(g, finetune_gradient(flm, batch), rtol=1e-10, atol=1e-14)
+    # a training step's loss: example and token weighting
+    for weighting in ("example", "token"):
+        shares = []
+        for r in range(2):
+            _as_rank(monkeypatch, r, 2)
+            shares.append(shard_nll(model, batch, weighting))
+        monkeypatch.undo()
+        torch.testing.assert_close(sum(shares), response_nll(model, batch, weighting))
+
+
+def test_sharded_parameters_are_refused():
+    class FlatParameter(torch.nn.Parameter):
+        pass
+
+    layer = torch.nn.Linear(2, 2)
+    layer.weight = FlatParameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="FSDP FlatParameter.*LoRA"):
+        dist.check_unsharded(layer)
+    layer = torch.nn.Linear(2, 2)
+    layer.weight.ds_id = 3  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
+        dist.check_unsharded(layer)
+
+
+def test_two_processes_equal_one(organism_test, tmp_path):
+    """diagnose (command line) and verify (Python API) in two gloo processes: the
+    single-process numbers, the same result on both ranks, files from rank 0 only."""
+    from _ddp_commands import parity_worker, spawn, verify_summary
+    from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
+    from alignscope.commands.verify import VerifyConfig, run_verify
+
+    org = organism_test
+    diag_opts = _options(org, optimizer="sgd", steps=60)
+    verify_opts = _options(org, optimizer="adamw", steps=6, max_eval=4)
+    argv = ["diagnose", "--dtype", "float64", "--optimizer", "sgd", "--lr", "1e-3"]
+    argv += ["--batch-size", "8", "--steps", "60", "--rank", "4", "--max-safety", "8"]
+    argv += ["--max-data", "16", "--threads", "1"]
+    argv += ["--model", diag_opts["model"], "--safety", diag_opts["safety"]]
+    argv += ["--data", diag_opts["data"], "--out", str(tmp_path / "run{rank}")]
+    spawn(parity_worker, argv, verify_opts, str(tmp_path))
+
+    one = run_diagnose(DiagnoseConfig.from_options(**diag_opts), quiet=True)
+    cli = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in (0, 1)]
+    assert cli[0]["exit_code"] == 0 and cli[1]["exit_code"] == 0, cli
+    assert "wrote" in cli[0]["output"] and "wrote" not in cli[1]["output"]
+    assert not (tmp_path / "run1").exists()  # rank 1 writes nothing
+    res = json.loads((tmp_path / "run0" / "results.json").read_text())
+    assert res["environment"]["world_size"] == "2"
+    torch.testing.assert_close(
+        torch.tensor(res["subspace"]["eigenvalues"], dtype=torch.float64),
+        one.subspace.values,
+        rtol=1e-6,
+        atol=0,
+    )
+    fc = one.forecast.to_dict()
+    for got, want in zip(res["forecast"]["dL"], fc["dL"], strict=True):
+        assert (got is None) == (want is None)
+        assert got is None or got == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert res["aic"]["gradient"]["kappa"] == pytest.approx(one.aic_gradient.kappa, rel=1e-6)
+    assert res["aic"]["noise_trace_F_Sigma"] == pytest.approx(one.noise_trace, rel=1e-6)
+    assert res["alignment"]["responses"] == one.alignment.to_json()["responses"]
+
+    ver = [json.loads((tmp_path / f"verify{r}.json").read_text()) for r in (0, 1)]
+    assert ver[0] == ver[1]  # every rank returns the same result
+    want = verify_summary(run_verify(VerifyConfig.from_options(**verify_opts), quiet=True))
+    assert [r["step"] for r in ver[0]["trajectory"]] == [r["step"] for r in want["trajectory"]]
+    for got, ref in zip(ver[0]["trajectory"], want["trajectory"], strict=True):
+        for key, value in ref.items():
+            if isinstance(value, float):  # minibatch losses are float32 (response_nll)
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+            else:
+                assert got[key] == value, key
+
+
+def test_a_failure_on_one_rank_stops_both_with_its_message(organism_test, tmp_path):
+    from _ddp_commands import cli_worker, spawn
+
+    opts = _options(organism_test)
+    argv = ["diagnose", "--model", opts["model"], "--safety", opts["safety"]]
+    argv += ["--data", opts["data"], "--max-safety", "4", "--max-data", "4", "--rank", "2"]
+    argv += ["--threads", "1", "--out", str(tmp_path / "run{rank}")]
+    argv += ["--optimizer", "sgd", "--lr", "1e-3", "--batch-size", "4", "--steps", "10"]
+    spawn(cli_worker, argv, str(tmp_path), 1, timeout=300)  # no hang: both end
+    cli = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in (0, 1)]
+    for info in cli:
+        assert info["exit_code"] == 2, info
+        assert "injected failure on rank 1" in info["output"], info
+    assert "rank 1 failed: ValueError" in cli[0]["output"]
+    assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
