@@ -436,14 +436,18 @@ def rank(out: str = out_option("rank"), overwrite: bool = OVERWRITE, **options: 
 
     try:
         cfg = RankConfig.from_options(**options)
-        with _processes(cfg.model.device):  # under torchrun: refused, with how to run it
+        with _processes(cfg.model.device) as main:
             cfg.validate()
-            OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
+            if main:  # rank 0 alone writes (and checks) the outputs
+                OutputDir(out, overwrite=overwrite).abort()  # fail before the work if taken
             result = run_rank(cfg)
+            res = result.to_json()
+            if main:
+                path = write_rank_outputs(res, out, overwrite=overwrite)
     except ERRORS as err:
         raise _fail(err) from None
-    res = result.to_json()
-    path = write_rank_outputs(res, out, overwrite=overwrite)
+    if not main:
+        return
     name = cfg.ranking.predictor
     for pos, label in enumerate(res["ranking"], 1):
         c = next(c for c in res["candidates"] if c["label"] == label)

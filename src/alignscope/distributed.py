@@ -9,8 +9,9 @@ then sees are bitwise the same, so eigensolvers and trace estimators started fro
 build the same basis everywhere.
 
 Errors: :func:`guard` wraps a command. A rank that raises writes its message to the process
-group's store and closes its side of the group; the other ranks, blocked in (or reaching) a
-collective, read the message and raise :class:`RankFailure` with it, instead of hanging.
+group's store; the other ranks watch the store while they wait in a collective (every
+collective here is asynchronous and polled), so they raise :class:`RankFailure` with that
+message instead of waiting forever for a rank that will not come.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,8 +33,10 @@ if TYPE_CHECKING:
 
 # How long a rank that failed waits for the others to read its message, and how long the others
 # look for that message once a collective broke (seconds).
-_ACK_TIMEOUT = 20.0
+_ACK_TIMEOUT = 60.0
 _READ_TIMEOUT = 10.0
+# How often a rank waiting in a collective looks for another rank's failure (seconds).
+_POLL_STORE = 0.25
 
 
 def _dist():
@@ -166,10 +170,23 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _collective(fn, *args, **kwargs):
-    """Run a collective; a broken group raises the failing rank's message (:func:`guard`)."""
+def _collective(fn, *args, **kwargs) -> None:
+    """Run a collective asynchronously and wait for it while watching the store: a rank that
+    failed meanwhile (:func:`guard`) never joins it, so its message is raised here instead of
+    waiting forever; a broken group raises that message too when there is one."""
     try:
-        return fn(*args, **kwargs)
+        work = fn(*args, **kwargs, async_op=True)
+        spins = 0
+        last_check = time.monotonic()
+        while not work.is_completed():
+            spins += 1
+            time.sleep(0 if spins < 100 else min(0.02, 1e-4 * spins))
+            if time.monotonic() - last_check > _POLL_STORE:
+                last_check = time.monotonic()
+                failure = _read_failure(timeout=0.0)
+                if failure is not None:
+                    raise failure
+        work.wait()
     except RankFailure:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the group: look for the cause
@@ -236,22 +253,46 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)]).to(rows.device)
 
 
+def _to_bytes(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
+def _from_bytes(buf: torch.Tensor) -> Any:
+    return pickle.loads(buf.numpy().tobytes())  # noqa: S301 - our own ranks' data
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order."""
     if not active():
         return [obj]
-    out: list[Any] = [None] * world_size()
-    _collective(_dist().all_gather_object, out, obj)
-    return out
+    dist = _dist()
+    dev = _comm_device()
+    data = _to_bytes(obj)
+    count = torch.tensor([data.numel()], dtype=torch.long, device=dev)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    _collective(dist.all_gather, counts, count)
+    sizes = [int(c) for c in counts]
+    pad = torch.zeros(max(sizes), dtype=torch.uint8, device=dev)
+    pad[: data.numel()] = data.to(dev)
+    parts = [torch.empty_like(pad) for _ in sizes]
+    _collective(dist.all_gather, parts, pad)
+    return [_from_bytes(p[:n].cpu()) for p, n in zip(parts, sizes, strict=True)]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank."""
     if not active():
         return obj
-    box = [obj]
-    _collective(_dist().broadcast_object_list, box, src=src)
-    return box[0]
+    dist = _dist()
+    dev = _comm_device()
+    data = _to_bytes(obj) if rank() == src else None
+    count = torch.tensor([0 if data is None else data.numel()], dtype=torch.long, device=dev)
+    _collective(dist.broadcast, count, src=src)
+    buf = torch.empty(int(count), dtype=torch.uint8, device=dev)
+    if data is not None:
+        buf.copy_(data.to(dev))
+    _collective(dist.broadcast, buf, src=src)
+    return obj if data is not None else _from_bytes(buf.cpu())
 
 
 def barrier() -> None:
@@ -389,7 +430,8 @@ def _read_failure(timeout: float = _READ_TIMEOUT) -> RankFailure | None:
 
 
 def _post_failure(err: BaseException) -> None:
-    """Tell the other ranks why this one stops, wake them, and wait until they have read it."""
+    """Tell the other ranks why this one stops and wait until they have read it (they look in
+    every collective they wait in), so the message outlives this process' store."""
     key, store = _state["key"], _store()
     if store is None or key is None:
         return
@@ -398,9 +440,7 @@ def _post_failure(err: BaseException) -> None:
         if store.add(f"{key}/failed", 1) == 1:  # the first failure is the one reported
             info = {"rank": dist.get_rank(), "kind": type(err).__name__, "message": str(err)}
             store.set(f"{key}/error", json.dumps(info))
-        others = dist.get_world_size() - 1
-        # Closing this rank's side of the group wakes the ranks blocked in a collective with it.
-        dist.destroy_process_group()
+        others = dist.get_world_size() - store.add(f"{key}/failed", 0)
         deadline = time.monotonic() + _ACK_TIMEOUT
         while store.add(f"{key}/ack", 0) < others and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -414,8 +454,10 @@ def guard() -> Iterator[None]:
 
     Nested guards are one guard. On success the ranks meet once more at the end, so a rank that
     failed after the last collective still stops the others. A rank that raises posts its error
-    to the store, destroys its process group and re-raises; the others raise
-    :class:`RankFailure` with the message. Identity in one process.
+    to the store, waits (up to a minute) until the others have read it and re-raises; the
+    others raise :class:`RankFailure` with the message. The group is left as it is: after a
+    failure its collectives are out of step, so the caller ends it (the command line exits).
+    Identity in one process.
     """
     if not active() or _state["depth"] > 0:
         _state["depth"] += 1

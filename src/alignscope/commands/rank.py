@@ -222,19 +222,31 @@ def run_rank(
         subspace: the alignment subspace of an earlier diagnosis of the same model, safety set
             and parameters (``DiagnoseResult.subspace``), reused instead of recomputed.
 
+    Under an initialised ``torch.distributed`` process group of several ranks (torchrun), every
+    rank calls this with the same arguments: the diagnoses and the lookahead runs are
+    data-parallel (as in ``diagnose`` and ``verify``) and every rank returns the same result;
+    progress shows on rank 0 only (docs/scale.md).
+
     Returns:
         The :class:`RankResult`: every predictor per candidate and the ranking, least predicted
         damage (recommended) first.
 
     Raises:
         ValueError: fewer than two candidates, invalid settings, or data that does not fit.
+        alignscope.distributed.RankFailure: another rank failed (its message).
     """
-    dist.require_single_process("rank")
+    with dist.guard():
+        return _run_rank(cfg, model=model, tokenizer=tokenizer, quiet=quiet, subspace=subspace)
+
+
+def _run_rank(
+    cfg: RankConfig, *, model, tokenizer, quiet: bool, subspace: Subspace | None
+) -> RankResult:
     cfg.validate()
     torch.manual_seed(cfg.runtime.seed)
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
-    stages = Stages(quiet=quiet)
+    stages = Stages(quiet=quiet or not dist.is_main())
     with stages.stage("load", cfg.model.model):
         state = RankState(
             cfg.model_config(), lookahead_steps=cfg.n_lookahead,
