@@ -3,6 +3,7 @@ on the organism, in one run; the same numbers expected, the speedup reported. No
 
     python bench/ddp.py [--preset demo|test] [--nproc 2] [--seed 0] [--rank 20]
                         [--max-safety 64] [--max-data 256] [--out bench-ddp-out]
+                        [--organism DIR]
 
 Both runs are the command line (``python -m alignscope diagnose`` and ``python -m
 torch.distributed.run --standalone --nproc_per_node N -m alignscope diagnose``), timed from
@@ -53,8 +54,9 @@ def main() -> None:
     ap.add_argument("--max-data", type=int, default=256)
     ap.add_argument("--data", default="benign_affirmative")
     ap.add_argument("--out", default="bench-ddp-out")
+    ap.add_argument("--organism", default=None, help="organism folder (default: the cache)")
     args = ap.parse_args()
-    org = load_organism(args.preset, args.seed, quiet=True, threads=args.threads)
+    org = load_organism(args.preset, args.seed, args.organism, quiet=True, threads=args.threads)
     proto = org.finetune_protocol
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -115,7 +115,27 @@ def verify_worker(rank: int, options: dict, out: str) -> None:
     Path(out, f"verify{rank}.json").write_text(json.dumps(verify_summary(res)))
 
 
-def parity_worker(rank: int, argv: list[str], verify_options: dict, out: str) -> None:
-    """diagnose on the command line, then verify from the Python API, in one group."""
+def rank_summary(res) -> dict[str, Any]:
+    """What a 2-process rank must share with the 1-process one."""
+    out = res.to_json()
+    values = {
+        c["label"]: {name: p["value"] for name, p in c["predictors"].items()}
+        for c in out["candidates"]
+    }
+    return {"ranking": out["ranking"], "values": values}
+
+
+def rank_worker(rank: int, options: dict, out: str) -> None:
+    from alignscope.commands.rank import RankConfig, run_rank
+
+    res = run_rank(RankConfig.from_options(**options), quiet=True)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rank_summary(res)))
+
+
+def parity_worker(
+    rank: int, argv: list[str], verify_options: dict, rank_options: dict, out: str
+) -> None:
+    """diagnose on the command line, then verify and rank from the Python API, in one group."""
     cli_worker(rank, argv, out, None)
     verify_worker(rank, verify_options, out)
+    rank_worker(rank, rank_options, out)

@@ -103,21 +103,24 @@ def test_sharded_parameters_are_refused():
 
 
 def test_two_processes_equal_one(organism_test, tmp_path):
-    """diagnose (command line) and verify (Python API) in two gloo processes: the
+    """diagnose (command line), verify and rank (Python API) in two gloo processes: the
     single-process numbers, the same result on both ranks, files from rank 0 only."""
-    from _ddp_commands import parity_worker, spawn, verify_summary
+    from _ddp_commands import parity_worker, rank_summary, spawn, verify_summary
     from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
+    from alignscope.commands.rank import RankConfig, run_rank
     from alignscope.commands.verify import VerifyConfig, run_verify
 
     org = organism_test
     diag_opts = _options(org, optimizer="sgd", steps=60)
     verify_opts = _options(org, optimizer="adamw", steps=6, max_eval=4)
+    sets = [str(org.datasets_path / f"{d}.jsonl") for d in ("benign_neutral", "benign_affirmative")]
+    rank_opts = {**_options(org, steps=60, lookahead_steps=4), "data": sets}
     argv = ["diagnose", "--dtype", "float64", "--optimizer", "sgd", "--lr", "1e-3"]
     argv += ["--batch-size", "8", "--steps", "60", "--rank", "4", "--max-safety", "8"]
     argv += ["--max-data", "16", "--threads", "1"]
     argv += ["--model", diag_opts["model"], "--safety", diag_opts["safety"]]
     argv += ["--data", diag_opts["data"], "--out", str(tmp_path / "run{rank}")]
-    spawn(parity_worker, argv, verify_opts, str(tmp_path))
+    spawn(parity_worker, argv, verify_opts, rank_opts, str(tmp_path))
 
     one = run_diagnose(DiagnoseConfig.from_options(**diag_opts), quiet=True)
     cli = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in (0, 1)]
@@ -146,10 +149,19 @@ def test_two_processes_equal_one(organism_test, tmp_path):
     assert [r["step"] for r in ver[0]["trajectory"]] == [r["step"] for r in want["trajectory"]]
     for got, ref in zip(ver[0]["trajectory"], want["trajectory"], strict=True):
         for key, value in ref.items():
-            if isinstance(value, float):  # minibatch losses are float32 (response_nll)
+            if isinstance(value, float):
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
             else:
                 assert got[key] == value, key
+
+    ranked = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranked[0] == ranked[1]
+    want = rank_summary(run_rank(RankConfig.from_options(**rank_opts), quiet=True))
+    assert ranked[0]["ranking"] == want["ranking"]
+    for label, preds in want["values"].items():
+        for name, value in preds.items():
+            got = ranked[0]["values"][label][name]
+            assert got == (pytest.approx(value, rel=1e-6, abs=1e-12) if value else value), name
 
 
 def test_a_failure_on_one_rank_stops_both_with_its_message(organism_test, tmp_path):

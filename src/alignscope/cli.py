@@ -135,7 +135,11 @@ DIAGNOSE_SPECS = (
 def diagnose(
     out: str = out_option("diagnose"), overwrite: bool = OVERWRITE, **options: Any
 ) -> None:
-    """Measure the AIC and forecast the alignment-loss increase over fine-tuning steps."""
+    """Measure the AIC and forecast the alignment-loss increase over fine-tuning steps.
+
+    Runs data-parallel under torchrun (torchrun --nproc_per_node N -m alignscope diagnose ...):
+    the same results, rank 0 writes them (docs/scale.md).
+    """
     from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
     from alignscope.report.diagnose_report import write_diagnose_outputs
     from alignscope.report.output import OutputDir
@@ -174,7 +178,8 @@ def verify(
     Records the alignment KL, refusal NLL, refusal rate, fine-tuning loss and the displacement
     (total, in the alignment subspace, Fisher-weighted) at log-spaced steps. --guard runs the
     fine-tuning under a guard (as finetune does; --guard-adaptive: off until the watcher warns).
-    An interrupted run resumes from <out>.partial when restarted with the same arguments.
+    An interrupted run resumes from <out>.partial when restarted with the same arguments. Runs
+    data-parallel under torchrun, without --guard (docs/scale.md).
     """
     import shutil
     from pathlib import Path
@@ -428,7 +433,7 @@ def rank(out: str = out_option("rank"), overwrite: bool = OVERWRITE, **options: 
 
     Computes every predictor (AIC quantities, forecast, gradient similarity, a short lookahead
     run) for every candidate, before any real fine-tuning; the recommended candidate (least
-    predicted damage) comes first.
+    predicted damage) comes first. Runs data-parallel under torchrun (docs/scale.md).
     """
     from alignscope.commands.rank import RankConfig, run_rank
     from alignscope.report.output import OutputDir

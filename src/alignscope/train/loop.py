@@ -61,15 +61,15 @@ def response_nll(
         from alignscope.train.prefix import lm_logits
 
         logits = lm_logits(model, batch, prefix)[:, :-1]
+    # 16-bit logits upcast to float32; float64 ones stay float64 (exact float64 checks)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     mask = batch.target_mask
     if weighting == "token":
-        return F.cross_entropy(logits[mask].float(), batch.targets[mask])
+        return F.cross_entropy(logits[mask], batch.targets[mask])
     if weighting != "example":
         raise ValueError(f"unknown loss weighting {weighting!r}; use token or example")
-    nll = F.cross_entropy(
-        logits.float().transpose(1, 2), batch.targets, reduction="none"
-    )  # [B, T-1]
-    weights = mask.float() / mask.sum(dim=1, keepdim=True).clamp_min(1)
+    nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")  # [B, T-1]
+    weights = mask.to(nll.dtype) / mask.sum(dim=1, keepdim=True).clamp_min(1)
     return (nll * weights).sum(dim=1).mean()
 
 
