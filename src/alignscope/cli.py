@@ -137,8 +137,8 @@ def diagnose(
 ) -> None:
     """Measure the AIC and forecast the alignment-loss increase over fine-tuning steps.
 
-    Runs data-parallel under torchrun (torchrun --nproc_per_node N -m alignscope diagnose ...):
-    the same results, rank 0 writes them (docs/scale.md).
+    Runs data-parallel under torchrun (torchrun --nproc_per_node N -m alignscope diagnose and
+    the options): the same results, written by rank 0 (docs/scale.md).
     """
     from alignscope.commands.diagnose import DiagnoseConfig, run_diagnose
     from alignscope.report.diagnose_report import write_diagnose_outputs
