@@ -105,6 +105,11 @@ def _processes(device: str) -> Iterator[bool]:
     from alignscope import distributed as dist
 
     created = dist.init_from_env(device)
+    if not dist.is_main():  # one set of progress bars: rank 0's
+        with contextlib.suppress(Exception):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     try:
         with dist.guard():
             yield dist.is_main()

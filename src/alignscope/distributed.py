@@ -37,6 +37,7 @@ _ACK_TIMEOUT = 60.0
 _READ_TIMEOUT = 10.0
 # How often a rank waiting in a collective looks for another rank's failure (seconds).
 _POLL_STORE = 0.25
+_POLL_MAX = 0.002  # the longest sleep between two looks at a pending collective
 
 
 def _dist():
@@ -176,11 +177,11 @@ def _collective(fn, *args, **kwargs) -> None:
     waiting forever; a broken group raises that message too when there is one."""
     try:
         work = fn(*args, **kwargs, async_op=True)
-        spins = 0
+        delay = 0.0  # short waits first: a product's all-reduce usually ends within a few ms
         last_check = time.monotonic()
         while not work.is_completed():
-            spins += 1
-            time.sleep(0 if spins < 100 else min(0.02, 1e-4 * spins))
+            time.sleep(delay)
+            delay = min(_POLL_MAX, delay + 5e-5)
             if time.monotonic() - last_check > _POLL_STORE:
                 last_check = time.monotonic()
                 failure = _read_failure(timeout=0.0)
