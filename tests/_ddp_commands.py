@@ -109,10 +109,17 @@ def verify_summary(res) -> dict[str, Any]:
 
 
 def verify_worker(rank: int, options: dict, out: str) -> None:
+    """verify with checkpoints, then again on the same partial folder: the second run takes the
+    stored diagnosis and resumes from the last checkpoint (rank 0 reads both and hands them to
+    the others)."""
     from alignscope.commands.verify import VerifyConfig, run_verify
 
-    res = run_verify(VerifyConfig.from_options(**options), quiet=True)
-    Path(out, f"verify{rank}.json").write_text(json.dumps(verify_summary(res)))
+    cfg = VerifyConfig.from_options(**options)
+    first = run_verify(cfg, quiet=True, partial_dir=Path(out, "partial"))
+    again = run_verify(cfg, quiet=True, partial_dir=Path(out, "partial"))
+    info = {**verify_summary(first), "again": verify_summary(again),
+            "resumed_from": again.resumed_from}  # fmt: skip
+    Path(out, f"verify{rank}.json").write_text(json.dumps(info))
 
 
 def rank_summary(res) -> dict[str, Any]:

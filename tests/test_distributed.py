@@ -112,7 +112,7 @@ def test_two_processes_equal_one(organism_test, tmp_path):
 
     org = organism_test
     diag_opts = _options(org, optimizer="sgd", steps=60)
-    verify_opts = _options(org, optimizer="adamw", steps=6, max_eval=4)
+    verify_opts = _options(org, optimizer="adamw", steps=6, max_eval=4, checkpoint_every=1)
     sets = [str(org.datasets_path / f"{d}.jsonl") for d in ("benign_neutral", "benign_affirmative")]
     rank_opts = {**_options(org, steps=60, lookahead_steps=4), "data": sets}
     argv = ["diagnose", "--dtype", "float64", "--optimizer", "sgd", "--lr", "1e-3"]
@@ -145,6 +145,9 @@ def test_two_processes_equal_one(organism_test, tmp_path):
 
     ver = [json.loads((tmp_path / f"verify{r}.json").read_text()) for r in (0, 1)]
     assert ver[0] == ver[1]  # every rank returns the same result
+    # the rerun on the partial folder resumed from its last checkpoint, with the same record
+    assert ver[0]["resumed_from"] == 6 and (tmp_path / "partial" / "checkpoint.pt").is_file()
+    assert ver[0]["again"]["trajectory"] == ver[0]["trajectory"]
     want = verify_summary(run_verify(VerifyConfig.from_options(**verify_opts), quiet=True))
     assert [r["step"] for r in ver[0]["trajectory"]] == [r["step"] for r in want["trajectory"]]
     for got, ref in zip(ver[0]["trajectory"], want["trajectory"], strict=True):
