@@ -146,3 +146,27 @@ def parity_worker(
     cli_worker(rank, argv, out, None)
     verify_worker(rank, verify_options, out)
     rank_worker(rank, rank_options, out)
+
+
+def finetune_summary(res) -> dict[str, Any]:
+    """What a 2-process guarded finetune must share with the 1-process one: per-step losses
+    and guard signals, the tracked measurements, the guard's record, the trained weights."""
+    steps = [{k: v for k, v in s.items() if k != "seconds"} for s in res.steps]
+    keep = ("step", "minibatch_loss", "kl", "refusal_nll", "displacement", "refusal_rate")
+    trained = {n: p.detach().reshape(-1).tolist() for n, p in res.model.named_parameters()
+               if p.requires_grad}  # fmt: skip
+    return {
+        "steps": steps,
+        "trajectory": [{k: r.get(k) for k in keep} for r in res.trajectory],
+        "record": res.guard["record"],
+        "weights": trained,
+    }
+
+
+def finetune_worker(rank: int, argv: list[str], options: dict, out: str) -> None:
+    """finetune on the command line (``argv``), then from the Python API (``options``)."""
+    from alignscope.commands.finetune import FinetuneConfig, run_finetune
+
+    cli_worker(rank, argv, out, None)
+    res = run_finetune(FinetuneConfig.from_options(**options), quiet=True)
+    Path(out, f"finetune{rank}.json").write_text(json.dumps(finetune_summary(res)))

@@ -1,6 +1,7 @@
 """Data parallel over torch.distributed: the shards' weighted sums equal the whole batch's (in
-one process, float64), and two gloo processes give the single-process diagnose and verify, with
-rank 0 alone writing and a failure on one rank ending both with its message."""
+one process, float64), and two gloo processes give the single-process diagnose, verify, rank and
+guarded finetune, with rank 0 alone writing and a failure on one rank ending both with its
+message."""
 
 from __future__ import annotations
 
@@ -182,3 +183,156 @@ def test_a_failure_on_one_rank_stops_both_with_its_message(organism_test, tmp_pa
         assert "injected failure on rank 1" in info["output"], info
     assert "rank 1 failed: ValueError" in cli[0]["output"]
     assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
+
+
+def _guard_shares(guard, model, selection, batch, ranks: int, monkeypatch):
+    """``(loss, task, gradient)`` of one guarded step summed over ``ranks`` simulated ranks
+    (each rank's share, the collectives the identity: the parent sums)."""
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t)
+    monkeypatch.setattr(dist, "all_reduce_float", lambda x: x)
+    gen = getattr(guard, "gen", None)
+    state = gen.get_state() if gen is not None else None
+    total = [0.0, 0.0, torch.zeros(selection.size, dtype=torch.float64)]
+    for r in range(ranks):
+        _as_rank(monkeypatch, r, ranks)
+        guard.shard_over_ranks(True)
+        if gen is not None:
+            gen.set_state(state)  # every rank draws the same anchor minibatch
+        loss, task = guard.step_loss(model, batch, 1, "example")
+        params = list(selection.tensors(model).values())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ])  # fmt: skip
+        total = [total[0] + float(loss.detach()), total[1] + float(task.detach()), total[2] + flat]
+    monkeypatch.undo()
+    guard.shard_over_ranks(False)
+    return total
+
+
+def test_guard_shares_sum_to_the_single_process_step(monkeypatch):
+    """Each guard's share of a step on each rank sums to its single-process loss and gradient
+    (float64): the task loss and constrained-sft's token weights sharded with the batch, the
+    anchor's safety minibatch sharded, the fisher penalty counted once; the curvature guard's
+    and the project guards' Fisher products summed over the ranks."""
+    from tests._tiny import random_batch, tiny_llama
+
+    from alignscope.train.guards import (
+        AnchorGuard,
+        ConstrainedSFTGuard,
+        FisherGuard,
+        read_theta,
+        write_theta,
+    )
+    from alignscope.train.guards.base import safety_fisher
+    from alignscope.train.guards.curvature import FrozenFisher
+
+    model = tiny_llama(0)
+    selection = select_params(model, ["model.layers.1.mlp.*"])
+    selection.train_only(model)
+    safety, batch = random_batch(6, seed=3), random_batch(5, seed=4)
+    theta0 = read_theta(model, selection)
+    gen = torch.Generator().manual_seed(1)
+    moved = theta0 + 0.05 * torch.randn(selection.size, generator=gen, dtype=torch.float64)
+    guards = [AnchorGuard(beta=2.0, batch_size=5), FisherGuard(lam=3.0, method="exact"),
+              ConstrainedSFTGuard(beta=0.5)]  # fmt: skip
+    for guard in guards:
+        write_theta(model, selection, theta0)
+        guard.setup(model, selection, safety)
+        write_theta(model, selection, moved)
+        state = guard.gen.get_state() if isinstance(guard, AnchorGuard) else None
+        loss, task = guard.step_loss(model, batch, 1, "example")
+        params = list(selection.tensors(model).values())
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        if state is not None:
+            guard.gen.set_state(state)
+        for ranks in (2, 3):
+            got = _guard_shares(guard, model, selection, batch, ranks, monkeypatch)
+            assert got[0] == pytest.approx(float(loss), rel=1e-12), guard.name
+            assert got[1] == pytest.approx(float(task), rel=1e-12), guard.name
+            torch.testing.assert_close(got[2], grad, rtol=1e-10, atol=1e-14)
+            if state is not None:
+                guard.gen.set_state(state)
+    # Fisher products of the curvature guard and of the project guards, summed over the ranks
+    flm = FunctionalLM(model, selection)
+    v = torch.randn(selection.size, generator=gen, dtype=torch.float64)
+    whole = [FrozenFisher(flm, safety).matvec(v), safety_fisher(flm, safety).matvec(v)]
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t)
+    parts = [0.0, 0.0]
+    for r in range(2):
+        _as_rank(monkeypatch, r, 2)
+        parts[0] = parts[0] + FrozenFisher(flm, safety, sharded=True).matvec(v)
+        parts[1] = parts[1] + safety_fisher(flm, safety, sharded=True).matvec(v)
+    monkeypatch.undo()
+    for got, want in zip(parts, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_two_processes_finetune_as_one(organism_test, tmp_path):
+    """A guarded finetune in two gloo processes: the anchor guard on the command line (rank 0
+    alone writes) and the project guard from the Python API (its subspace from summed Fisher
+    products) equal the single-process runs in float64: per-step losses and guard signals,
+    the tracked KL, the final weights."""
+    from _ddp_commands import finetune_summary, finetune_worker, spawn
+    from alignscope.commands.finetune import FinetuneConfig, run_finetune
+
+    org = organism_test
+    common = dict(
+        model=str(org.aligned_path), safety=str(org.datasets_path / "harmful_align.jsonl"),
+        data=str(org.datasets_path / "benign_affirmative.jsonl"), optimizer="adamw", lr=1e-3,
+        batch_size=8, steps=4, max_safety=8, max_eval=4, threads=1, dtype="float64",
+        params=["*layers.1.mlp.*"],
+    )  # fmt: skip
+    anchor = dict(common, guard="anchor", guard_examples=4)
+    project = dict(common, guard="project", guard_rank=4)
+    argv = ["finetune", "--model", common["model"], "--safety", common["safety"]]
+    argv += ["--data", common["data"], "--optimizer", "adamw", "--lr", "1e-3"]
+    argv += ["--batch-size", "8", "--steps", "4", "--max-safety", "8", "--max-eval", "4"]
+    argv += ["--threads", "1", "--dtype", "float64", "--params", "*layers.1.mlp.*"]
+    argv += ["--guard", "anchor", "--guard-examples", "4", "--out", str(tmp_path / "run{rank}")]
+    spawn(finetune_worker, argv, project, str(tmp_path))
+
+    cli = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in (0, 1)]
+    assert cli[0]["exit_code"] == 0 and cli[1]["exit_code"] == 0, cli
+    assert "wrote" in cli[0]["output"] and "wrote" not in cli[1]["output"]
+    assert not (tmp_path / "run1").exists() and not (tmp_path / "run1.partial").exists()
+    assert not (tmp_path / "run0.partial").exists()
+    res = json.loads((tmp_path / "run0" / "results.json").read_text())
+    assert res["environment"]["world_size"] == "2"
+
+    def close(got, want, what):
+        if isinstance(want, dict):
+            assert set(got) == set(want), what
+            for k in want:
+                close(got[k], want[k], f"{what}.{k}")
+        elif isinstance(want, list):
+            assert len(got) == len(want), what
+            for i, (a, b) in enumerate(zip(got, want, strict=True)):
+                close(a, b, f"{what}[{i}]")
+        elif isinstance(want, float):
+            assert got == pytest.approx(want, rel=1e-10, abs=1e-12), what
+        else:
+            assert got == want, what
+
+    one = run_finetune(FinetuneConfig.from_options(**anchor), quiet=True)
+    want = finetune_summary(one)
+    got = {"steps": [{k: v for k, v in s.items() if k != "seconds"} for s in res["steps"]],
+           "trajectory": [{k: r.get(k) for k in want["trajectory"][0]} for r in res["trajectory"]],
+           "record": res["guard"]["record"]}  # fmt: skip
+    close(got, {k: want[k] for k in got}, "anchor")
+    assert all(s["anchor_kl"] > 0 for s in want["steps"][1:])
+    from transformers import AutoModelForCausalLM
+
+    saved = dict(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run0" / "model").named_parameters()
+    )
+    for name, values in want["weights"].items():
+        torch.testing.assert_close(saved[name].detach().reshape(-1), torch.tensor(values,
+                                   dtype=torch.float64), rtol=1e-10, atol=1e-12)  # fmt: skip
+
+    ft = [json.loads((tmp_path / f"finetune{r}.json").read_text()) for r in (0, 1)]
+    assert ft[0] == ft[1]  # every rank returns the same result
+    want = finetune_summary(run_finetune(FinetuneConfig.from_options(**project), quiet=True))
+    close(ft[0], want, "project")
+    assert all(s["removed_fraction"] > 0 for s in want["steps"])

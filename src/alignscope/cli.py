@@ -184,7 +184,7 @@ def verify(
     (total, in the alignment subspace, Fisher-weighted) at log-spaced steps. --guard runs the
     fine-tuning under a guard (as finetune does; --guard-adaptive: off until the watcher warns).
     An interrupted run resumes from <out>.partial when restarted with the same arguments. Runs
-    data-parallel under torchrun, without --guard (docs/scale.md).
+    data-parallel under torchrun, with or without --guard (docs/scale.md).
     """
     import shutil
     from pathlib import Path
@@ -265,6 +265,8 @@ def finetune_command(
     saved in <out>/model (or the adapter in <out>/adapter). With --guard-adaptive the guard stays
     off until an alignment watcher's early warning and results.json records the step it switched
     on at. An interrupted run resumes from <out>.partial when restarted with the same arguments.
+    Runs data-parallel under torchrun, every guard included: the same results, written by rank 0
+    (docs/scale.md).
     """
     import shutil
     from pathlib import Path
@@ -273,18 +275,22 @@ def finetune_command(
     from alignscope.report.finetune_report import write_finetune_outputs
     from alignscope.report.output import OutputDir
 
+    resolved = Path(out).resolve()
+    partial = resolved.with_name(resolved.name + ".partial")
     try:
         cfg = FinetuneConfig.from_options(**options)
-        with _processes(cfg.model.device):  # under torchrun: refused, with how to run it
+        with _processes(cfg.model.device) as main:
             cfg.validate()  # a missing guard prerequisite fails before loading anything
-            OutputDir(out, overwrite=overwrite).abort()  # fail before the work if --out is taken
-            resolved = Path(out).resolve()
-            partial = resolved.with_name(resolved.name + ".partial")
+            if main:  # rank 0 alone writes (and checks) the outputs
+                OutputDir(out, overwrite=overwrite).abort()  # fail before the work if taken
             result = run_finetune(cfg, partial_dir=partial)
+            if main:
+                written = write_finetune_outputs(result, out, overwrite=overwrite)
+                shutil.rmtree(partial, ignore_errors=True)
     except ERRORS as err:
         raise _fail(err) from None
-    written = write_finetune_outputs(result, out, overwrite=overwrite)
-    shutil.rmtree(partial, ignore_errors=True)
+    if not main:
+        return
     sm = result.summary()
     typer.echo(
         f"guard {cfg.guard.guard}: refusal rate {sm['refusal_rate_start']} -> "

@@ -480,17 +480,3 @@ def guard() -> Iterator[None]:
         raise
     finally:
         _state["depth"] = 0
-
-
-def require_single_process(command: str) -> None:
-    """Refuse a command that does not run data-parallel yet under a group of several ranks.
-
-    Raises:
-        ValueError: more than one process, naming what runs instead.
-    """
-    if active():
-        raise ValueError(
-            f"{command} does not run data-parallel yet ({world_size()} processes in the group): "
-            f"run it in one process (python -m alignscope {command} ...); diagnose and verify "
-            "run under torchrun"
-        )

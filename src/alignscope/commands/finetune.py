@@ -184,8 +184,16 @@ def safety_rows(cfg, model, tokenizer) -> tuple[list[dict[str, str]], dict[str, 
     if not rows:
         raise ValueError(f"safety set {cfg.datasets.safety}: no prompts")
     if not all(r.get("response") for r in rows):
+        from alignscope.commands.diagnose import GENERATE_BATCH
+
         prompts = [r["prompt"] for r in rows]
-        greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.datasets.max_new_tokens)
+        # data parallel: the ranks share the generate() calls a single process makes
+        new_tokens = cfg.datasets.max_new_tokens
+        greedy = dist.sharded_map(
+            prompts,
+            lambda part: generate(model, tokenizer, part, max_new_tokens=new_tokens),
+            GENERATE_BATCH,
+        )
         rows = [{"prompt": p, "response": g or "."} for p, g in zip(prompts, greedy, strict=True)]
     return rows, data.summary()
 
@@ -221,13 +229,40 @@ def run_finetune(
         guard: a :class:`~alignscope.train.guards.Guard` to run instead of the configured one
             (e.g. a wrapper that records extra measurements); set up here like that one.
 
+    Under an initialised ``torch.distributed`` process group of several ranks (torchrun), every
+    rank calls this with the same arguments: each training batch is sharded across the ranks
+    with the gradients summed over them, the guard runs data-parallel
+    (:meth:`~alignscope.train.guards.Guard.shard_over_ranks`), every rank takes the
+    single-process step and returns the single-process result; rank 0 alone writes
+    ``partial_dir`` and shows progress (docs/scale.md).
+
     Returns:
         The result, holding the fine-tuned ``model`` (to save or use).
 
     Raises:
         ValueError: a bad option or a missing guard prerequisite (before training).
         MemoryError: the guard's subspace does not fit ``--memory-gb``.
+        alignscope.distributed.RankFailure: another rank failed (its message).
     """
+    with dist.guard():
+        return _run_finetune(
+            cfg, model=model, tokenizer=tokenizer, judge=judge, partial_dir=partial_dir,
+            quiet=quiet, task_rows=task_rows, task_match=task_match, guard=guard,
+        )  # fmt: skip
+
+
+def _run_finetune(
+    cfg: FinetuneConfig,
+    *,
+    model,
+    tokenizer,
+    judge: RefusalJudge | None,
+    partial_dir: str | Path | None,
+    quiet: bool,
+    task_rows: Sequence[Mapping[str, str]] | None,
+    task_match: TaskMatch | None,
+    guard: Any,
+) -> FinetuneResult:
     from rich.progress import Progress
 
     from alignscope.commands.verify import record_steps
@@ -240,12 +275,15 @@ def run_finetune(
     from alignscope.train.tracker import AlignmentTracker
     from alignscope.train.watch import AlignmentCollapseWarning
 
-    dist.require_single_process("finetune")
     cfg.validate()
     cfg.runtime.apply()
     judge = judge or KeywordRefusalJudge()
-    stages = Stages(quiet=quiet)
-    partial = _Partial(Path(partial_dir), cfg) if partial_dir is not None else None
+    stages = Stages(quiet=quiet or not dist.is_main())
+    # Rank 0 alone reads and writes the checkpoints and hands what it read to the others (their
+    # file system may not be its own on several nodes).
+    partial = (
+        _Partial(Path(partial_dir), cfg) if partial_dir is not None and dist.is_main() else None
+    )
     with stages.stage("setup", "model, data, guard"):
         if model is None:
             model, tokenizer = cfg.load_model()
@@ -253,6 +291,7 @@ def run_finetune(
             raise ValueError("--adapter/--lora-r apply when alignscope loads the model")
         else:
             model = copy.deepcopy(model)
+        dist.check_unsharded(model)
         selection = select_params(model, cfg.param_spec(), group=cfg.curvature.group)
         selection.train_only(model)
         rows, safety_summary = safety_rows(cfg, model, tokenizer)
@@ -306,6 +345,7 @@ def run_finetune(
             seed=cfg.runtime.seed, max_new_tokens=cfg.datasets.max_new_tokens,
             max_length=cfg.datasets.max_length,
         )  # fmt: skip
+        guard.shard_over_ranks(dist.active())  # its setup's Fisher products too
         guard.setup(model, selection, safety_batch)
     watcher = getattr(guard, "watcher", None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -317,13 +357,14 @@ def run_finetune(
     per_step: list[dict[str, Any]] = []
     torch.manual_seed(cfg.runtime.seed)
     start = 0
-    if partial is not None:
-        ckpt, per_step, trajectory = partial.resume()
+    if partial_dir is not None:
+        ckpt, per_step, trajectory = partial.resume() if partial is not None else (None, [], [])
+        ckpt, per_step, trajectory = dist.broadcast_object((ckpt, per_step, trajectory))
         if ckpt is not None:
             trained = {n for n, p in model.named_parameters() if p.requires_grad}
             if set(ckpt["model"]) != trained:
                 raise ValueError(
-                    f"{partial.path}: the checkpoint holds other parameters than this run trains; "
+                    f"{partial_dir}: the checkpoint holds other parameters than this run trains; "
                     "remove that directory to start over"
                 )
             model.load_state_dict(ckpt["model"], strict=False)

@@ -372,6 +372,7 @@ def _setup_guard(cfg: VerifyConfig, model, selection, safety_batch, basis, value
         subspace = None
         if basis is not None and basis.shape[1] >= cfg.guard.guard_rank:
             subspace = (basis, values)
+        guard.shard_over_ranks(dist.active())  # its setup's Fisher products too
         guard.setup(model, selection, safety_batch, subspace)
     return guard
 
@@ -405,7 +406,7 @@ def run_verify(
     rank calls this with the same arguments: the diagnosis is data-parallel, each training batch
     is sharded across the ranks with the gradients summed over them (every rank takes the same
     step), and every rank returns the single-process result; rank 0 alone writes
-    ``partial_dir`` and shows progress (docs/scale.md). A guard does not run data-parallel yet.
+    ``partial_dir`` and shows progress (docs/scale.md). A guard runs data-parallel too.
 
     Returns:
         The :class:`VerifyResult`: the diagnosis, the measured trajectory and the scores.
@@ -436,11 +437,6 @@ def _run_verify(
     from alignscope.data.loaders import load_data
 
     cfg.validate()
-    if dist.active() and cfg.guard.guard != "none":
-        raise ValueError(
-            f"--guard {cfg.guard.guard} does not run data-parallel yet: run verify with a guard "
-            "in one process, or without one under torchrun"
-        )
     torch.manual_seed(cfg.runtime.seed)
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)

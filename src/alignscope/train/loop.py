@@ -73,6 +73,19 @@ def response_nll(
     return (nll * weights).sum(dim=1).mean()
 
 
+# what a training batch too small for the ranks is called in the error
+TRAINING_SHARD = "examples of a training batch (--batch-size)"
+
+
+def shard_share(batch: LMBatch, mine: LMBatch, weighting: str = "token") -> float:
+    """The factor that turns the loss of ``mine`` (a shard of ``batch``) into its share of
+    ``batch``'s loss: its fraction of the batch's response tokens (``token`` weighting) or of
+    its examples (``example``)."""
+    if weighting == "token":
+        return int(mine.target_mask.sum()) / max(int(batch.target_mask.sum()), 1)
+    return mine.size / batch.size
+
+
 def shard_nll(
     model: torch.nn.Module,
     batch: LMBatch,
@@ -85,12 +98,8 @@ def shard_nll(
     """
     if not dist.active():
         return response_nll(model, batch, weighting, prefix)
-    mine = dist.shard_batch(batch, "examples of a training batch (--batch-size)")
-    if weighting == "token":
-        share = int(mine.target_mask.sum()) / int(batch.target_mask.sum())
-    else:
-        share = mine.size / batch.size
-    return response_nll(model, mine, weighting, prefix) * share
+    mine = dist.shard_batch(batch, TRAINING_SHARD)
+    return response_nll(model, mine, weighting, prefix) * shard_share(batch, mine, weighting)
 
 
 def make_optimizer(name: str, params, lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
@@ -163,13 +172,11 @@ def finetune(
 
     Data parallel: under a ``torch.distributed`` group of several ranks (every rank calling
     this with the same model, stream and seed) each batch is sharded across the ranks and the
-    gradients summed over them (:func:`shard_nll`), so every rank takes the single-process step;
-    a guard does not run data-parallel yet.
+    gradients summed over them (:func:`shard_nll`), so every rank takes the single-process step.
+    A guard runs data-parallel too (:meth:`~alignscope.train.guards.Guard.shard_over_ranks`,
+    switched on here): its data terms are shared among the ranks like the task loss, and what
+    it does to the summed gradient or the update is the same on every rank.
     """
-    if guard is not None and dist.active():
-        raise ValueError(
-            "a guard does not run data-parallel yet: fine-tune with a guard in one process"
-        )
     if stream is None:
         if encoded is None:
             if pairs is None:
@@ -191,6 +198,8 @@ def finetune(
     losses: list[float] = []
     if guard is not None and prefix is not None:
         guard.use_prefix(prefix)
+    if guard is not None:
+        guard.shard_over_ranks(dist.active())
     try:
         if start_step == 0 and callback is not None and callback(0, None):
             return losses

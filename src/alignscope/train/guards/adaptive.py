@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from alignscope import distributed as dist
 from alignscope.train.guards.base import Guard
 
 
@@ -62,13 +63,22 @@ class AdaptiveGuard(Guard):
         super().use_prefix(prefix)
         self.inner.use_prefix(prefix)
 
+    def shard_over_ranks(self, on: bool) -> None:
+        super().shard_over_ranks(on)
+        self.inner.shard_over_ranks(on)
+
     def activate(self, step: int) -> None:
         """Switch the inner guard on from update ``step``."""
         if not self.active:
             self.active, self.activated_at = True, step
 
     def _switch(self, step: int) -> None:
-        if not self.active and self.trigger():
+        if self.active:
+            return
+        on = bool(self.trigger())
+        if self.sharded:  # data parallel: every rank follows rank 0's decision
+            on = dist.broadcast_object(on)
+        if on:
             self.activate(step)
 
     def state_dict(self) -> dict[str, Any]:

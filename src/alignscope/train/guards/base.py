@@ -14,6 +14,15 @@ these hooks of the training loop (:func:`alignscope.train.loop.finetune`; the Tr
 :meth:`Guard.signals` returns the guard's own numbers for the step just taken (logged per step),
 :meth:`Guard.record` what it did over the run (results.json).
 The math of every guard is in docs/guard.md.
+
+Data parallel (alignscope's loop and commands under a ``torch.distributed`` group of several
+ranks, :meth:`Guard.shard_over_ranks`): each rank computes its share of the step's loss, the
+shares' gradients are summed over the ranks, and every rank then holds the same gradient and
+takes the same update. So a guard's data terms (the task loss and its token weights, the anchor's
+replayed safety minibatch) are sharded with the whole batch's weights; a term of the weights
+alone (the fisher penalty) is added on rank 0 only, once; Fisher products over the safety
+prompts are sharded and summed (:func:`safety_fisher`); what acts on the summed gradient or on
+the update (projections, the curvature guard's pull) is the same on every rank.
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from alignscope import distributed as dist
 from alignscope.data.encode import LMBatch
 from alignscope.params import ParamSelection
+from alignscope.train.loop import TRAINING_SHARD, shard_share
 from alignscope.train.prefix import lm_logits
 
 if TYPE_CHECKING:
@@ -79,6 +90,36 @@ def reduce_nll(
     return (values * per_example).sum(dim=1).mean()
 
 
+def safety_fisher(flm, batch: LMBatch, theta: torch.Tensor | None = None, sharded: bool = False):
+    """The alignment Fisher of ``batch`` at ``theta`` (default theta0), a
+    :class:`~alignscope.curvature.fisher.FisherOperator`. ``sharded`` (data parallel): each rank
+    holds its shard of the prompts with the whole batch's weights and every product, form and
+    trace is summed over the ranks, the single-process numbers on every rank; Monte-Carlo factor
+    rows are drawn from the whole batch on every rank, so they are the single-process draws too.
+    """
+    from alignscope.curvature.fisher import FisherOperator
+
+    if not (sharded and dist.active()):
+        return FisherOperator(flm, batch, theta)
+    mine = dist.shard_batch(batch, "safety prompts")
+    return _ShardedFisher(FisherOperator(flm, mine, theta, n_total=batch.size), flm, batch, theta)
+
+
+class _ShardedFisher(dist.SumOverRanks):
+    """:class:`~alignscope.distributed.SumOverRanks` whose Monte-Carlo factor rows are the whole
+    batch's, drawn on every rank from the same generator (one process' draws, not a rank's)."""
+
+    def __init__(self, op, flm, batch: LMBatch, theta: torch.Tensor | None) -> None:
+        super().__init__(op, n_examples=batch.size)
+        self.whole = (flm, batch, theta)
+
+    def mc_factor_rows(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from alignscope.curvature.fisher import FisherOperator
+
+        flm, batch, theta = self.whole
+        return FisherOperator(flm, batch, theta).mc_factor_rows(*args, **kwargs)
+
+
 class Reference:
     """The aligned model (theta0 of a selection) evaluated through the live module: the selected
     parameters are swapped for their theta0 values in a functional call, so no second copy of
@@ -123,6 +164,8 @@ class Guard:
     changes_loss = False
     #: the training loop's cached frozen prefix, while a run uses one (:meth:`use_prefix`)
     prefix: PrefixForward | None = None
+    #: True while the guard runs data-parallel (:meth:`shard_over_ranks`)
+    sharded: bool = False
 
     def __init__(self) -> None:
         self.selection: ParamSelection | None = None
@@ -132,6 +175,15 @@ class Guard:
         """Run the guard's forward passes (the step's, anchor replay, the reference at theta0)
         through ``prefix``'s cache of the frozen layers (None: the whole network)."""
         self.prefix = prefix
+
+    def shard_over_ranks(self, on: bool) -> None:
+        """Run data-parallel (``on``, under a process group of several ranks; a no-op in one
+        process): each rank returns its share of every step's loss, for gradients summed over
+        the ranks, as alignscope's loop and commands do (docs/scale.md). Call it before
+        :meth:`setup` to share the setup's Fisher products too (the commands do); the loop
+        calls it when it starts. Off, every hook computes the whole step on each rank (the
+        Trainer adapters: the Trainer's DDP averages the ranks' gradients)."""
+        self.sharded = bool(on) and dist.active()
 
     def settings(self) -> dict[str, Any]:
         """The guard's options (JSON-ready)."""
@@ -168,7 +220,9 @@ class Guard:
         return None
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
-        """A term added to the loss of update ``step`` (0-based), or None."""
+        """A term added to the loss of update ``step`` (0-based), or None. Data parallel
+        (:attr:`sharded`): this rank's share of it, a term over data sharded with the whole
+        data's weights, or a term of the weights alone on rank 0 only (None on the others)."""
         return None
 
     def before_step(self, model: nn.Module, step: int) -> None:
@@ -202,12 +256,21 @@ class Guard:
         self, model: nn.Module, batch: LMBatch, step: int, weighting: str = "token"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss to differentiate, task loss)`` of one guarded step: the task NLL with the
-        guard's token weights, plus its extra term; the task loss is the plain response NLL."""
+        guard's token weights, plus its extra term; the task loss is the plain response NLL.
+        Data parallel (:meth:`shard_over_ranks`): this rank's shares of both (its shard of
+        ``batch`` weighted by the whole batch), which sum over the ranks to the step's."""
+        share = 1.0
+        if self.sharded:
+            mine = dist.shard_batch(batch, TRAINING_SHARD)
+            share = shard_share(batch, mine, weighting)
+            batch = mine
         nll = token_nll(model, batch, self.prefix)
         mask = batch.target_mask
         task = reduce_nll(nll, mask, weighting)
         weights = self.token_weights(batch, -nll.detach())
         loss = task if weights is None else reduce_nll(nll, mask, weighting, weights.detach())
+        if self.sharded:
+            task, loss = task * share, loss * share
         extra = self.extra_loss(model, step)
         if extra is not None:
             loss = loss + extra

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from alignscope import distributed as dist
 from alignscope.data.encode import LMBatch
 from alignscope.train.guards.base import Guard, Reference, at_least_float32
 
@@ -81,5 +82,12 @@ class ConstrainedSFTGuard(Guard):
         ref = torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None]).squeeze(-1)
         w = self.weights_from(batch, logprobs, ref)
         mask = batch.target_mask
-        self._signals = {"mean_weight": float(w[mask].mean()) if bool(mask.any()) else None}
+        if self.sharded:
+            # ``batch`` is this rank's shard: the weights are per token, so its weights are the
+            # batch's; their mean is over the whole batch's tokens
+            total = dist.all_reduce_float(float(w[mask].double().sum()))
+            count = dist.all_reduce_float(float(mask.sum()))
+            self._signals = {"mean_weight": total / count if count else None}
+        else:
+            self._signals = {"mean_weight": float(w[mask].mean()) if bool(mask.any()) else None}
         return w.detach()

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.func import vjp
 
+from alignscope import distributed as dist
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.losses import ResponsePositions
 from alignscope.data.encode import LMBatch
@@ -41,10 +42,18 @@ class FrozenFisher:
     ``F v = J^T Lambda J v`` over the response positions of ``batch`` (docs/theory.md), with
     ``J^T w`` the vjp of the logits at theta0 and ``J v`` the vjp of ``u -> J^T u`` at ``u = 0``
     (linear in ``u``, so exact): two backward passes per product, no forward pass.
+
+    ``sharded`` (data parallel): each rank keeps the graphs of its shard of ``batch`` (with the
+    whole batch's weights) and the products are summed over the ranks.
     """
 
-    def __init__(self, flm: FunctionalLM, batch: LMBatch) -> None:
-        positions = ResponsePositions(batch, flm.dtype)
+    def __init__(self, flm: FunctionalLM, batch: LMBatch, sharded: bool = False) -> None:
+        self.sharded = sharded and dist.active()
+        n_total = batch.size
+        if self.sharded:
+            batch = dist.shard_batch(batch, "safety examples of the curvature guard "
+                                     "(--guard-examples)")  # fmt: skip
+        positions = ResponsePositions(batch, flm.dtype, n_total=n_total)
         self.weights = positions.weights
 
         def logits(theta: torch.Tensor) -> torch.Tensor:
@@ -59,7 +68,8 @@ class FrozenFisher:
         jv = self._forward(v.to(self.q.dtype))[0]
         q = self.q
         lam = self.weights[:, None] * (q * jv - q * (q * jv).sum(-1, keepdim=True))
-        return self._transpose(lam)[0]
+        out = self._transpose(lam)[0]
+        return dist.all_reduce_sum(out) if self.sharded else out
 
 
 class CurvatureGuard(Guard):
@@ -89,7 +99,7 @@ class CurvatureGuard(Guard):
         was = model.training
         try:
             flm = FunctionalLM(model, selection)
-            self.op = FrozenFisher(flm, batch)
+            self.op = FrozenFisher(flm, batch, sharded=self.sharded)
         finally:
             model.train(was)
         self.theta0 = flm.theta0

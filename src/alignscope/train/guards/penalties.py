@@ -8,10 +8,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from alignscope import distributed as dist
 from alignscope.curvature.fisher import FisherOperator
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.losses import ResponsePositions
-from alignscope.train.guards.base import Guard, Reference, at_least_float32, read_theta
+from alignscope.train.guards.base import (
+    Guard,
+    Reference,
+    at_least_float32,
+    read_theta,
+    safety_fisher,
+)
 from alignscope.train.prefix import lm_logits
 
 DIAG_METHODS = ("auto", "exact", "mc")
@@ -97,7 +104,7 @@ class FisherGuard(Guard):
                                "guard 'fisher' (--fisher-rank)")  # fmt: skip
         was = model.training
         try:
-            op = FisherOperator(FunctionalLM(model, selection), safety_batch)
+            op = safety_fisher(FunctionalLM(model, selection), safety_batch, None, self.sharded)
             diag = fisher_diagonal(op, method, self.samples).detach()
             if self.rank:
                 basis, values = None, None
@@ -128,9 +135,13 @@ class FisherGuard(Guard):
             quad = quad + (self.values.to(theta) * coeff.square()).sum()
         return 0.5 * self.lam * quad
 
-    def extra_loss(self, model, step) -> torch.Tensor:
+    def extra_loss(self, model, step) -> torch.Tensor | None:
         penalty = self.penalty(self.selection.flatten(self.selection.tensors(model)))
         self._signals = {"penalty": float(penalty.detach())}
+        if self.sharded and not dist.is_main():
+            # a function of the weights alone, the same on every rank: the gradients are
+            # summed over the ranks, so it is added once, on rank 0
+            return None
         return penalty
 
 
@@ -166,11 +177,13 @@ class AnchorGuard(Guard):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["generator"])
 
-    def kl(self, model, batch) -> torch.Tensor:
-        """Mean over examples of the per-token ``KL(pi_theta0 || pi_theta)`` on ``batch``."""
+    def kl(self, model, batch, n_total: int | None = None) -> torch.Tensor:
+        """Mean over examples of the per-token ``KL(pi_theta0 || pi_theta)`` on ``batch``
+        (``n_total``: the size of the whole minibatch when ``batch`` is a rank's shard of it;
+        the shard's share of its mean)."""
         device = next(model.parameters()).device
         batch = batch.to(device)
-        pos = ResponsePositions(batch, torch.float64)
+        pos = ResponsePositions(batch, torch.float64, n_total=n_total)
         ref = torch.log_softmax(
             at_least_float32(pos.gather(self.reference.batch_logits(batch, self.prefix))), -1
         )
@@ -181,6 +194,14 @@ class AnchorGuard(Guard):
     def extra_loss(self, model, step) -> torch.Tensor:
         n = self.safety.size
         idx = torch.randperm(n, generator=self.gen)[: min(self.batch_size, n)]
-        kl = self.kl(model, self.safety.select(idx.sort().values))
-        self._signals = {"anchor_kl": float(kl.detach())}
+        minibatch = self.safety.select(idx.sort().values)
+        if not self.sharded:
+            kl = self.kl(model, minibatch)
+            self._signals = {"anchor_kl": float(kl.detach())}
+            return self.beta * kl
+        # every rank draws the same minibatch (the same generator) and replays its shard of it
+        mine = dist.shard_batch(minibatch, "safety prompts of the anchor's minibatch "
+                                "(--guard-examples)")  # fmt: skip
+        kl = self.kl(model, mine, n_total=minibatch.size)
+        self._signals = {"anchor_kl": dist.all_reduce_float(float(kl.detach()))}
         return self.beta * kl

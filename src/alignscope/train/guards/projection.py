@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 from alignscope.curvature.eigen import EigenResult
-from alignscope.curvature.fisher import FisherOperator
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.operator import LinearOperator, require_operator
 from alignscope.curvature.spectrum import fisher_eigs
 from alignscope.data.encode import LMBatch
 from alignscope.params import ParamSelection
-from alignscope.train.guards.base import Guard, read_theta, write_theta
+from alignscope.train.guards.base import Guard, read_theta, safety_fisher, write_theta
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 
@@ -141,7 +140,7 @@ class ProjectGuard(Guard):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         was = model.training
         try:
-            op = FisherOperator(FunctionalLM(model, selection), batch, theta)
+            op = safety_fisher(FunctionalLM(model, selection), batch, theta, self.sharded)
             # Lanczos when its Krylov basis fits the budget, else the Gram route, else MemoryError
             eig, _ = fisher_eigs(op, self.rank, method="auto", memory_budget=self.memory_budget)
         finally:
@@ -242,7 +241,7 @@ class TrackingGuard(ProjectGuard):
         theta = read_theta(model, self.selection)
         was = model.training
         try:
-            op = FisherOperator(self.flm, self.safety_batch, theta)
+            op = safety_fisher(self.flm, self.safety_batch, theta, self.sharded)
             eig = warm_block_eigs(op, self.basis, self.rank, max_blocks=self.max_blocks,
                                   tol=self.tol)  # fmt: skip
         finally:
