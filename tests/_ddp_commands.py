@@ -163,10 +163,11 @@ def finetune_summary(res) -> dict[str, Any]:
     }
 
 
-def finetune_worker(rank: int, argv: list[str], options: dict, out: str) -> None:
-    """finetune on the command line (``argv``), then from the Python API (``options``)."""
+def finetune_worker(rank: int, argv: list[str], runs: list[dict], out: str) -> None:
+    """finetune on the command line (``argv``), then from the Python API (each of ``runs``)."""
     from alignscope.commands.finetune import FinetuneConfig, run_finetune
 
     cli_worker(rank, argv, out, None)
-    res = run_finetune(FinetuneConfig.from_options(**options), quiet=True)
-    Path(out, f"finetune{rank}.json").write_text(json.dumps(finetune_summary(res)))
+    for i, options in enumerate(runs):
+        res = run_finetune(FinetuneConfig.from_options(**options), quiet=True)
+        Path(out, f"finetune{rank}_{i}.json").write_text(json.dumps(finetune_summary(res)))

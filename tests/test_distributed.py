@@ -286,12 +286,16 @@ def test_two_processes_finetune_as_one(organism_test, tmp_path):
     )  # fmt: skip
     anchor = dict(common, guard="anchor", guard_examples=4)
     project = dict(common, guard="project", guard_rank=4)
+    # adaptive mode: the watcher warns at its first measurement past theta0 (the KL's threshold
+    # is tiny) and switches the curvature guard on from update 1 (its F delta summed over ranks)
+    adaptive = dict(common, guard="curvature", guard_examples=4, guard_adaptive=True,
+                    adaptive_every=2, adaptive_floor=0.0, adaptive_kl=1e-12)  # fmt: skip
     argv = ["finetune", "--model", common["model"], "--safety", common["safety"]]
     argv += ["--data", common["data"], "--optimizer", "adamw", "--lr", "1e-3"]
     argv += ["--batch-size", "8", "--steps", "4", "--max-safety", "8", "--max-eval", "4"]
     argv += ["--threads", "1", "--dtype", "float64", "--params", "*layers.1.mlp.*"]
     argv += ["--guard", "anchor", "--guard-examples", "4", "--out", str(tmp_path / "run{rank}")]
-    spawn(finetune_worker, argv, project, str(tmp_path))
+    spawn(finetune_worker, argv, [project, adaptive], str(tmp_path))
 
     cli = [json.loads((tmp_path / f"cli{r}.json").read_text()) for r in (0, 1)]
     assert cli[0]["exit_code"] == 0 and cli[1]["exit_code"] == 0, cli
@@ -331,8 +335,12 @@ def test_two_processes_finetune_as_one(organism_test, tmp_path):
         torch.testing.assert_close(saved[name].detach().reshape(-1), torch.tensor(values,
                                    dtype=torch.float64), rtol=1e-10, atol=1e-12)  # fmt: skip
 
-    ft = [json.loads((tmp_path / f"finetune{r}.json").read_text()) for r in (0, 1)]
-    assert ft[0] == ft[1]  # every rank returns the same result
-    want = finetune_summary(run_finetune(FinetuneConfig.from_options(**project), quiet=True))
-    close(ft[0], want, "project")
-    assert all(s["removed_fraction"] > 0 for s in want["steps"])
+    for i, (name, options) in enumerate((("project", project), ("adaptive", adaptive))):
+        ft = [json.loads((tmp_path / f"finetune{r}_{i}.json").read_text()) for r in (0, 1)]
+        assert ft[0] == ft[1], name  # every rank returns the same result
+        want = finetune_summary(run_finetune(FinetuneConfig.from_options(**options), quiet=True))
+        close(ft[0], want, name)
+        if name == "project":
+            assert all(s["removed_fraction"] > 0 for s in want["steps"])
+        else:
+            assert want["record"]["activated_at"] == 1 and want["steps"][-1]["quad"] > 0

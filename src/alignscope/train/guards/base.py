@@ -41,6 +41,8 @@ from alignscope.train.loop import TRAINING_SHARD, shard_share
 from alignscope.train.prefix import lm_logits
 
 if TYPE_CHECKING:
+    from alignscope.curvature.fisher import FisherOperator
+    from alignscope.curvature.functional import FunctionalLM
     from alignscope.train.prefix import PrefixForward
 
 
@@ -90,7 +92,9 @@ def reduce_nll(
     return (values * per_example).sum(dim=1).mean()
 
 
-def safety_fisher(flm, batch: LMBatch, theta: torch.Tensor | None = None, sharded: bool = False):
+def safety_fisher(
+    flm: FunctionalLM, batch: LMBatch, theta: torch.Tensor | None = None, sharded: bool = False
+) -> FisherOperator | dist.SumOverRanks:
     """The alignment Fisher of ``batch`` at ``theta`` (default theta0), a
     :class:`~alignscope.curvature.fisher.FisherOperator`. ``sharded`` (data parallel): each rank
     holds its shard of the prompts with the whole batch's weights and every product, form and
@@ -109,7 +113,9 @@ class _ShardedFisher(dist.SumOverRanks):
     """:class:`~alignscope.distributed.SumOverRanks` whose Monte-Carlo factor rows are the whole
     batch's, drawn on every rank from the same generator (one process' draws, not a rank's)."""
 
-    def __init__(self, op, flm, batch: LMBatch, theta: torch.Tensor | None) -> None:
+    def __init__(
+        self, op: FisherOperator, flm: FunctionalLM, batch: LMBatch, theta: torch.Tensor | None
+    ) -> None:
         super().__init__(op, n_examples=batch.size)
         self.whole = (flm, batch, theta)
 
