@@ -249,8 +249,8 @@ def test_guard_shares_sum_to_the_single_process_step(monkeypatch):
             guard.gen.set_state(state)
         for ranks in (2, 3):
             got = _guard_shares(guard, model, selection, batch, ranks, monkeypatch)
-            assert got[0] == pytest.approx(float(loss), rel=1e-12), guard.name
-            assert got[1] == pytest.approx(float(task), rel=1e-12), guard.name
+            assert got[0] == pytest.approx(float(loss.detach()), rel=1e-12), guard.name
+            assert got[1] == pytest.approx(float(task.detach()), rel=1e-12), guard.name
             torch.testing.assert_close(got[2], grad, rtol=1e-10, atol=1e-14)
             if state is not None:
                 guard.gen.set_state(state)
