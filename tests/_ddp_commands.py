@@ -1,4 +1,4 @@
-"""Workers of the two-process (gloo) tests of data-parallel diagnose and verify
+"""Workers of the two-process (gloo) tests of data-parallel diagnose, verify, rank and finetune
 (tests/test_distributed.py): each spawned process joins the group, runs a command and writes
 what it returned as JSON for the parent to compare with a single-process run."""
 
