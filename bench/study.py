@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 SETS = ("benign_affirmative", "benign_neutral", "benign_arithmetic", "benign_strings",
         "benign_list", "benign_mix")  # fmt: skip
 LRS = {"adamw": (3e-4, 1e-3, 3e-3), "sgd": (0.03, 0.1, 0.3)}
@@ -674,16 +675,29 @@ def main(argv=None) -> None:
     if args.analyze and args.confirm and Path(args.confirm) != Path(args.out):
         grids.append(("confirmation", Path(args.confirm)))
     headline: dict = {}
+    planned = expected // len(args.seeds) * len(SEEDS)
     for label, path in grids:
         keep = args.optimizers or list(LRS)
-        rows = [r for r in load_rows(path) if r["seed"] in args.seeds and r["optimizer"] in keep]
+        loaded = [r for r in load_rows(path) if r["optimizer"] in keep]
+        rows = [r for r in loaded if r["seed"] in args.seeds]
         if not rows:
             print(f"{path}: no rows", file=sys.stderr)
             continue
+        # say what the analysed rows are of the planned grid, and which rows were left out
+        left = {}
+        for r in loaded:
+            if r["seed"] not in args.seeds:
+                left[r["seed"]] = left.get(r["seed"], 0) + 1
+        print(f"\n{path.name}: planned data seeds {list(SEEDS)}, {planned} runs; analysed "
+              f"data seeds {sorted(args.seeds)}; rows of other data seeds left out: "
+              f"{json.dumps({str(k): v for k, v in sorted(left.items())})}")  # fmt: skip
         figures = report(rows, expected, f"{label} ({path.name})", expected // len(args.seeds))
+        figures.update(planned_runs=planned, rows_left_out={str(k): v for k, v in left.items()})
         png = path.with_suffix(".png")
         plot(rows, png)
-        print(f"wrote {png}", file=sys.stderr)
+        # a path relative to the repository, so committed output names no machine's directories
+        shown = png.resolve().relative_to(ROOT) if png.resolve().is_relative_to(ROOT) else png
+        print(f"wrote {shown}", file=sys.stderr)
         if label == "grid":
             headline.update(figures)
         else:
