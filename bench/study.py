@@ -30,11 +30,12 @@ non-trivial collapses, how close each trial's KL is to the scored run's, per-set
     nohup nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python bench/study.py &      # resumable
     nohup nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python bench/study.py \
         --organism-seed 1 --out bench/results/study_v2_confirm.jsonl &           # confirmation
-    .venv/bin/python bench/study.py --analyze [--seeds 0]   # tables, plots, headline JSON
+    .venv/bin/python bench/study.py --analyze --seeds 0 1   # tables, plots, headline JSON
 
 Writes bench/results/study_v2.jsonl and study_v2_confirm.jsonl (one row per run; rows already
 there are skipped) and a scatter plot beside each (predictor score vs observed refusal drop);
-``--analyze`` analyses both grids (the rows of ``--seeds`` only) and prints, last, one line of
+``--analyze`` analyses both grids (the rows of ``--seeds`` only, naming the rows it leaves out
+and the planned grid) and prints, last, one line of
 JSON with the headline figures of both (the confirmation's prefixed ``confirm_``).
 """
 

@@ -22,8 +22,8 @@ EXPLAINED_MAX_RANK = 40  # eigenpairs computed when --explained chooses d
 DEFAULT_LR = 2e-5
 # The predictor rank orders by unless told otherwise: the winner of bench/study.py (see
 # README.md, "Which predictor works": with a 20-step trial on an independent order, Spearman
-# 0.93 / 0.94 with the observed refusal drop and AUC 0.97 / 0.96 for collapse, over 18 AdamW runs
-# on each of two test organisms; a partial grid).
+# 0.92 / 0.87 with the observed refusal drop and AUC 0.98 / 0.95 for collapse, over 72 AdamW and
+# SGD runs on each of two test organisms; data seeds 0 and 1 of the three planned).
 DEFAULT_PREDICTOR = "lookahead_kl_measured"
 # rank's trial run (lookahead) draws its batches with the planned run's seed plus this offset
 # (a prime, so trial and planned orders never coincide for nearby seeds): a prediction made on
