@@ -19,6 +19,9 @@ from typing import Any, TypeVar
 
 DEFAULT_RANK = 20  # subspace dimension d unless --explained
 EXPLAINED_MAX_RANK = 40  # eigenpairs computed when --explained chooses d
+# Lanczos vectors per Fisher product pass: bench/matmat.py --eigs on this 2-core CPU measured
+# single-vector Lanczos (1) against blocks of 4 and 8 (docs/curvature.md); see the measurement.
+DEFAULT_LANCZOS_BLOCK = 1
 DEFAULT_LR = 2e-5
 # The predictor rank orders by unless told otherwise: the winner of bench/study.py (see
 # README.md, "Which predictor works": with a 20-step trial on an independent order, Spearman
@@ -157,6 +160,11 @@ class CurvatureSpec:
     explained: float | None = option(None, "Choose d to explain this fraction of tr F.")
     fisher: str = option("ggn", "ggn (true Fisher) | empirical (not recommended).")
     solver: str = option("auto", "auto | gram | lanczos.")
+    lanczos_block: int = option(
+        DEFAULT_LANCZOS_BLOCK,
+        "Vectors per Fisher product pass in Lanczos: 1 = single-vector Lanczos, b > 1 = block "
+        "Lanczos (more products, fewer passes; faster where batched products are, e.g. GPUs).",
+    )
     alignment_loss: str = option("kl", "kl | nll (refusal NLL).")
     samples_per_prompt: int = option(4, cli=False)  # Monte Carlo samples of the GGN Fisher
     memory_budget_gb: float = option(
@@ -193,6 +201,10 @@ class CurvatureSpec:
             raise ValueError(f"--group {self.group!r}: use layer or module")
         if self.solver not in ("auto", "gram", "lanczos"):
             raise ValueError(f"--solver {self.solver!r}: use auto, gram or lanczos")
+        if self.lanczos_block < 1:
+            raise ValueError(
+                f"--lanczos-block {self.lanczos_block}: use 1 (single-vector Lanczos) or more"
+            )
         if self.alignment_loss not in ("kl", "nll"):
             raise ValueError("--alignment-loss must be kl or nll")
         if self.samples_per_prompt < 1:

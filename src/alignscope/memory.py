@@ -138,7 +138,7 @@ def estimate_memory(
     def plan(dim: int, rank: int, dims=None, method: str = curvature.solver) -> SpectrumPlan:
         return plan_spectrum(
             dim, rank, n_rows, method=method, memory_budget=budget, itemsize=itemsize,
-            blockwise=dims is not None, block_dims=dims,
+            blockwise=dims is not None, block_dims=dims, block_size=curvature.lanczos_block,
         )  # fmt: skip
 
     sp = None

@@ -559,6 +559,7 @@ def _run_diagnose(
                 memory_budget=budget,
                 seed=cfg.runtime.seed,
                 blocks=selection if cfg.curvature.group is not None else None,
+                block_size=cfg.curvature.lanczos_block,
             )
             est = hutchpp(fisher, TRACE_PRODUCTS, seed=cfg.runtime.seed)
             trace = max(est.value, float(eig.values.sum()))

@@ -3,6 +3,8 @@
 from alignscope.curvature.eigen import (
     EigenResult,
     block_gram_eigs,
+    block_krylov_default_iter,
+    block_krylov_eigs,
     block_lanczos_eigs,
     gram_eigs,
     lanczos_eigs,
@@ -43,6 +45,8 @@ __all__ = [
     "SpectrumPlan",
     "TraceEstimate",
     "block_gram_eigs",
+    "block_krylov_default_iter",
+    "block_krylov_eigs",
     "block_lanczos_eigs",
     "ensure_eager_attention",
     "fisher_eigs",

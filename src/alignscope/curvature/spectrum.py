@@ -11,6 +11,8 @@ import torch
 from alignscope.curvature.eigen import (
     EigenResult,
     block_gram_eigs,
+    block_krylov_default_iter,
+    block_krylov_eigs,
     block_lanczos_eigs,
     gram_eigs,
     lanczos_eigs,
@@ -29,14 +31,16 @@ class SpectrumPlan:
     n_rows: int  # Gram: factor rows K
     iterations: int  # Lanczos: basis size
     bytes_needed: int
+    block_size: int = 1  # Lanczos: vectors per product pass (1: single-vector Lanczos)
 
     def describe(self) -> str:
         gib = self.bytes_needed / 2**30
         where = "block-wise" if self.blockwise else "whole selection"
         if self.method == "gram":
             return f"Gram route, {self.n_rows} Monte-Carlo factor rows, {where}: ~{gib:.2f} GiB"
+        solver = "Lanczos" if self.block_size == 1 else f"block Lanczos ({self.block_size}/pass)"
         return (
-            f"matrix-free Lanczos, up to {self.iterations} exact F-products, {where}: "
+            f"matrix-free {solver}, up to {self.iterations} exact F-products, {where}: "
             f"~{gib:.2f} GiB"
         )
 
@@ -51,13 +55,16 @@ def plan_spectrum(
     itemsize: int = 4,
     blockwise: bool = False,
     block_dims: Sequence[int] | None = None,
+    block_size: int = 1,
 ) -> SpectrumPlan:
     """Pick exact Lanczos when its basis fits the budget, else the Gram route when it fits and
     has rows enough for ``k`` eigenpairs, else raise.
 
     Lanczos keeps its basis at the operator's precision: ``(iterations + 1) x P x itemsize``
-    bytes; block-wise (``block_dims``: the size of each block) one block at a time, so the
-    largest block's basis plus the blocks' eigenvectors and the merged top-``k`` (``2 k x P``).
+    bytes; block Lanczos (``block_size`` b > 1) a basis of ``iterations`` vectors (its larger
+    default cap, whole blocks) plus one block of products, ``(iterations + b) x P``. Block-wise
+    (``block_dims``: the size of each block) one block at a time, so the largest block's basis
+    plus the blocks' eigenvectors and the merged top-``k`` (``2 k x P``).
     The Monte-Carlo Gram route is cheaper but its top eigenvalues are biased upward while the
     number of rows is far below the Fisher's effective rank (bench/curvature.py: 1.6x too large
     at 384 rows on a 0.7 M parameter block), so it is the fallback, or a deliberate choice. A
@@ -66,22 +73,32 @@ def plan_spectrum(
     """
     if method not in ("auto", "gram", "lanczos"):
         raise ValueError(f"unknown eigensolver {method!r}; use auto, gram or lanczos")
+    if block_size < 1:
+        raise ValueError(f"the Lanczos block size must be at least 1, got {block_size}")
     op_item = max(itemsize, 4)
+
+    def basis_bytes(n: int) -> tuple[int, int]:
+        if block_size == 1:
+            its = min(n, max(6 * k, k + 60))
+            return its, (its + 1) * n * op_item  # basis at operator precision
+        cap = block_krylov_default_iter(k, block_size)
+        its = min(n, -(-cap // block_size) * block_size)
+        return its, (its + min(block_size, n)) * n * op_item  # basis + one block of products
+
     if blockwise and block_dims:
         largest = max(block_dims)
-        iterations = min(largest, max(6 * k, k + 60))
+        iterations, basis = basis_bytes(largest)
         # while merging, the blocks' eigenvectors (up to k x P) and the merged top-k coexist
-        lanczos_bytes = (iterations + 1) * largest * op_item + 2 * k * dim * itemsize
+        lanczos_bytes = basis + 2 * k * dim * itemsize
     else:
-        iterations = min(dim, max(6 * k, k + 60))
-        lanczos_bytes = (iterations + 1) * dim * op_item  # basis at operator precision
+        iterations, lanczos_bytes = basis_bytes(dim)
     gram_bytes = n_rows * dim * itemsize * 2 + n_rows * n_rows * 8
     # The Gram route finds at most n_rows eigenpairs (per block, block-wise), so 'auto' must not
     # fall back to it for a rank it cannot deliver: that would fail later with a message about
     # factor rows, although Lanczos with a larger budget would have given the rank asked for.
     gram_rank = n_rows * (len(block_dims) if blockwise and block_dims else 1)
     if method == "lanczos" or (method == "auto" and lanczos_bytes <= memory_budget):
-        return SpectrumPlan("lanczos", blockwise, 0, iterations, lanczos_bytes)
+        return SpectrumPlan("lanczos", blockwise, 0, iterations, lanczos_bytes, block_size)
     if method == "gram" or (gram_bytes <= memory_budget and gram_rank >= k):
         return SpectrumPlan("gram", blockwise, n_rows, 0, gram_bytes)
     if gram_bytes <= memory_budget:
@@ -116,6 +133,7 @@ def fisher_eigs(
     seed: int = 0,
     blocks: ParamSelection | None = None,
     tol: float = 1e-8,
+    block_size: int = 1,
 ) -> tuple[EigenResult, SpectrumPlan]:
     """Top-``k`` eigenpairs of the alignment Fisher, by the route ``plan_spectrum`` chooses.
 
@@ -130,6 +148,9 @@ def fisher_eigs(
         k: how many eigenpairs.
         blocks: solve each block of this parameter selection separately (block-diagonal
             approximation); None: the whole operator at once.
+        block_size: Lanczos's vectors per product pass: 1 is single-vector Lanczos
+            (:func:`lanczos_eigs`), more is block Lanczos (:func:`block_krylov_eigs`, one
+            ``op.matmat`` per block; more products, fewer passes).
 
     Raises:
         TypeError: ``op`` is not a LinearOperator, or the Gram route on one without factor rows.
@@ -151,6 +172,7 @@ def fisher_eigs(
         itemsize=torch.empty((), dtype=op.dtype).element_size(),
         blockwise=blocks is not None,
         block_dims=block_dims(blocks) if blocks is not None else None,
+        block_size=block_size,
     )
     if plan.method == "gram":
         if not factors:
@@ -164,5 +186,8 @@ def fisher_eigs(
             return block_gram_eigs(rows, blocks, k, keep=k), plan
         return gram_eigs(rows, k), plan
     if blocks is not None:
-        return block_lanczos_eigs(op, blocks, k, keep=k, tol=tol, seed=seed), plan
+        eig = block_lanczos_eigs(op, blocks, k, keep=k, block_size=block_size, tol=tol, seed=seed)
+        return eig, plan
+    if block_size > 1:
+        return block_krylov_eigs(op, k, block_size=block_size, tol=tol, seed=seed), plan
     return lanczos_eigs(op, k, tol=tol, seed=seed), plan
