@@ -184,7 +184,8 @@ def main() -> None:
                 top = float(ref["values"][0])
                 r["max_rel_eig_diff"] = float((r["values"] - ref["values"]).abs().max()) / top
                 # sine of the largest principal angle between the two top-k subspaces
-                u, v = ref["vectors"].double(), r["vectors"].double()
+                u = torch.linalg.qr(ref["vectors"].double())[0]
+                v = torch.linalg.qr(r["vectors"].double())[0]
                 r["max_sin_angle"] = float(torch.linalg.matrix_norm(v - u @ (u.T @ v), ord=2))
                 eigs.append(r)
                 print(

@@ -25,7 +25,9 @@ def _psd(values, seed=0):
     """``Q diag(values) Q^T`` with a random orthogonal ``Q`` (float64) and its eigh reference."""
     values = torch.as_tensor(values, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=gen, dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(len(values), len(values), generator=gen, dtype=torch.float64)
+    )
     dense = (q * values) @ q.T
     ref_vals, ref_vecs = np.linalg.eigh(dense.numpy())
     return dense, ref_vals[::-1].copy(), torch.from_numpy(ref_vecs[:, ::-1].copy())
@@ -195,3 +197,38 @@ def test_curvature_spec_checks_the_lanczos_block():
     CurvatureSpec(lanczos_block=4).validate()
     with pytest.raises(ValueError, match="--lanczos-block 0"):
         CurvatureSpec(lanczos_block=0).validate()
+
+
+def test_two_processes_build_the_same_basis_and_equal_one(tmp_path):
+    """Under torch.distributed the products are all-reduced inside the operator: every rank
+    starts from the same seed-drawn block, so both ranks return the one-process result."""
+    from _ddp_commands import spawn
+    from _ddp_eigs import eigs_worker, shards
+
+    spawn(eigs_worker, str(tmp_path))
+    got = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    assert torch.equal(got[0]["values"], got[1]["values"])
+    assert torch.equal(got[0]["vectors"], got[1]["vectors"])
+    whole = sum(shards())
+    one = block_krylov_eigs(DenseOperator(whole), 6, block_size=4, tol=1e-12, seed=3)
+    assert got[0]["n"] == one.n_products
+    torch.testing.assert_close(got[0]["values"], one.values, rtol=1e-10, atol=0)
+    assert _sine(got[0]["vectors"], one.vectors) < 1e-8
+
+
+def test_the_memory_estimate_follows_the_lanczos_block():
+    from alignscope.memory import estimate_memory
+    from test_memory import _cfg, _specs
+
+    model = tiny_llama()
+    sel = select_params(model, ["all"])
+    n = sel.size
+    sizes = {}
+    for block in (1, 4):
+        cfg = _cfg(rank=4, max_new_tokens=10, memory_budget_gb=0.5, lanczos_block=block)
+        est = estimate_memory(*_specs(cfg), model, sel, n_safety=8, check_available=False)
+        assert est.plan.block_size == block
+        sizes[block] = (est.plan.iterations, est.eigensolver)
+    assert sizes[1] == (64, 65 * n * 4)  # Lanczos: 64 + 1 float32 basis vectors
+    its = -(-block_krylov_default_iter(4, 4) // 4) * 4  # 64 + 24 = 88 vectors, whole blocks
+    assert sizes[4] == (its, (its + 4) * n * 4)  # and one block of products
