@@ -210,7 +210,8 @@ def main() -> None:
         ]
         print_table(
             f"Fisher eigensolve on the eigen selection to tol {args.tol:g}: single-vector "
-            "Lanczos vs block Lanczos (one run each)",
+            "Lanczos vs block Lanczos (one run each; eig diff / top eigenvalue and sin angle "
+            "against the Lanczos run)",
             ["want", "solver", "products", "passes", "vec/s", "wall", "speedup", "conv",
              "eig diff", "sin angle"],
             rows,
