@@ -184,3 +184,16 @@ def test_results_read_back_into_the_same_diagnosis(diagnosis):
         again.top.basis(4)
     with pytest.raises(ValueError, match="not a diagnose result"):
         DiagnoseResult.from_json({"config": res["config"]})
+
+
+def test_block_lanczos_gives_the_same_subspace(organism_test):
+    """--lanczos-block 4 (block Lanczos, four Fisher vectors per pass) finds the eigenpairs of
+    single-vector Lanczos on the organism, in float64, and records the choice in the plan."""
+    one = run_diagnose(_cfg(organism_test, dtype="float64", solver="lanczos"), quiet=True)
+    four = run_diagnose(
+        _cfg(organism_test, dtype="float64", solver="lanczos", lanczos_block=4), quiet=True
+    )
+    torch.testing.assert_close(four.subspace.values, one.subspace.values, rtol=1e-6, atol=0)
+    overlap = torch.linalg.svdvals(one.subspace.vectors.T @ four.subspace.vectors)
+    assert float(overlap.min()) > 1 - 1e-6
+    assert "block Lanczos (4/pass)" in four.to_json()["subspace"]["plan"]
