@@ -52,6 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
+from study_stats import auc, load_rows
+from study_stats import spearman as _spearman
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 SETS = ("benign_affirmative", "benign_neutral", "benign_arithmetic", "benign_strings",
@@ -64,12 +67,6 @@ THRESHOLD = 0.1  # KL (nats/token) the trial's collapse step is read at: rank's 
 
 def _key(row: dict) -> tuple:
     return (row["set"], row["optimizer"], float(row["lr"]), int(row["seed"]))
-
-
-def load_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def observed(trajectory: list[dict]) -> dict:
@@ -244,28 +241,6 @@ def run_grid(args) -> None:
 
 
 # --- analysis --------------------------------------------------------------------------------
-
-
-def auc(scores: list[float], labels: list[bool]) -> float | None:
-    """Mann-Whitney AUC: P(score of a positive > score of a negative), ties count half."""
-    from scipy.stats import rankdata
-
-    pos = sum(labels)
-    neg = len(labels) - pos
-    if pos == 0 or neg == 0:
-        return None
-    ranks = rankdata(scores)
-    rsum = sum(r for r, y in zip(ranks, labels, strict=True) if y)
-    return float((rsum - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def _spearman(x: list[float], y: list[float]) -> float | None:
-    from scipy.stats import spearmanr
-
-    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
-        return None
-    rho = spearmanr(x, y).statistic
-    return None if rho is None or math.isnan(rho) else float(rho)
 
 
 def _score(row: dict, name: str) -> float:
