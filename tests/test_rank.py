@@ -66,10 +66,41 @@ def test_cli_writes_every_predictor_for_every_candidate(ranked):
         # --eval-prompts: the lookahead's refusal rate at its first and last step (8)
         refusal = cand["details"]["lookahead"]["refusal_rate"]
         assert set(refusal) == {"0", "8"} and all(0 <= r <= 1 for r in refusal.values())
+        # ... and the candidate's refusal block reads those two rates
+        assert cand["refusal"] == {
+            "start": refusal["0"], "after_trial": refusal["8"], "trial_steps": 8
+        }  # fmt: skip
     assert res["config"]["eval_prompts"].endswith("harmful_eval.jsonl")
+    assert res["refusal"]["prompts"].endswith("harmful_eval.jsonl")
+    assert res["refusal"]["n_prompts"] == 4 and res["refusal"]["judge"] == "KeywordRefusalJudge"
+    # an 8-step trial of 100 AdamW steps is shorter than the study's damage onset (16 %)
+    assert len(res["warnings"]) == 1 and "covers 8 of 100 planned steps" in res["warnings"][0]
+    assert "--lookahead-steps 16" in res["warnings"][0]
     assert "subspace" in res["shared_timings_s"]
     md = (out / "report.md").read_text()
     assert "predicted to damage alignment most" in md and "ranking.png" in md
+    assert "Warning: the trial run covers 8 of 100 planned steps" in md
+    assert "Refusal on held-out prompts" in md and "after the trial run" in md
+
+
+def test_trial_warning_follows_the_study_onset():
+    from alignscope.commands.rank import RankConfig, trial_warnings
+    from alignscope.config import DAMAGE_ONSET_FRACTION
+
+    assert DAMAGE_ONSET_FRACTION["adamw"] == 0.16  # tests/test_study_stats.py recomputes it
+    # rank's default trial (a tenth) is shorter than 16 % of an AdamW budget: warned
+    (w,) = trial_warnings("adamw", 20, 200)
+    assert "covers 20 of 200 planned steps (10%)" in w and "--lookahead-steps 32" in w
+    assert trial_warnings("adamw", 32, 200) == []  # exactly the onset: covered
+    assert trial_warnings("adam", 31, 200) != []  # Adam is taken as AdamW
+    assert trial_warnings("sgd", 20, 200) == []  # SGD's damage started by 1 %
+    assert trial_warnings("sgd", 12, 2000) != []
+    cfg = RankConfig.from_options(model="m", safety="s", data=["a", "b"], steps=200)
+    assert cfg.trial_warnings() == trial_warnings("adamw", 20, 200)
+    longer = RankConfig.from_options(
+        model="m", safety="s", data=["a", "b"], steps=200, lookahead_steps=40
+    )
+    assert longer.trial_warnings() == []
 
 
 def test_default_predictor_puts_affirmative_above_neutral(ranked):

@@ -469,4 +469,6 @@ def rank(out: str = out_option("rank"), overwrite: bool = OVERWRITE, **options: 
         c = next(c for c in res["candidates"] if c["label"] == label)
         typer.echo(f"{pos}. {label}: {name} = {c['predictors'][name]['value']}")
     typer.echo(res["summary"])
+    for warning in res["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"wrote {path}/results.json, report.md, report.html, ranking.png")

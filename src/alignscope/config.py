@@ -33,6 +33,13 @@ DEFAULT_PREDICTOR = "lookahead_kl_measured"
 # an order the planned run does not use, as a user's real run will (docs/rank.md).
 TRIAL_SEED_OFFSET = 7919
 LOOKAHEAD_ORDERS = ("independent", "same")
+# When damage started in bench/study.py (data seed 0 of both test organisms, 200-step runs,
+# bench/results/study_v2.jsonl and study_v2_confirm.jsonl; printed by bench/study_stats.py): per
+# optimizer, the fraction of the budget by which three quarters of the runs whose alignment KL
+# reached 0.1 had reached it (27 of 36 AdamW runs, 29 of 36 SGD runs; first recorded step, an
+# upper bound). rank warns when its trial run is shorter (docs/rank.md); Adam is taken as AdamW.
+DAMAGE_ONSET_FRACTION = {"adamw": 0.16, "adam": 0.16, "sgd": 0.01}
+DAMAGE_ONSET_SOURCE = "bench/study.py (test organisms, data seed 0, 200-step runs)"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spelled out rather than read from data.loaders, which would import torch before --help;
 # tests/test_loaders.py checks that it names every format.

@@ -25,6 +25,8 @@ from alignscope.commands.predictors import (
     order,
 )
 from alignscope.config import (
+    DAMAGE_ONSET_FRACTION,
+    DAMAGE_ONSET_SOURCE,
     Composed,
     CurvatureSpec,
     DataSpec,
@@ -43,7 +45,15 @@ from alignscope.report.output import jsonable, results_header
 
 SCHEMA = "alignscope.rank/1"
 
-__all__ = ["DEFAULT_PREDICTOR", "PREDICTORS", "RankConfig", "RankResult", "run_rank", "summary"]
+__all__ = [
+    "DEFAULT_PREDICTOR",
+    "PREDICTORS",
+    "RankConfig",
+    "RankResult",
+    "run_rank",
+    "summary",
+    "trial_warnings",
+]
 
 
 @dataclass
@@ -105,6 +115,11 @@ class RankConfig(Composed):
             raise ValueError(f"--eval-prompts {self.eval.eval_prompts}: no prompts")
         return [r["prompt"] for r in rows]
 
+    def trial_warnings(self) -> list[str]:
+        """A warning when the trial run is shorter than the time by which damage had started in
+        most of the study's runs of this optimizer (:func:`trial_warnings`)."""
+        return trial_warnings(self.optim.optimizer, self.n_lookahead, self.optim.steps)
+
     def model_config(self) -> DiagnoseConfig:
         """The diagnosis config of the model as configured (adapter included; the first set)."""
         return DiagnoseConfig(
@@ -121,6 +136,8 @@ class RankResult:
     shared_timings: dict[str, float]
     timings: dict[str, float]
     parameters: dict[str, Any] | None = None  # what was analysed (diagnose's "parameters")
+    n_eval_prompts: int | None = None  # --eval-prompts used for the refusal rate (None: none)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -140,6 +157,8 @@ class RankResult:
                 "lookahead_order": self.config.ranking.lookahead_order,
                 "trial_seed": self.config.ranking.trial_seed(self.config.runtime.seed),
                 "predictor_descriptions": PREDICTORS,
+                "refusal": self.refusal_source(),
+                "warnings": self.warnings,
                 "candidates": cands,
                 "ranking": [cands[i]["label"] for i in self.ranking],
                 "recommended": cands[self.ranking[0]]["label"],
@@ -151,6 +170,45 @@ class RankResult:
                 "timings_s": self.timings,
             }
         )
+
+    def refusal_source(self) -> dict[str, Any]:
+        """Where each candidate's refusal rate (``candidates[i]["refusal"]``) was measured."""
+        cfg = self.config
+        if cfg.eval.eval_prompts is None:
+            return {
+                "prompts": None,
+                "n_prompts": None,
+                "measured": "not measured after the trial run (no --eval-prompts); "
+                "details.refusal_rate is the safety prompts' at step 0",
+            }
+        return {
+            "prompts": cfg.eval.eval_prompts,
+            "n_prompts": self.n_eval_prompts,
+            "judge": "KeywordRefusalJudge",
+            "measured": f"greedy generation at the start and the end of each "
+            f"{cfg.n_lookahead}-step trial run",
+        }
+
+
+def trial_warnings(optimizer: str, n_lookahead: int, steps: int) -> list[str]:
+    """A warning (else none) when a trial of ``n_lookahead`` of ``steps`` planned steps is
+    shorter than the fraction of the budget by which three quarters of the study's runs with
+    ``optimizer`` whose alignment KL reached 0.1 had reached it
+    (:data:`alignscope.config.DAMAGE_ONSET_FRACTION`): damage that starts after the trial ends
+    is not measured by it."""
+    onset = DAMAGE_ONSET_FRACTION.get(optimizer)
+    if onset is None or steps < 1 or n_lookahead / steps >= onset:
+        return []
+    need = math.ceil(onset * steps)
+    return [
+        f"the trial run covers {n_lookahead} of {steps} planned steps "
+        f"({n_lookahead / steps:.0%}), but in {DAMAGE_ONSET_SOURCE} a quarter of the "
+        f"{optimizer} runs whose alignment KL reached 0.1 reached it only after "
+        f"{onset:.0%} of their budget: damage that starts after the trial ends is not measured "
+        f"(the lookahead predictors rank by the trial alone). --lookahead-steps {need} covers "
+        "the time by which three quarters of the study's damaged runs had started; either "
+        "way, check the chosen candidate with `alignscope verify`."
+    ]
 
 
 def _label(data: str, lr: float, cfg: RankConfig) -> str:
@@ -197,6 +255,13 @@ def summary(candidates: list[dict], ranking: list[int], predictor: str, steps: i
         text += (
             f" In a {lk['steps'][-1]}-step trial run the alignment KL of {worst['label']} reached "
             f"{fmt(lk['kl'][-1])} nats/token (trend exponent {fmt(lk.get('exponent'))})."
+        )
+    rw, rb = worst.get("refusal") or {}, best.get("refusal") or {}
+    if rw.get("after_trial") is not None and rb.get("after_trial") is not None:
+        text += (
+            f" On the held-out prompts (--eval-prompts) the refusal rate went from "
+            f"{rw['start']:.0%} to {rw['after_trial']:.0%} in the trial run of {worst['label']} "
+            f"({rb['start']:.0%} to {rb['after_trial']:.0%} for {best['label']})."
         )
     text += (
         " These are predictions made before training; check the chosen candidate with "
@@ -247,11 +312,12 @@ def _run_rank(
     if cfg.runtime.threads is not None:
         torch.set_num_threads(cfg.runtime.threads)
     stages = Stages(quiet=quiet or not dist.is_main())
+    eval_prompts = cfg.eval_prompts()
     with stages.stage("load", cfg.model.model):
         state = RankState(
             cfg.model_config(), lookahead_steps=cfg.n_lookahead,
             lookahead_order=cfg.ranking.lookahead_order, compliance=cfg.ranking.compliance,
-            eval_prompts=cfg.eval_prompts(), model=model, tokenizer=tokenizer, quiet=True,
+            eval_prompts=eval_prompts, model=model, tokenizer=tokenizer, quiet=True,
             subspace=subspace,
         )  # fmt: skip
     candidates: list[dict[str, Any]] = []
@@ -267,6 +333,7 @@ def _run_rank(
             label = _label(data, lr, cfg)
             with stages.stage(f"predict {label}", f"forecast + {cfg.n_lookahead}-step lookahead"):
                 preds, details = state.predict(geo, cfg.optim.optimizer, lr)
+            refusal = details["lookahead"]["refusal_rate"]  # {step: rate} on --eval-prompts
             candidates.append(
                 {
                     "label": label,
@@ -274,6 +341,13 @@ def _run_rank(
                     "optimizer": cfg.optim.optimizer,
                     "lr": lr,
                     "predictors": preds,
+                    "refusal": {
+                        "start": refusal.get(0),
+                        "after_trial": refusal.get(cfg.n_lookahead),
+                        "trial_steps": cfg.n_lookahead,
+                    }
+                    if refusal
+                    else None,
                     "details": {
                         **details,
                         "aic": {
@@ -293,5 +367,7 @@ def _run_rank(
     ]
     ranking = [i for i in damage[::-1] if i not in missing] + missing
     return RankResult(
-        cfg, candidates, ranking, dict(state.shared_timings), stages.timings, parameters
-    )
+        cfg, candidates, ranking, dict(state.shared_timings), stages.timings, parameters,
+        n_eval_prompts=len(eval_prompts) if eval_prompts is not None else None,
+        warnings=cfg.trial_warnings(),
+    )  # fmt: skip

@@ -67,6 +67,8 @@ def build_report(results: dict[str, Any]) -> Report:
             f"{len(params.get('modules', []))} modules (",
             Code("--params " + " ".join(params["spec"])), ").",
         )  # fmt: skip
+    for warning in results.get("warnings") or ():
+        rep.text(*code_spans("Warning: " + warning))
     rep.heading("Summary")
     rep.text(*code_spans(results["summary"]))
     rep.image(CHART, f"{name} per candidate, recommended first")
@@ -84,6 +86,36 @@ def build_report(results: dict[str, Any]) -> Report:
         "(nats/token) measured after the short trial run; lookahead_kl is its trend "
         "extrapolated to the budget (a ranking score, not a calibrated KL)."
     )
+    rep.heading("Refusal on held-out prompts")
+    source = results.get("refusal") or {}
+    if source.get("prompts"):
+        rep.text(
+            f"Refusal rate of {source['n_prompts']} prompts of ", Code(source["prompts"]),
+            f" (--eval-prompts, {source['judge']}), {source['measured']}.",
+        )  # fmt: skip
+        rep.table(
+            ["#", "candidate", "refusal at start", "after the trial run", "change"],
+            [
+                [
+                    pos,
+                    label,
+                    r["start"],
+                    r["after_trial"],
+                    None
+                    if r["start"] is None or r["after_trial"] is None
+                    else r["after_trial"] - r["start"],
+                ]  # fmt: skip
+                for pos, label in enumerate(ranking, 1)
+                if (r := by_label[label].get("refusal")) is not None
+            ],
+        )
+    else:
+        rep.text(
+            "Not measured: the candidates' trial runs measured the alignment KL on the safety "
+            "prompts only. Pass ", Code("--eval-prompts FILE"), " (held-out harmful prompts in "
+            "any format of --safety-format) to measure the refusal rate before and after each "
+            "trial run.",
+        )  # fmt: skip
     rep.heading("Predictors")
     rep.table(
         ["predictor", "what", "median cost per candidate (s)"],
