@@ -42,6 +42,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -758,27 +759,11 @@ def print_table(rows: list[dict]) -> None:
         log("| " + " | ".join(fmt(r[k]) for _, k in cols) + " |")
 
 
-# --- main --------------------------------------------------------------------------------------
+# --- stages 1-5, shared with bench/real_study.py ---------------------------------------------
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sets", default="python_docs,arithmetic,lists,affirmative")
-    ap.add_argument(
-        "--params", nargs="+", default=["model.layers.28.mlp.*", "model.layers.29.mlp.*"]
-    )
-    ap.add_argument("--steps", type=int, default=32, help="verify's fine-tuning steps")
-    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
-    ap.add_argument("--lr", type=float, default=1e-4, help="verify's learning rate")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--max-safety", type=int, default=8)
-    ap.add_argument("--max-data", type=int, default=16)
-    ap.add_argument("--noise-examples", type=int, default=8)
-    ap.add_argument("--max-eval", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--threshold", type=float, default=0.1)
+def add_stage_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the data and alignment stages (their defaults define the cached model)."""
     ap.add_argument("--n-eval", type=int, default=150)
     ap.add_argument("--n-safety", type=int, default=32)
     ap.add_argument("--n-ft", type=int, default=96)
@@ -790,18 +775,24 @@ def main() -> None:
     ap.add_argument("--align-steps", type=int, default=150)
     ap.add_argument("--align-every", type=int, default=25)
     ap.add_argument("--target-refusal", type=float, default=0.85)
-    ap.add_argument(
-        "--quick",
-        action="store_true",
-        help="a small end-to-end check: one set, 8 verify steps, rank 4",
-    )
-    args = ap.parse_args()
-    if args.quick:
-        args.sets, args.steps, args.rank, args.max_eval = "affirmative", 8, 4, 16
-        args.max_safety, args.max_data, args.noise_examples = 4, 8, 4
-    torch.set_num_threads(1)
-    wall = time.perf_counter()
 
+
+@dataclass
+class Prepared:
+    """The cached stages 1-5: the converted base model, the data split and the aligned model."""
+
+    root: Path
+    stages: Stages
+    base: Path
+    data: Path
+    aligned: Path
+    base_eval: dict
+    align: dict
+
+
+def prepare(args) -> Prepared:
+    """Run (or reuse from the cache) fetch, convert, data, base-eval and align for
+    ``args.seed``; print the refusal before and after the alignment."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     stages = Stages(root)
@@ -825,6 +816,46 @@ def main() -> None:
         f"{align_res['heldout_refusal']:.1%} ({align_res['n_eval']} prompts); benign refusal "
         f"{base_res['benign_refusal']:.1%} -> {align_res['benign_refusal']:.1%}"
     )
+    return Prepared(root, stages, base, data, aligned, base_res, align_res)
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sets", default="python_docs,arithmetic,lists,affirmative")
+    ap.add_argument(
+        "--params", nargs="+", default=["model.layers.28.mlp.*", "model.layers.29.mlp.*"]
+    )
+    ap.add_argument("--steps", type=int, default=32, help="verify's fine-tuning steps")
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "sgd"])
+    ap.add_argument("--lr", type=float, default=1e-4, help="verify's learning rate")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--max-safety", type=int, default=8)
+    ap.add_argument("--max-data", type=int, default=16)
+    ap.add_argument("--noise-examples", type=int, default=8)
+    ap.add_argument("--max-eval", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--threshold", type=float, default=0.1)
+    add_stage_args(ap)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small end-to-end check: one set, 8 verify steps, rank 4",
+    )
+    args = ap.parse_args()
+    if args.quick:
+        args.sets, args.steps, args.rank, args.max_eval = "affirmative", 8, 4, 16
+        args.max_safety, args.max_data, args.noise_examples = 4, 8, 4
+    torch.set_num_threads(1)
+    wall = time.perf_counter()
+
+    prep = prepare(args)
+    root, stages, data, aligned = prep.root, prep.stages, prep.data, prep.aligned
+    base_res, align_res = prep.base_eval, prep.align
 
     from alignscope.models import load_model
 
