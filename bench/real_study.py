@@ -17,7 +17,8 @@ fine-tuning set x selection x AdamW learning rate x data seed, every predictor o
   batch order), ``--steps`` (default 100) steps;
 - the trial run behind the lookahead predictors is made on an order the scored run does not use
   (seed + 7919, rank's default) and on the scored run's own order, as long as the longest trial
-  studied (20 % of the budget); the 5 % and 10 % trials are their prefixes (bench/study.py);
+  studied (20 % of the budget); the 5 %, 10 % and rank's default (a tenth, at least 12 steps:
+  12 of 100) trials are their prefixes (bench/study.py);
 - refusal on the held-out Do-Not-Answer prompts (150 by default) at log-spaced steps, greedy and
   judged by the keyword judge; at the end also the soft refusal probability (the aligned
   model's refusal's first token, as ``alignscope.train.watch``) and a refusal-phrase substring
@@ -258,9 +259,10 @@ def run_grid(args) -> None:
     done = {_key(r) for r in load_rows(out)}
     safety, evals = prep.data / "safety.jsonl", prep.data / "eval.jsonl"
     eval_prompts = [r["prompt"] for r in rm.read_jsonl(evals)][: args.max_eval]
-    trial_lengths = sorted({max(1, round(f * args.steps)) for f in TRIAL_FRACTIONS})
     default_n = RankConfig.from_options(model="m", safety="s", data=["a", "b"],
                                         steps=args.steps).n_lookahead  # fmt: skip
+    # 5 %, 10 %, 20 % of the budget and rank's own default (a tenth, at least 12 steps)
+    trial_lengths = sorted({max(1, round(f * args.steps)) for f in TRIAL_FRACTIONS} | {default_n})
     n = len(done)
     for sel in args.selections:
         todo = [(s, lr, seed) for seed in args.data_seeds for s in args.sets
@@ -542,9 +544,9 @@ def best_predictor(table: dict[str, dict]) -> str | None:
     def val(x):
         return -2.0 if x is None else x
 
-    if not table:
-        return None
-    top = max(val(t["spearman_drop"]) for t in table.values())
+    top = max((val(t["spearman_drop"]) for t in table.values()), default=-2.0)
+    if top == -2.0:
+        return None  # no predictor has a Spearman (too few runs, or constant)
     close = [k for k, t in table.items() if top - val(t["spearman_drop"]) <= 0.02]
     return max(close, key=lambda k: val(table[k]["auc_collapse"]))
 
