@@ -254,7 +254,8 @@ class EvalSpec:
     """Held-out harmful prompts to measure the refusal rate on."""
 
     eval_prompts: str | None = option(
-        None, "Held-out harmful prompts for the refusal rate (format: --safety-format).",
+        None, "Held-out harmful prompts for the refusal rate, instead of none (format: "
+        "--safety-format); rank measures it before and after each trial run.",
         flags=("--eval-prompts", "-e"),
     )  # fmt: skip
     max_eval: int | None = option(64, "Use at most this many eval prompts.")
@@ -368,12 +369,13 @@ class RankingSpec:
     )
     lookahead_steps: int | None = option(
         None, "Optimizer steps of the trial run (lookahead) (default: a tenth of --steps, at "
-        "least 12).",
+        "least 12); rank warns when it is shorter than the time by which damage had started in "
+        "3/4 of the study's runs (AdamW: 16 % of --steps; docs/rank.md).",
     )  # fmt: skip
     lookahead_order: str = option(
-        "independent", "Data order and seed of the trial run: independent (--seed + "
-        f"{TRIAL_SEED_OFFSET}, an order the planned run does not use) | same (the planned "
-        "run's --seed: the trial replays its first batches).",
+        "independent", "Data order and seed of the trial run: independent (the default: "
+        f"--seed + {TRIAL_SEED_OFFSET}, an order the planned run does not use) | same (the "
+        "planned run's --seed: the trial replays its first batches).",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
