@@ -34,7 +34,7 @@ those runs above the undamaged ones); judge agreement with examples of disagreem
 one line of JSON with the headline figures.
 
     nohup nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python bench/real_study.py &   # resumable
-    .venv/bin/python bench/real_study.py --quick --max-rows 1 --out /tmp/smoke.jsonl  # a check
+    .venv/bin/python bench/real_study.py --quick      # one row to <tmp>/real_study_quick.jsonl
     .venv/bin/python bench/real_study.py --analyze
 """
 
@@ -46,6 +46,7 @@ import math
 import platform
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -251,7 +252,7 @@ def run_grid(args) -> None:
     from alignscope.report.output import jsonable
 
     prep = rm.prepare(args)
-    sets_dir = prep.root / f"study-data-v1-seed{args.seed}"
+    sets_dir = prep.root / f"study-data-v1-seed{args.seed}-n{args.n_ft}-h{args.n_heldout}"
     prep.stages.run("study-data", sets_dir,
                     lambda: build_sets(sets_dir, args.seed, args.n_ft, args.n_heldout))  # fmt: skip
     out = Path(args.out)
@@ -318,7 +319,7 @@ def run_grid(args) -> None:
                 data=str(sets_dir / f"{name}.jsonl"), lr=lr, seed=seed,
                 eval_prompts=str(evals), max_eval=args.max_eval,
                 task_eval=str(sets_dir / f"{name}.heldout.jsonl"),
-                max_task_eval=args.n_heldout, **common,
+                max_task_eval=args.max_task_eval, **common,
             )  # fmt: skip
             judge = RecordingJudge()
             # lora8: run_finetune loads the model with a new adapter (seeded by the run's seed)
@@ -621,7 +622,7 @@ def report(rows: list[dict]) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(RESULTS / "real_study.jsonl"))
+    ap.add_argument("--out", default=None, help="default bench/results/real_study.jsonl")
     ap.add_argument("--seed", type=int, default=0, help="the alignment's (and data split's)")
     ap.add_argument("--data-seeds", type=int, nargs="+", default=list(DATA_SEEDS))
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
@@ -637,16 +638,20 @@ def main(argv=None) -> None:
     ap.add_argument("--n-heldout", type=int, default=32, help="held-out task pairs per set")
     ap.add_argument("--max-rows", type=int, default=0, help="stop after this many new rows")
     ap.add_argument("--analyze", action="store_true", help="only analyse --out")
+    ap.add_argument("--max-task-eval", type=int, default=32, help="held-out pairs measured")
     ap.add_argument("--quick", action="store_true",
-                    help="a check: one set, last-layers, one lr and seed, 10 steps, rank 4, "
-                    "16 prompts")  # fmt: skip
+                    help="a check: one set, last-layers, one lr and seed, 8 steps, rank 4, 8 "
+                    "prompts; rows to --out, default <tmp>/real_study_quick.jsonl")  # fmt: skip
     rm.add_stage_args(ap)  # the cached alignment's options (keep the defaults to reuse it)
     args = ap.parse_args(argv)
     if args.quick:
         args.sets, args.selections, args.data_seeds = ["affirmative"], ["last-layers"], [0]
-        args.steps, args.rank, args.max_eval, args.n_heldout = 10, 4, 16, 8
+        args.steps, args.rank, args.max_eval, args.max_task_eval = 8, 4, 8, 4
         args.max_safety, args.max_data, args.noise_examples = 4, 8, 4
         LRS["last-layers"] = LRS["last-layers"][:1]
+    if args.out is None:  # a quick check's rows never mix with the study's
+        quick = Path(tempfile.gettempdir()) / "real_study_quick.jsonl"
+        args.out = str(quick if args.quick else RESULTS / "real_study.jsonl")
     if not args.analyze:
         run_grid(args)
     rows = load_rows(Path(args.out))

@@ -41,11 +41,11 @@ def ranked(organism_test, tmp_path_factory):
     args += ["--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    return out, json.loads((out / "results.json").read_text())
+    return out, json.loads((out / "results.json").read_text()), result.output
 
 
 def test_cli_writes_every_predictor_for_every_candidate(ranked):
-    out, res = ranked
+    out, res, printed = ranked
     for name in ("results.json", "report.md", "report.html", "ranking.png"):
         assert (out / name).stat().st_size > 0, name
     assert res["schema"] == "alignscope.rank/1" and res["seed"] == 0
@@ -80,6 +80,7 @@ def test_cli_writes_every_predictor_for_every_candidate(ranked):
     md = (out / "report.md").read_text()
     assert "predicted to damage alignment most" in md and "ranking.png" in md
     assert "Warning: the trial run covers 8 of 100 planned steps" in md
+    assert "warning: the trial run covers 8 of 100 planned steps" in printed
     assert "Refusal on held-out prompts" in md and "after the trial run" in md
 
 
@@ -104,7 +105,7 @@ def test_trial_warning_follows_the_study_onset():
 
 
 def test_default_predictor_puts_affirmative_above_neutral(ranked):
-    _, res = ranked
+    _, res, _ = ranked
     by = {c["label"]: c for c in res["candidates"]}
     score = {k: v["predictors"][DEFAULT_PREDICTOR]["score"] for k, v in by.items()}
     assert score["benign_affirmative"] > score["benign_neutral"]
