@@ -276,7 +276,7 @@ def run_grid(args) -> None:
             lora_r=spec.get("lora_r"), optimizer="adamw", batch_size=args.batch_size,
             steps=args.steps, rank=args.rank, max_safety=args.max_safety, max_data=args.max_data,
             noise_examples=args.noise_examples, max_length=192,
-            max_new_tokens=args.max_new_tokens, threads=1, threshold=0.1,
+            max_new_tokens=args.max_new_tokens, threads=1, threshold=0.1, device=args.device,
         )  # fmt: skip
         cfg = RankConfig.from_options(
             data=[str(sets_dir / f"{s}.jsonl") for s in args.sets], lrs=list(LRS[sel]),
@@ -384,7 +384,8 @@ def run_grid(args) -> None:
                     "row": time.perf_counter() - t1,
                 },  # fmt: skip
                 "shared_seconds": dict(state.shared_timings),
-                "machine": f"{platform.machine()} {platform.node()}, 1 torch thread",
+                "machine": f"{platform.machine()} {platform.node()}, 1 torch thread, "
+                f"device {args.device}",
             }
             o = row["observed"]
             o["refusal_collapse"] = o["refusal_end"] < COLLAPSE * o["refusal_start"]
@@ -638,6 +639,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n-heldout", type=int, default=32, help="held-out task pairs per set")
     ap.add_argument("--max-rows", type=int, default=0, help="stop after this many new rows")
     ap.add_argument("--analyze", action="store_true", help="only analyse --out")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (the model's device)")
     ap.add_argument("--max-task-eval", type=int, default=32, help="held-out pairs measured")
     ap.add_argument("--quick", action="store_true",
                     help="a check: one set, last-layers, one lr and seed, 8 steps, rank 4, 8 "
