@@ -790,16 +790,20 @@ class Prepared:
     align: dict
 
 
+def stage_paths(root: Path, seed: int) -> tuple[Path, Path, Path]:
+    """Where the cache keeps the converted base model, the data split and the aligned model."""
+    # v2: the alignment stops on a validation split disjoint from the eval prompts (v1 stopped
+    # on 48 of them); a v1 cache is not reused.
+    return root / "base", root / f"data-v2-seed{seed}", root / f"aligned-v2-seed{seed}"
+
+
 def prepare(args) -> Prepared:
     """Run (or reuse from the cache) fetch, convert, data, base-eval and align for
     ``args.seed``; print the refusal before and after the alignment."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     stages = Stages(root)
-    # v2: the alignment stops on a validation split disjoint from the eval prompts (v1 stopped
-    # on 48 of them); a v1 cache is not reused.
-    base, data = root / "base", root / f"data-v2-seed{args.seed}"
-    aligned = root / f"aligned-v2-seed{args.seed}"
+    base, data, aligned = stage_paths(root, args.seed)
     stages.run("fetch", root / GGUF_NAME, lambda: fetch(root))
     stages.run("convert", base, lambda: convert(root, base))
     stages.run(
@@ -822,7 +826,8 @@ def prepare(args) -> Prepared:
 # --- main --------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """This bench's options and defaults (bench/real_scale.py parses them too)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="python_docs,arithmetic,lists,affirmative")
@@ -846,7 +851,11 @@ def main() -> None:
         action="store_true",
         help="a small end-to-end check: one set, 8 verify steps, rank 4",
     )
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.quick:
         args.sets, args.steps, args.rank, args.max_eval = "affirmative", 8, 4, 16
         args.max_safety, args.max_data, args.noise_examples = 4, 8, 4

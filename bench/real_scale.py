@@ -71,18 +71,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = rm.cache_root()
-    data, aligned = root / f"data-v2-seed{args.seed}", root / f"aligned-v2-seed{args.seed}"
+    base, data, aligned = rm.stage_paths(root, args.seed)
     if args.model == "base":
-        aligned = root / "base"
+        aligned = base
     if not (aligned / "config.json").exists() or not (data / "safety.jsonl").exists():
         sys.exit(f"{aligned}: no model or no data split; run `python bench/real_model.py --seed "
                  f"{args.seed}` first (--model base needs only its first four stages)")  # fmt: skip
-    # bench/real_model.py's defaults for everything this bench does not vary
-    opts = argparse.Namespace(
-        params=["model.layers.28.mlp.*", "model.layers.29.mlp.*"], optimizer="adamw", lr=1e-4,
-        batch_size=8, steps=args.steps, rank=args.rank, seed=args.seed, max_safety=8,
-        max_data=16, noise_examples=8, max_new_tokens=16, max_eval=32, threshold=0.1,
-    )  # fmt: skip
+    # bench/real_model.py's options, at its defaults but for what this bench varies
+    opts = rm.build_parser().parse_args(
+        ["--seed", str(args.seed), "--steps", str(args.steps), "--rank", str(args.rank)]
+    )
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"1 thread; load average at start {os.getloadavg()}")  # fmt: skip
 
