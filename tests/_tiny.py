@@ -71,7 +71,7 @@ class TinyMLPLM(nn.Module):
         return self.out(torch.tanh(self.fc(self.embed(input_ids))))
 
 
-def random_batch(n: int = 4, seed: int = 1, vocab: int = VOCAB) -> LMBatch:
+def random_pairs(n: int = 4, seed: int = 1, vocab: int = VOCAB) -> list[EncodedPair]:
     """Examples of different prompt and response lengths (so padding and masks matter)."""
     gen = torch.Generator().manual_seed(seed)
     examples = []
@@ -79,4 +79,9 @@ def random_batch(n: int = 4, seed: int = 1, vocab: int = VOCAB) -> LMBatch:
         lp, lr = 2 + (i % 3), 1 + (i * 2) % 4
         ids = torch.randint(1, vocab, (lp + lr,), generator=gen).tolist()
         examples.append(EncodedPair(ids[:lp], ids[lp:]))
-    return collate(examples, pad_id=0)
+    return examples
+
+
+def random_batch(n: int = 4, seed: int = 1, vocab: int = VOCAB) -> LMBatch:
+    """:func:`random_pairs` collated into one padded batch."""
+    return collate(random_pairs(n, seed, vocab), pad_id=0)

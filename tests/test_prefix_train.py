@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from _tiny import VOCAB, exact_float64, random_batch, tiny_llama
+from _tiny import exact_float64, random_batch, random_pairs, tiny_llama
 from alignscope.data.encode import EncodedPair, collate
 from alignscope.params import select_params
 from alignscope.train.guards import AdaptiveGuard, AnchorGuard, ConstrainedSFTGuard
@@ -44,13 +44,7 @@ def _no_dropout(model):
 
 def examples(n: int = 6, seed: int = 2) -> list[EncodedPair]:
     """Pairs of different lengths (so batches are padded to different widths)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        lp, lr = 2 + (i % 3), 1 + (i * 2) % 4
-        ids = torch.randint(1, VOCAB, (lp + lr,), generator=gen).tolist()
-        out.append(EncodedPair(ids[:lp], ids[lp:]))
-    return out
+    return random_pairs(n, seed)
 
 
 def _train(model, spec, *, cached: bool, steps: int = 6, guard=None, safety=None, budget=2**30):
