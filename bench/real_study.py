@@ -54,7 +54,8 @@ from pathlib import Path
 import numpy as np
 
 import real_model as rm
-from study import ORDERS, TRIAL_PREDICTORS, metrics, observed, print_table, trial_predictors
+import study
+from study import metrics, observed, print_table, trial_predictors
 from study_stats import auc, load_rows, onsets, spearman
 
 RESULTS = Path(__file__).parent / "results"
@@ -434,14 +435,7 @@ def predictor_table(rows: Sequence[dict], order: str = "independent") -> dict[st
 
 
 def trial_table(rows: Sequence[dict]) -> dict[str, dict]:
-    lengths = sorted(set.intersection(*(set(r["trial_lengths"]) for r in rows)))
-    out = {}
-    for order in ORDERS:
-        for n in lengths:
-            sub = [with_trial(r, order, n) for r in rows]
-            for name in TRIAL_PREDICTORS:
-                out[f"{name} [{order}, {n}]"] = metrics(sub, name)
-    return out
+    return study.trial_table(list(rows), with_trial)
 
 
 def late_damage(rows: Sequence[dict]) -> dict:

@@ -316,13 +316,16 @@ def analyze(rows: list[dict]) -> dict:
     return {name: metrics(rows, name) for name in PREDICTORS}
 
 
-def trial_table(rows: list[dict]) -> dict:
-    """The three lookahead predictors for each trial order and length."""
+def trial_table(rows: list[dict], trial=None) -> dict:
+    """The three lookahead predictors for each trial order and length; ``trial(row, order, n)``
+    makes a row's predictors those of that trial (default :func:`with_trial`; bench/real_study.py
+    passes its own, whose rows differ)."""
+    trial = trial or with_trial
     lengths = sorted(set.intersection(*(set(r["trial_lengths"]) for r in rows)))
     out = {}
     for order in ORDERS:
         for n in lengths:
-            sub = [with_trial(r, order, n) for r in rows]
+            sub = [trial(r, order, n) for r in rows]
             for name in TRIAL_PREDICTORS:
                 out[f"{name} [{order}, {n}]"] = metrics(sub, name)
     return out
