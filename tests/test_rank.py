@@ -73,35 +73,45 @@ def test_cli_writes_every_predictor_for_every_candidate(ranked):
     assert res["config"]["eval_prompts"].endswith("harmful_eval.jsonl")
     assert res["refusal"]["prompts"].endswith("harmful_eval.jsonl")
     assert res["refusal"]["n_prompts"] == 4 and res["refusal"]["judge"] == "KeywordRefusalJudge"
-    # an 8-step trial of 100 AdamW steps is shorter than the study's damage onset (16 %)
-    assert len(res["warnings"]) == 1 and "covers 8 of 100 planned steps" in res["warnings"][0]
-    assert "--lookahead-steps 16" in res["warnings"][0]
+    # an 8-step trial of 100 AdamW steps ends after the study's median damage onset (5.5 %)
+    # but before three quarters of it (16 %): a note, not a warning
+    assert res["warnings"] == []
+    assert len(res["notes"]) == 1 and "covers 8 of 100 planned steps" in res["notes"][0]
+    assert "--lookahead-steps 16" in res["notes"][0]
     assert "subspace" in res["shared_timings_s"]
     md = (out / "report.md").read_text()
     assert "predicted to damage alignment most" in md and "ranking.png" in md
-    assert "Warning: the trial run covers 8 of 100 planned steps" in md
-    assert "warning: the trial run covers 8 of 100 planned steps" in printed
+    assert "Note: the trial run covers 8 of 100 planned steps" in md
+    assert "note: the trial run covers 8 of 100 planned steps" in printed
     assert "Refusal on held-out prompts" in md and "after the trial run" in md
 
 
-def test_trial_warning_follows_the_study_onset():
-    from alignscope.commands.rank import RankConfig, trial_warnings
-    from alignscope.config import DAMAGE_ONSET_FRACTION
+def test_trial_warning_and_note_follow_the_study_onsets():
+    from alignscope.commands.rank import RankConfig, trial_notes, trial_warnings
+    from alignscope.config import DAMAGE_ONSET_FRACTION, DAMAGE_ONSET_MEDIAN
 
-    assert DAMAGE_ONSET_FRACTION["adamw"] == 0.16  # tests/test_study_stats.py recomputes it
-    # rank's default trial (a tenth) is shorter than 16 % of an AdamW budget: warned
-    (w,) = trial_warnings("adamw", 20, 200)
-    assert "covers 20 of 200 planned steps (10%)" in w and "--lookahead-steps 32" in w
-    assert trial_warnings("adamw", 32, 200) == []  # exactly the onset: covered
-    assert trial_warnings("adam", 31, 200) != []  # Adam is taken as AdamW
-    assert trial_warnings("sgd", 20, 200) == []  # SGD's damage started by 1 %
-    assert trial_warnings("sgd", 12, 2000) != []
+    # tests/test_study_stats.py recomputes both from the committed study rows
+    assert DAMAGE_ONSET_FRACTION["adamw"] == 0.16 and DAMAGE_ONSET_MEDIAN["adamw"] == 0.055
+    # rank's default trial (a tenth) ends after the AdamW median onset, before its 3/4: a note
+    assert trial_warnings("adamw", 20, 200) == []
+    (n,) = trial_notes("adamw", 20, 200)
+    assert "covers 20 of 200 planned steps (10%)" in n and "--lookahead-steps 32" in n
+    assert "a quarter of the adamw runs" in n and "16.0%" in n
+    assert trial_notes("adamw", 32, 200) == []  # exactly the 3/4 onset: covered
+    # shorter than the median onset: a warning (and no note besides)
+    (w,) = trial_warnings("adamw", 10, 200)
+    assert "half of the adamw runs" in w and "5.5%" in w and "--lookahead-steps 32" in w
+    assert trial_notes("adamw", 10, 200) == []
+    assert trial_warnings("adamw", 11, 200) == [] and trial_notes("adamw", 11, 200) != []
+    assert trial_notes("adam", 31, 200) != []  # Adam is taken as AdamW
+    assert trial_warnings("sgd", 20, 200) == trial_notes("sgd", 20, 200) == []  # SGD: by 1 %
+    assert trial_notes("sgd", 12, 2000) != [] and trial_warnings("sgd", 9, 2000) != []
     cfg = RankConfig.from_options(model="m", safety="s", data=["a", "b"], steps=200)
-    assert cfg.trial_warnings() == trial_warnings("adamw", 20, 200)
+    assert cfg.trial_notes() == trial_notes("adamw", 20, 200) and cfg.trial_warnings() == []
     longer = RankConfig.from_options(
         model="m", safety="s", data=["a", "b"], steps=200, lookahead_steps=40
     )
-    assert longer.trial_warnings() == []
+    assert longer.trial_warnings() == [] and longer.trial_notes() == []
 
 
 def test_default_predictor_puts_affirmative_above_neutral(ranked):

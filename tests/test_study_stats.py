@@ -53,14 +53,16 @@ def test_onsets_and_quantile():
 
 def test_committed_study_rows_give_ranks_damage_onset():
     """DAMAGE_ONSET_FRACTION is what bench/study_stats.py computes from the committed rows."""
-    from alignscope.config import DAMAGE_ONSET_FRACTION
+    from alignscope.config import DAMAGE_ONSET_FRACTION, DAMAGE_ONSET_MEDIAN
 
     rows = committed_study_rows((0,))
     assert len(rows) == 72
     summary = onset_summary(rows)
     for opt in ("adamw", "sgd"):
         assert summary[opt]["kl"]["q75"] == DAMAGE_ONSET_FRACTION[opt], opt
+        assert summary[opt]["kl"]["median"] == DAMAGE_ONSET_MEDIAN[opt], opt
     assert DAMAGE_ONSET_FRACTION["adam"] == DAMAGE_ONSET_FRACTION["adamw"]
+    assert DAMAGE_ONSET_MEDIAN["adam"] == DAMAGE_ONSET_MEDIAN["adamw"]
     assert summary["adamw"]["kl"]["damaged"] == 27 and summary["adamw"]["kl"]["after"]["0.1"] == 11
 
 

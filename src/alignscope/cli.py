@@ -471,4 +471,6 @@ def rank(out: str = out_option("rank"), overwrite: bool = OVERWRITE, **options: 
     typer.echo(res["summary"])
     for warning in res["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
+    for note in res.get("notes") or ():
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"wrote {path}/results.json, report.md, report.html, ranking.png")

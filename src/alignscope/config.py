@@ -37,8 +37,11 @@ LOOKAHEAD_ORDERS = ("independent", "same")
 # bench/results/study_v2.jsonl and study_v2_confirm.jsonl; printed by bench/study_stats.py): per
 # optimizer, the fraction of the budget by which three quarters of the runs whose alignment KL
 # reached 0.1 had reached it (27 of 36 AdamW runs, 29 of 36 SGD runs; first recorded step, an
-# upper bound). rank warns when its trial run is shorter (docs/rank.md); Adam is taken as AdamW.
+# upper bound). rank notes when its trial run is shorter (docs/rank.md); Adam is taken as AdamW.
 DAMAGE_ONSET_FRACTION = {"adamw": 0.16, "adam": 0.16, "sgd": 0.01}
+# The median of the same onsets: a trial shorter than this ends before half of the study's damaged
+# runs of that optimizer had started, and rank warns (a shorter trial than the default tenth).
+DAMAGE_ONSET_MEDIAN = {"adamw": 0.055, "adam": 0.055, "sgd": 0.005}
 DAMAGE_ONSET_SOURCE = "bench/study.py (test organisms, data seed 0, 200-step runs)"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spelled out rather than read from data.loaders, which would import torch before --help;

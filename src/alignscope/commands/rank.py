@@ -26,6 +26,7 @@ from alignscope.commands.predictors import (
 )
 from alignscope.config import (
     DAMAGE_ONSET_FRACTION,
+    DAMAGE_ONSET_MEDIAN,
     DAMAGE_ONSET_SOURCE,
     Composed,
     CurvatureSpec,
@@ -52,6 +53,7 @@ __all__ = [
     "RankResult",
     "run_rank",
     "summary",
+    "trial_notes",
     "trial_warnings",
 ]
 
@@ -116,9 +118,13 @@ class RankConfig(Composed):
         return [r["prompt"] for r in rows]
 
     def trial_warnings(self) -> list[str]:
-        """A warning when the trial run is shorter than the time by which damage had started in
-        most of the study's runs of this optimizer (:func:`trial_warnings`)."""
+        """A warning when the trial run ends before half of the study's damaged runs of this
+        optimizer had started (:func:`trial_warnings`)."""
         return trial_warnings(self.optim.optimizer, self.n_lookahead, self.optim.steps)
+
+    def trial_notes(self) -> list[str]:
+        """A note when the trial ends before three quarters of them had (:func:`trial_notes`)."""
+        return trial_notes(self.optim.optimizer, self.n_lookahead, self.optim.steps)
 
     def model_config(self) -> DiagnoseConfig:
         """The diagnosis config of the model as configured (adapter included; the first set)."""
@@ -138,6 +144,7 @@ class RankResult:
     parameters: dict[str, Any] | None = None  # what was analysed (diagnose's "parameters")
     n_eval_prompts: int | None = None  # --eval-prompts used for the refusal rate (None: none)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -159,6 +166,7 @@ class RankResult:
                 "predictor_descriptions": PREDICTORS,
                 "refusal": self.refusal_source(),
                 "warnings": self.warnings,
+                "notes": self.notes,
                 "candidates": cands,
                 "ranking": [cands[i]["label"] for i in self.ranking],
                 "recommended": cands[self.ranking[0]]["label"],
@@ -190,25 +198,43 @@ class RankResult:
         }
 
 
-def trial_warnings(optimizer: str, n_lookahead: int, steps: int) -> list[str]:
-    """A warning (else none) when a trial of ``n_lookahead`` of ``steps`` planned steps is
-    shorter than the fraction of the budget by which three quarters of the study's runs with
-    ``optimizer`` whose alignment KL reached 0.1 had reached it
-    (:data:`alignscope.config.DAMAGE_ONSET_FRACTION`): damage that starts after the trial ends
-    is not measured by it."""
-    onset = DAMAGE_ONSET_FRACTION.get(optimizer)
-    if onset is None or steps < 1 or n_lookahead / steps >= onset:
-        return []
-    need = math.ceil(onset * steps)
-    return [
+def _trial_message(n_lookahead: int, steps: int, optimizer: str, share: str, onset: float) -> str:
+    need = math.ceil(DAMAGE_ONSET_FRACTION[optimizer] * steps)
+    return (
         f"the trial run covers {n_lookahead} of {steps} planned steps "
-        f"({n_lookahead / steps:.0%}), but in {DAMAGE_ONSET_SOURCE} a quarter of the "
+        f"({n_lookahead / steps:.0%}), but in {DAMAGE_ONSET_SOURCE} {share} of the "
         f"{optimizer} runs whose alignment KL reached 0.1 reached it only after "
-        f"{onset:.0%} of their budget: damage that starts after the trial ends is not measured "
+        f"{onset:.1%} of their budget: damage that starts after the trial ends is not measured "
         f"(the lookahead predictors rank by the trial alone). --lookahead-steps {need} covers "
         "the time by which three quarters of the study's damaged runs had started; either "
         "way, check the chosen candidate with `alignscope verify`."
-    ]
+    )
+
+
+def trial_warnings(optimizer: str, n_lookahead: int, steps: int) -> list[str]:
+    """A warning (else none) when a trial of ``n_lookahead`` of ``steps`` planned steps ends
+    before the median damage onset of the study's runs with ``optimizer``
+    (:data:`alignscope.config.DAMAGE_ONSET_MEDIAN`): half of the damage it was built to see
+    started later. Shorter than rank's default tenth under both optimizers."""
+    onset = DAMAGE_ONSET_MEDIAN.get(optimizer)
+    if onset is None or steps < 1 or n_lookahead / steps >= onset:
+        return []
+    return [_trial_message(n_lookahead, steps, optimizer, "half", onset)]
+
+
+def trial_notes(optimizer: str, n_lookahead: int, steps: int) -> list[str]:
+    """A note (else none) when the trial is long enough not to be warned about
+    (:func:`trial_warnings`) but shorter than the fraction of the budget by which three
+    quarters of the study's damaged runs of ``optimizer`` had started
+    (:data:`alignscope.config.DAMAGE_ONSET_FRACTION`). rank's default tenth under AdamW is
+    such a trial; in the study it ranked as well as a fifth, so this is information, not a
+    warning."""
+    onset = DAMAGE_ONSET_FRACTION.get(optimizer)
+    if onset is None or steps < 1 or n_lookahead / steps >= onset:
+        return []
+    if trial_warnings(optimizer, n_lookahead, steps):
+        return []
+    return [_trial_message(n_lookahead, steps, optimizer, "a quarter", onset)]
 
 
 def _label(data: str, lr: float, cfg: RankConfig) -> str:
@@ -370,4 +396,5 @@ def _run_rank(
         cfg, candidates, ranking, dict(state.shared_timings), stages.timings, parameters,
         n_eval_prompts=len(eval_prompts) if eval_prompts is not None else None,
         warnings=cfg.trial_warnings(),
+        notes=cfg.trial_notes(),
     )  # fmt: skip

@@ -69,6 +69,8 @@ def build_report(results: dict[str, Any]) -> Report:
         )  # fmt: skip
     for warning in results.get("warnings") or ():
         rep.text(*code_spans("Warning: " + warning))
+    for note in results.get("notes") or ():
+        rep.text(*code_spans("Note: " + note))
     rep.heading("Summary")
     rep.text(*code_spans(results["summary"]))
     rep.image(CHART, f"{name} per candidate, recommended first")
