@@ -14,11 +14,13 @@ from alignscope.data.encode import EncodedPair, LMBatch, collate
 VOCAB = 11
 
 
-def tiny_llama(seed: int = 0, hidden: int = 8, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, hidden: int = 8, layers: int = 2, vocab: int = VOCAB
+) -> LlamaForCausalLM:
     """A random float64 Llama with exact eager attention (a few thousand parameters)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

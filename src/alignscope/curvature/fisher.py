@@ -20,6 +20,14 @@ from alignscope.curvature.functional import (
     ensure_eager_attention,
     response_weights,
 )
+from alignscope.curvature.head import (
+    DEFAULT_VOCAB_KEEP,
+    TopK,
+    choose_k,
+    describe,
+    factor_bytes,
+    vocab_plan,
+)
 from alignscope.curvature.losses import REFERENCES, ResponsePositions
 from alignscope.curvature.operator import ParameterOperator, check_matmat_input
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET, per_sample_grads
@@ -28,7 +36,8 @@ from alignscope.data.encode import LMBatch
 
 class _Chunk:
     """One slice of examples: its positions, its softmax at theta (stored, or recomputed when
-    asked for) and (optionally) a cached vjp."""
+    asked for), optionally a cached vjp, and, when the vocabulary is coarsened, the hidden-space
+    curvature factor ``[N_c, k+1, H]`` (``fn`` then maps theta to hidden states ``[N_c, H]``)."""
 
     def __init__(
         self, flm: FunctionalLM, batch: LMBatch, theta: torch.Tensor, n_total: int, store: bool
@@ -36,7 +45,11 @@ class _Chunk:
         self.batch = batch
         self.theta = theta
         self.positions = ResponsePositions(batch, flm.dtype, n_total=n_total)
-        self.fn = lambda th: self.positions.gather(flm.logits(th, batch.input_ids))
+        ids, mask = batch.input_ids, self.positions.mask
+        self.logits_fn = lambda th: flm.position_logits(th, ids, mask)
+        self.hidden_fn = lambda th: flm.position_hidden(th, ids, mask)
+        self.fn = self.logits_fn
+        self.factor: torch.Tensor | None = None
         self.table: torch.Tensor | None = None
         self.table = self.softmax() if store else None
         self.vjp_fn: Callable | None = None
@@ -46,7 +59,11 @@ class _Chunk:
         if self.table is not None:
             return self.table
         with torch.no_grad():
-            return torch.softmax(self.fn(self.theta), dim=-1)
+            return torch.softmax(self.logits_fn(self.theta), dim=-1)
+
+    def curvature(self) -> torch.Tensor:
+        """The output curvature: the factor ``L`` when coarsened, else the softmax ``q``."""
+        return self.factor if self.factor is not None else self.softmax()
 
 
 class FisherOperator(ParameterOperator):
@@ -78,9 +95,20 @@ class FisherOperator(ParameterOperator):
             shard of it (data parallel, :mod:`alignscope.distributed`): the weights stay those
             of the whole batch, so the shards' products sum to its product. Default:
             ``batch.size``.
+        vocab_keep: coarsen the vocabulary (docs/theory.md, "The Fisher through the LM head"):
+            the products work on the final hidden states with the output curvature of the
+            top-``k`` tokens plus one tail class, ``k`` the smallest of 1, 2, 4, ... whose kept
+            trace fraction ``tr F_c / tr F`` is at least ``vocab_keep``. The coarsened ``F_c`` is
+            a lower bound of ``F`` (``F - F_c`` is PSD); ``1.0`` is the exact vocabulary. Only
+            with a recognised decoder whose linear LM head is not selected, a vocabulary at
+            least 4x the hidden size, a factor at most a quarter of the vocabulary wide and
+            within ``memory_budget``; otherwise exact. ``self.vocabulary`` says which.
+        vocab_k: coarsen to exactly this ``k`` (tests, benchmarks; overrides ``vocab_keep``
+            and the rules above except the head's).
 
     Raises:
-        ValueError: an unknown ``jvp_mode`` or ``reference``.
+        ValueError: an unknown ``jvp_mode`` or ``reference``, or a ``vocab_keep`` outside
+            ``(0, 1]``.
     """
 
     def __init__(
@@ -95,6 +123,8 @@ class FisherOperator(ParameterOperator):
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         reference: str = "recompute",
         n_total: int | None = None,
+        vocab_keep: float = DEFAULT_VOCAB_KEEP,
+        vocab_k: int | None = None,
     ) -> None:
         if jvp_mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown jvp_mode {jvp_mode!r}; use auto, forward or reverse")
@@ -115,7 +145,43 @@ class FisherOperator(ParameterOperator):
             _Chunk(flm, batch.select(slice(s, s + size)), self.theta, self.n_total, table)
             for s in range(0, batch.size, size)
         ]
+        self.vocabulary = self._coarsen(float(vocab_keep), vocab_k)
         self.n_products = 0
+
+    def _coarsen(self, keep: float, vocab_k: int | None) -> dict:
+        """Choose ``k`` and build each chunk's factor, or stay exact; the record of which."""
+        from alignscope import distributed as dist  # every rank must choose the same k
+
+        head = self.flm.head
+        candidates, why = vocab_plan(head, keep, vocab_k)
+        vocab = None if head is None else head.vocab
+        if not candidates:
+            return describe("exact", None, 1.0, vocab, why)
+        weight, bias = self.flm.head_params(self.theta)
+        with torch.no_grad():
+            parts = [
+                TopK(c.hidden_fn(self.theta), weight, bias, c.positions.weights, max(candidates))
+                for c in self.chunks
+            ]
+        # a forced k is taken whatever it keeps
+        k, _ = choose_k(parts, 0.0 if vocab_k else keep, dist.all_reduce_sum, candidates)
+        if k is None:
+            return describe("exact", None, 1.0, vocab, f"no k <= {max(candidates)} keeps {keep}")
+        n = sum(c.positions.count for c in self.chunks)
+        size = dist.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64))
+        nbytes = factor_bytes(int(size[0]), k, head.hidden, self.theta.element_size())
+        if vocab_k is None and nbytes > self.memory_budget:
+            return describe("exact", None, 1.0, vocab, f"the k={k} factor exceeds the budget")
+        total = 0.0
+        for chunk, part in zip(self.chunks, parts, strict=True):
+            chunk.factor, part_kept = part.factor(k)
+            chunk.fn = chunk.hidden_fn
+            chunk.table, chunk.vjp_fn = None, None
+            total += part_kept
+        sums = torch.tensor([total, sum(p.total for p in parts)], dtype=torch.float64)
+        whole = dist.all_reduce_sum(sums)
+        frac = float(whole[0] / whole[1]) if float(whole[1]) > 0 else 1.0
+        return describe("coarsened", k, frac, vocab, None)
 
     @property
     def n_examples(self) -> int:
@@ -146,12 +212,19 @@ class FisherOperator(ParameterOperator):
         return jv
 
     def output_jvp(self, v: torch.Tensor) -> list[torch.Tensor]:
-        """``J v`` per chunk: a list of ``[N_c, V]`` logit perturbations."""
+        """``J v`` per chunk: a list of ``[N_c, V]`` logit perturbations (``[N_c, H]`` hidden
+        ones when the vocabulary is coarsened)."""
         v = v.to(self.theta.dtype)
         return [self._jvp_chunk(c, v) for c in self.chunks]
 
     def _lambda(self, chunk: _Chunk, jv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return chunk.positions.weights[:, None] * (q * jv - q * (q * jv).sum(-1, keepdim=True))
+        """The weighted output curvature applied to ``jv`` (``[..., N_c, V]`` logit or, with a
+        factor ``q`` ``[N_c, k+1, H]``, ``[..., N_c, H]`` hidden perturbations)."""
+        w = chunk.positions.weights
+        if q.dim() == 3:  # coarsened: w_n L_n L_n^T on the hidden states
+            s = torch.einsum("nkh,...nh->...nk", q, jv) * w[:, None]
+            return torch.einsum("nkh,...nk->...nh", q, s)
+        return w[:, None] * (q * jv - q * (q * jv).sum(-1, keepdim=True))
 
     def _chunk_vjp_fn(self, chunk: _Chunk) -> Callable:
         if chunk.vjp_fn is not None:
@@ -168,11 +241,11 @@ class FisherOperator(ParameterOperator):
     def _block_size(self, chunk: _Chunk, q: torch.Tensor) -> int:
         """How many vectors one vmapped pass over ``chunk`` takes within the memory budget.
 
-        Per vector: its output perturbation and curvature-weighted copy ``[N_c, V]`` (and the
-        vmapped pass's own copy of it), plus the parameter-sized result and its tangent.
+        Per vector: its output perturbation and curvature-weighted copy ``[N_c, V]`` (``[N_c,
+        H]`` and the ``[N_c, k+1]`` projection when coarsened; and the vmapped pass's own copy
+        of it), plus the parameter-sized result and its tangent.
         """
-        n, v = q.shape
-        per_vector = (3 * n * v + 2 * self.dim) * self.theta.element_size()
+        per_vector = (_out_floats(q) + 2 * self.dim) * self.theta.element_size()
         return max(1, self.memory_budget // max(1, per_vector))
 
     def _jvp_vmapped(self, chunk: _Chunk, tangents: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -180,7 +253,7 @@ class FisherOperator(ParameterOperator):
             # J t = the vjp of the linear map u -> J^T u, taken at u = 0: vmappable, and it
             # reuses the chunk's cached backward graph.
             fn = self._chunk_vjp_fn(chunk)
-            _, lin = vjp(lambda u: fn(u)[0], torch.zeros_like(q))
+            _, lin = vjp(lambda u: fn(u)[0], _out_zeros(q))
             return vmap(lambda t: lin(t)[0])(tangents)
         return vmap(lambda t: jvp(chunk.fn, (self.theta,), (t,))[1])(tangents)
 
@@ -193,7 +266,8 @@ class FisherOperator(ParameterOperator):
         self.vmap_ok = False
 
     def _jvp_block(self, chunk: _Chunk, tangents: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``J t`` for every row ``t`` of ``tangents`` ``[m, P]``: ``[m, N_c, V]`` in one pass."""
+        """``J t`` for every row ``t`` of ``tangents`` ``[m, P]``: ``[m, N_c, V]`` (``[m, N_c,
+        H]`` when coarsened) in one pass."""
         if self.vmap_ok:
             try:
                 return self._jvp_vmapped(chunk, tangents, q)
@@ -229,7 +303,7 @@ class FisherOperator(ParameterOperator):
         out = torch.zeros_like(self.theta)
         for chunk in self.chunks:
             jv = self._jvp_chunk(chunk, v)
-            out += self._vjp_chunk(chunk, self._lambda(chunk, jv, chunk.softmax()))
+            out += self._vjp_chunk(chunk, self._lambda(chunk, jv, chunk.curvature()))
         return out
 
     __call__ = matvec
@@ -248,7 +322,7 @@ class FisherOperator(ParameterOperator):
         rows = vectors.T.contiguous()  # vmap maps over the leading dimension
         out = torch.zeros((k, self.dim), dtype=self.theta.dtype, device=self.theta.device)
         for chunk in self.chunks:
-            q = chunk.softmax()
+            q = chunk.curvature()
             block = self._block_size(chunk, q)
             for start in range(0, k, block):
                 part = rows[start : start + block]
@@ -261,7 +335,7 @@ class FisherOperator(ParameterOperator):
         ju = self.output_jvp(u)
         jw = ju if w is None else self.output_jvp(w)
         return sum(
-            (a * self._lambda(c, b, c.softmax())).sum()
+            (a * self._lambda(c, b, c.curvature())).sum()
             for c, a, b in zip(self.chunks, ju, jw, strict=True)
         )
 
@@ -275,7 +349,7 @@ class FisherOperator(ParameterOperator):
         vectors = vectors.to(self.theta.dtype)
         out = torch.zeros(vectors.shape[0], dtype=self.theta.dtype, device=self.theta.device)
         for chunk in self.chunks:
-            q = chunk.softmax()
+            q = chunk.curvature()
             block = self._forms_block(q, memory_budget)
             for start in range(0, vectors.shape[0], block):
                 part = vectors[start : start + block]
@@ -294,7 +368,7 @@ class FisherOperator(ParameterOperator):
         k = vectors.shape[0]
         out = torch.zeros((k, k), dtype=self.theta.dtype, device=self.theta.device)
         for chunk in self.chunks:
-            q = chunk.softmax()
+            q = chunk.curvature()
             block = self._forms_block(q, None)
             jv = torch.cat(
                 [self._jvp_block(chunk, vectors[s : s + block], q) for s in range(0, k, block)]
@@ -304,9 +378,8 @@ class FisherOperator(ParameterOperator):
 
     def _forms_block(self, q: torch.Tensor, memory_budget: int | None) -> int:
         """Vectors per pass for forms (no backward): ``J v`` and ``Lambda J v`` and vmap's copy."""
-        n, v = q.shape
         budget = self.memory_budget if memory_budget is None else memory_budget
-        return max(1, budget // max(1, 3 * n * v * self.theta.element_size()))
+        return max(1, budget // max(1, _out_floats(q) * self.theta.element_size()))
 
     # -- factor rows -----------------------------------------------------------------------------
     def mc_factor_rows(
@@ -321,7 +394,8 @@ class FisherOperator(ParameterOperator):
         Row ``(b, s)`` is ``sqrt(1 / (B n_b S)) * grad sum_t log q_t(y_t)`` with every ``y_t``
         sampled from the model's own softmax at response position ``t`` (teacher forcing on the
         reference tokens). Scores have zero mean under ``q``, so cross-position terms vanish in
-        expectation and the rows average to the exact ``F``.
+        expectation and the rows average to the exact ``F``: the exact vocabulary always (the
+        samples are tokens, so coarsening would save nothing here).
         """
         s = int(samples_per_example)
         if s < 1:
@@ -375,6 +449,21 @@ class FisherOperator(ParameterOperator):
             memory_budget=memory_budget,
             out_dtype=out_dtype,
         )
+
+
+def _out_floats(q: torch.Tensor) -> int:
+    """Floats per vector of a block: ``J v``, its curvature-weighted copy and vmap's copy."""
+    if q.dim() == 3:  # coarsened factor [N, k+1, H]
+        n, k1, h = q.shape
+        return n * (3 * h + k1)
+    return 3 * q.numel()
+
+
+def _out_zeros(q: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like one vector's output perturbation."""
+    if q.dim() == 3:
+        return q.new_zeros(q.shape[0], q.shape[2])
+    return torch.zeros_like(q)
 
 
 def _pad(x: torch.Tensor, width: int) -> torch.Tensor:

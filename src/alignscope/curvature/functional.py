@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from alignscope.curvature.head import LMHead, find_head
 from alignscope.curvature.prefix import DEFAULT_PREFIX_MEMORY_BUDGET, PrefixCache
 from alignscope.data.encode import LMBatch
 from alignscope.params import ParamSelection
@@ -78,6 +79,9 @@ class FunctionalLM:
             PrefixCache.build(model, selection, prefix_memory_budget) if prefix_cache else None
         )
         self._single: dict[int, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {}
+        # The decoder body and linear LM head, when recognised: products then gather the
+        # response positions before the head (and may work in hidden space, curvature/head.py).
+        self.head: LMHead | None = find_head(model, selection)
 
     @property
     def dim(self) -> int:
@@ -103,6 +107,49 @@ class FunctionalLM:
         out = functional_call(self.model, params, (ids,), {"use_cache": False})
         logits = out.logits if hasattr(out, "logits") else out
         return logits[0] if single else logits
+
+    def hidden(self, theta: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, H]`` (what the LM head is applied to) at
+        ``theta``; needs a recognised head (``self.head``)."""
+        if self.head is None:
+            raise ValueError("hidden states need a recognised decoder and linear LM head")
+        params = {**self._frozen, **self.selection.unflatten(theta)}
+        state = self._prefix_state(input_ids)
+        if state is not None:
+            return self.prefix.hidden(params, state.hidden, state.layer_inputs)
+        pre = self.head.body_prefix
+        body = {n[len(pre) :]: p for n, p in params.items() if n.startswith(pre)}
+        out = functional_call(self.head.body, body, (input_ids,), {"use_cache": False})
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    def head_params(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight ``[V, H]`` and bias at ``theta`` (constants unless selected)."""
+        head = self.head
+        if head is None:
+            raise ValueError("no recognised linear LM head")
+        params = self.selection.unflatten(theta) if head.selected else {}
+
+        def get(name: str | None) -> torch.Tensor | None:
+            return None if name is None else params.get(name, self._frozen.get(name))
+
+        return get(head.weight_name), get(head.bias_name)
+
+    def position_hidden(
+        self, theta: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[N, H]`` hidden states at the positions ``mask`` ``[B, T-1]`` selects."""
+        return self.hidden(theta, input_ids)[:, :-1][mask]
+
+    def position_logits(
+        self, theta: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[N, V]`` logits at the positions ``mask`` ``[B, T-1]`` selects: with a recognised
+        head the positions are gathered before it, so it projects only those."""
+        if self.head is None:
+            return self.logits(theta, input_ids)[:, :-1][mask]
+        weight, bias = self.head_params(theta)
+        h = self.position_hidden(theta, input_ids, mask)
+        return torch.nn.functional.linear(h, weight, bias)
 
     def _prefix_state(self, ids: torch.Tensor):
         # Token ids batched by vmap (per-sample gradients) cannot be looked up: those calls run

@@ -95,12 +95,12 @@ class _Suffix(nn.Module):
         self.root = root
         object.__setattr__(self, "_parts", (list(layers)[start:], norm, head))
 
-    def forward(self, hidden: torch.Tensor, layer_inputs: list) -> torch.Tensor:
-        layers, norm, head = self._parts
+    def forward(self, hidden: torch.Tensor, layer_inputs: list, head: bool = True) -> torch.Tensor:
+        layers, norm, lm_head = self._parts
         for layer, (args, kwargs) in zip(layers, layer_inputs, strict=True):
             out = layer(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return head(norm(hidden))
+        return lm_head(norm(hidden)) if head else norm(hidden)
 
 
 def _find_lm(root: nn.Module) -> tuple[str, nn.Module, tuple[str, str, str]] | None:
@@ -289,6 +289,16 @@ class PrefixCache:
         (a dict by root parameter name that must cover ``suffix_names``)."""
         wrapped = {f"root.{n}": params[n] for n in self.suffix_names}
         return functional_call(self.suffix, wrapped, (hidden, layer_inputs))
+
+    def hidden(
+        self,
+        params: dict[str, torch.Tensor],
+        hidden: torch.Tensor,
+        layer_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    ) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, H]``: :meth:`logits` without the LM head."""
+        wrapped = {f"root.{n}": params[n] for n in self.suffix_names}
+        return functional_call(self.suffix, wrapped, (hidden, layer_inputs), {"head": False})
 
 
 _DISABLE_FUNCTORCH = getattr(torch._C, "_DisableFuncTorch", None)
