@@ -12,10 +12,11 @@ import torch
 from torch.func import jacrev
 
 from _tiny import exact_float64, random_batch, tiny_llama
-from alignscope.curvature import FisherOperator, FunctionalLM
+from alignscope.curvature import FisherOperator, FunctionalLM, HessianOperator
 from alignscope.curvature.functional import EXACT_EAGER
 from alignscope.curvature.head import ladder
 from alignscope.curvature.losses import ResponsePositions
+from alignscope.curvature.surrogate import HiddenNLLSurrogate
 from alignscope.params import select_params
 
 V, H = 128, 16
@@ -196,3 +197,36 @@ def test_selected_head_or_small_vocabulary_stays_exact():
     assert op.vocabulary["mode"] == "exact" and "cheap" in op.vocabulary["why"]
     with pytest.raises(ValueError, match="vocab_keep"):
         FisherOperator(flm, random_batch(3), vocab_keep=0.0)
+
+
+@pytest.mark.parametrize("k", [5, V])
+def test_nll_surrogate_gradient_is_exact_and_hessian_coarsens_only_the_softmax(case, k):
+    flm, batch, d = case
+    sur = HiddenNLLSurrogate(flm, batch, vocab_k=k)
+    assert sur.vocabulary["mode"] == "coarsened" and sur.vocabulary["k"] == k
+    exact_loss = lambda t: flm.mean_nll(t, batch)  # noqa: E731
+    torch.testing.assert_close(
+        HessianOperator(sur, flm.theta0).gradient(),
+        HessianOperator(exact_loss, flm.theta0).gradient(),
+        **TOL,
+    )
+    vs = _vecs(flm.dim, 2, seed=5)
+    exact = HessianOperator(exact_loss, flm.theta0).matmat(vs)
+    # H_c = H - J^T (M - M_c) J: only the softmax curvature is coarsened
+    lost = _fisher(d, None) - _fisher(d, k)
+    torch.testing.assert_close(
+        HessianOperator(sur, flm.theta0).matmat(vs), exact - lost @ vs, **TOL
+    )
+    if k == V:
+        assert float(lost.abs().max()) < 1e-12
+    else:
+        assert float((lost @ vs).abs().max()) > 1e-8
+        assert sur.vocabulary["kept_trace"] == pytest.approx(_trace_fraction(d, k), rel=1e-10)
+
+
+def test_nll_surrogate_exact_when_the_vocabulary_is_not_coarsened(case):
+    flm, batch, _ = case
+    sur = HiddenNLLSurrogate(flm, batch, vocab_keep=1.0)
+    assert sur.vocabulary["mode"] == "exact"
+    theta = flm.theta0 + 0.01 * _vecs(flm.dim, 1, seed=6)[:, 0]
+    torch.testing.assert_close(sur(theta), flm.mean_nll(theta, batch), **TOL)

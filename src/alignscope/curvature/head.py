@@ -120,7 +120,6 @@ class TopK:
         d = (sqw[self.idx] - 2 * a + mm[:, None]).clamp_min(0)  # |w_i - m|^2
         self.head_part = (self.q * d).cumsum(-1)
         self.rest = q.sum(-1, keepdim=True) - self.q.cumsum(-1)  # tail mass r after each k
-        self.target_q = q  # dropped by factor(); the surrogate reads its targets' rows of it
         self._v = torch.zeros_like(self.m)  # sum_{i in S} q_i (w_i - m) for the rows added
         self._done = 0
 

@@ -285,7 +285,7 @@ class AlignmentWatcher:
             flm = FunctionalLM(self.model, self.selection)
             # reverse-mode products: forward mode would switch the user's model to eager
             # attention for the rest of their training run
-            op = FisherOperator(flm, batch, jvp_mode="reverse")
+            op = FisherOperator(flm, batch, jvp_mode="reverse", vocab_keep=1.0)  # exact
             eig, _ = fisher_eigs(op, k, memory_budget=int(budget_gb * 2**30), seed=seed)
         finally:
             self.model.train(was_training)

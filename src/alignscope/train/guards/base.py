@@ -103,10 +103,12 @@ def safety_fisher(
     """
     from alignscope.curvature.fisher import FisherOperator
 
+    # The guards keep the exact vocabulary (vocab_keep=1.0): their products are few.
     if not (sharded and dist.active()):
-        return FisherOperator(flm, batch, theta)
+        return FisherOperator(flm, batch, theta, vocab_keep=1.0)
     mine = dist.shard_batch(batch, "safety prompts")
-    return _ShardedFisher(FisherOperator(flm, mine, theta, n_total=batch.size), flm, batch, theta)
+    op = FisherOperator(flm, mine, theta, n_total=batch.size, vocab_keep=1.0)
+    return _ShardedFisher(op, flm, batch, theta)
 
 
 class _ShardedFisher(dist.SumOverRanks):
@@ -123,7 +125,8 @@ class _ShardedFisher(dist.SumOverRanks):
         from alignscope.curvature.fisher import FisherOperator
 
         flm, batch, theta = self.whole
-        return FisherOperator(flm, batch, theta).mc_factor_rows(*args, **kwargs)
+        op = FisherOperator(flm, batch, theta, vocab_keep=1.0)
+        return op.mc_factor_rows(*args, **kwargs)
 
 
 class Reference:

@@ -1,0 +1,101 @@
+"""A hidden-space surrogate of the fine-tuning NLL: Hessian-vector products without the vocabulary.
+
+``L~(theta) = sum_n w_n [g0_n . h_n(theta) + 1/2 |L_n^T (h_n(theta) - h0_n)|^2]`` over the response
+positions, with ``h_n`` the final-normed hidden state, ``h0_n`` its value at theta0, ``g0_n =
+W^T (q_n - e_{y_n}) = m_n - w_{y_n}`` (the NLL's gradient in the hidden state, exact) and ``L_n``
+the top-k factor of curvature/head.py. At theta0 its gradient is exactly the NLL's gradient and
+its Hessian is ``J^T M_c J + sum_n w_n g0_n . d^2 h_n``: the NLL's Hessian with only the softmax
+curvature ``M`` coarsened to ``M_c`` (docs/theory.md, "The Fisher through the LM head").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignscope.curvature.functional import FunctionalLM
+from alignscope.curvature.head import (
+    DEFAULT_VOCAB_KEEP,
+    TopK,
+    choose_k,
+    describe,
+    factor_bytes,
+    vocab_plan,
+)
+from alignscope.curvature.losses import ResponsePositions
+from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET
+from alignscope.data.encode import LMBatch
+
+
+class HiddenNLLSurrogate:
+    """The fine-tuning loss for Hessian-vector products at ``flm.theta0`` (a callable of theta).
+
+    Falls back to the exact mean NLL (``flm.mean_nll``) under the same rules as
+    :class:`~alignscope.curvature.fisher.FisherOperator`'s ``vocab_keep``; ``self.vocabulary``
+    records which, with ``k`` and the kept trace fraction of ``M`` over this batch. Its value is
+    not the NLL: only its gradient and Hessian at theta0 are those stated above.
+
+    Args:
+        flm: the model as a function of the selected parameters.
+        batch: the fine-tuning examples (this process' shard of ``n_total`` when data parallel;
+            ``k`` is chosen from sums over the ranks, so it is the same on every rank).
+        n_total: the size of the whole batch (default ``batch.size``).
+        vocab_keep, vocab_k, memory_budget: as for ``FisherOperator``.
+    """
+
+    def __init__(
+        self,
+        flm: FunctionalLM,
+        batch: LMBatch,
+        n_total: int | None = None,
+        *,
+        vocab_keep: float = DEFAULT_VOCAB_KEEP,
+        vocab_k: int | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    ) -> None:
+        from alignscope import distributed as dist
+
+        self.flm, self.batch, self.n_total = flm, batch, n_total
+        self.positions = ResponsePositions(batch, flm.dtype, n_total=n_total)
+        self.factor: torch.Tensor | None = None
+        head = flm.head
+        vocab = None if head is None else head.vocab
+        candidates, why = vocab_plan(head, float(vocab_keep), vocab_k)
+        if not candidates:
+            self.vocabulary = describe("exact", None, 1.0, vocab, why)
+            return
+        theta = flm.theta0
+        ids, mask = batch.input_ids, self.positions.mask
+        weight, bias = flm.head_params(theta)
+        w = self.positions.weights
+        with torch.no_grad():
+            h0 = flm.position_hidden(theta, ids, mask)
+            part = TopK(h0, weight, bias, w, max(candidates))
+        keep = 0.0 if vocab_k else float(vocab_keep)
+        k, _ = choose_k([part], keep, dist.all_reduce_sum, candidates)
+        if k is None:
+            self.vocabulary = describe(
+                "exact", None, 1.0, vocab, f"no k <= {max(candidates)} keeps {vocab_keep}"
+            )
+            return
+        size = dist.all_reduce_sum(torch.tensor([float(self.positions.count)], dtype=torch.float64))
+        nbytes = factor_bytes(int(size[0]), k, head.hidden, theta.element_size())
+        if vocab_k is None and nbytes > memory_budget:
+            self.vocabulary = describe(
+                "exact", None, 1.0, vocab, f"the k={k} factor exceeds the budget"
+            )
+            return
+        self.factor, kept = part.factor(k)
+        targets = batch.targets[mask]
+        self.g0 = (part.m - part.W[targets]).to(flm.dtype)  # W^T (q - e_y), exact
+        self.h0 = h0
+        sums = dist.all_reduce_sum(torch.tensor([kept, part.total], dtype=torch.float64))
+        frac = float(sums[0] / sums[1]) if float(sums[1]) > 0 else 1.0
+        self.vocabulary = describe("coarsened", k, frac, vocab, None)
+
+    def __call__(self, theta: torch.Tensor) -> torch.Tensor:
+        if self.factor is None:
+            return self.flm.mean_nll(theta, self.batch, self.n_total)
+        h = self.flm.position_hidden(theta, self.batch.input_ids, self.positions.mask)
+        s = torch.einsum("nkh,nh->nk", self.factor, h - self.h0)
+        per = (self.g0 * h).sum(-1) + 0.5 * (s * s).sum(-1)
+        return (self.positions.weights * per).sum()
