@@ -60,7 +60,8 @@ def main() -> None:
 
     base, data, _ = rm.stage_paths(rm.cache_root(), args.seed)
     model, tok = load_model(str(base))
-    rows = [json.loads(line) for line in open(data / "safety.jsonl")][: args.prompts]
+    lines = (data / "safety.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines[: args.prompts]]
     rows = [{"prompt": r["prompt"], "response": REFUSAL} for r in rows]
     batch, _ = batch_rows(tok, rows, 192)
     n_pos = int(batch.target_mask.sum())
@@ -69,17 +70,20 @@ def main() -> None:
     flm = FunctionalLM(model, select_params(model, SELECTION))
     out: dict = {"bench": "vocab_head", "prompts": args.prompts, "positions": n_pos,
                  "params": flm.dim, "keep": args.keep}  # fmt: skip
-    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(flm.dim, generator=gen)
+    vs = torch.randn(flm.dim, 8, generator=gen)
     ops = {"exact": FisherOperator(flm, batch, vocab_keep=1.0)}
-    out["exact_setup_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ops["exact"].matvec(v)  # computes the frozen prefix once (both operators share it)
+    out["first_product_s"] = time.perf_counter() - t
     t = time.perf_counter()
     ops["coarse"] = FisherOperator(flm, batch, vocab_keep=args.keep)
     out["coarse_setup_s"] = time.perf_counter() - t
     out["vocabulary"] = ops["coarse"].vocabulary
-    print(f"coarsened: {ops['coarse'].vocabulary} (setup {out['coarse_setup_s']:.2f} s)")
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(flm.dim, generator=gen)
-    vs = torch.randn(flm.dim, 8, generator=gen)
+    print(f"first exact product (with the prefix pass) {out['first_product_s']:.1f} s; "
+          f"coarsened: {ops['coarse'].vocabulary} (choosing k and building the factor "
+          f"{out['coarse_setup_s']:.2f} s)")  # fmt: skip
     res = {}
     for name, op in ops.items():
         res[name] = op.matvec(v)  # warm-up, and the cached backward graph

@@ -176,6 +176,13 @@ class CurvatureSpec:
         "Lanczos (more products, fewer passes; faster where batched products are, e.g. GPUs).",
     )
     alignment_loss: str = option("kl", "kl | nll (refusal NLL).")
+    vocab_keep: float = option(
+        0.99,
+        "Fisher and fine-tuning HVPs through the LM head with the vocabulary coarsened to the "
+        "top-k tokens plus one tail class, k the smallest power of two keeping this fraction of "
+        "the curvature trace (a lower bound of F; kept fraction reported). 1.0 = exact "
+        "vocabulary; small vocabularies or a selected LM head are always exact.",
+    )
     samples_per_prompt: int = option(4, cli=False)  # Monte Carlo samples of the GGN Fisher
     memory_budget_gb: float = option(
         2.0, "Memory budget for curvature work (GiB).", flags=("--memory-gb",)
@@ -214,6 +221,11 @@ class CurvatureSpec:
         if self.lanczos_block < 1:
             raise ValueError(
                 f"--lanczos-block {self.lanczos_block}: use 1 (single-vector Lanczos) or more"
+            )
+        if not 0 < self.vocab_keep <= 1:
+            raise ValueError(
+                f"--vocab-keep {self.vocab_keep}: use a fraction in (0, 1]; 1.0 is the exact "
+                "vocabulary"
             )
         if self.alignment_loss not in ("kl", "nll"):
             raise ValueError("--alignment-loss must be kl or nll")

@@ -36,6 +36,7 @@ from alignscope.curvature import (
     per_sample_grads,
     response_weights,
 )
+from alignscope.curvature.surrogate import HiddenNLLSurrogate
 from alignscope.curvature.trace import TRACE_PRODUCTS
 from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.loaders import load_data
@@ -155,6 +156,9 @@ class DiagnoseResult:
     memory: dict[str, Any]  # the estimate printed before the work (MemoryEstimate.to_json)
     losses_at_theta0: dict[str, float]  # {"finetune_nll", "refusal_nll"}
     timings: dict[str, float]
+    # How the products met the vocabulary: {"fisher": {...}, "hessian": {...}} with mode
+    # (coarsened | exact), k, kept_trace, vocab (curvature/head.py)
+    vocabulary: dict[str, Any] = field(default_factory=dict)
     # grad L_f(theta0) over the analysed fine-tuning batch ([P]), for predictors built on it
     # (rank's gradient similarity) so they need not compute it again; not in results.json.
     finetune_gradient: torch.Tensor | None = field(default=None, repr=False)
@@ -188,6 +192,7 @@ class DiagnoseResult:
                 "fisher": self.config.curvature.fisher,
                 "converged": sub.converged,
                 "max_residual": sub.max_residual,
+                "vocabulary": self.vocabulary,
             },
             "aic": aic,
             "verdict": self.verdict,
@@ -256,6 +261,7 @@ class DiagnoseResult:
             memory=d["memory"],
             losses_at_theta0=d["losses_at_theta0"],
             timings=d.get("timings_s", {}),
+            vocabulary=s.get("vocabulary", {}),
             environment=d.get("environment", {}),
             argv=d.get("argv", []),
         )  # fmt: skip
@@ -304,6 +310,15 @@ def _fisher_chunk(model, batch: LMBatch, budget: int) -> int:
     example (logits, log-softmax, tangents), so budget ~8 of them; bigger chunks are faster."""
     per_example = 8 * batch.input_ids.shape[1] * vocab_size(model) * 4
     return int(max(1, min(batch.size, budget // per_example)))
+
+
+def _vocab_line(record: dict[str, Any]) -> str:
+    if record["mode"] == "coarsened":
+        return (
+            f"top-{record['k']} of {record['vocab']:,} tokens + tail, keeping "
+            f"{record['kept_trace']:.4f} of the curvature trace (--vocab-keep; 1.0 = exact)"
+        )
+    return f"exact ({record.get('why', '')})"
 
 
 def _check_finite(value: float, what: str) -> None:
@@ -532,7 +547,10 @@ def _run_diagnose(
         chunk_size=_fisher_chunk(model, my_safety, budget),
         memory_budget=budget,
         n_total=n_safety,
+        vocab_keep=cfg.curvature.vocab_keep,
     )
+    vocabulary = {"fisher": fisher.vocabulary}
+    stages.note(f"Fisher vocabulary: {_vocab_line(fisher.vocabulary)}")
     if dist.active():
         fisher = dist.SumOverRanks(fisher, n_examples=n_safety)
     curv = cfg.curvature
@@ -590,7 +608,15 @@ def _run_diagnose(
     if cfg.curvature.alignment_loss == "nll":  # the refusal NLL is not stationary at theta0
         ga = dist.all_reduce_sum(finetune_gradient(flm, my_safety, n_safety))
     with stages.stage("hvp", "curvature coupling H g"):
-        hessian = HessianOperator(lambda t: flm.mean_nll(t, my_data, n_data), flm.theta0)
+        loss = lambda t: flm.mean_nll(t, my_data, n_data)  # noqa: E731
+        if fisher.vocabulary["mode"] == "coarsened":  # the same coarsening for H's softmax part
+            surrogate = HiddenNLLSurrogate(
+                flm, my_data, n_data, vocab_keep=cfg.curvature.vocab_keep, memory_budget=budget
+            )
+            vocabulary["hessian"] = surrogate.vocabulary
+            stages.note(f"fine-tuning HVP vocabulary: {_vocab_line(surrogate.vocabulary)}")
+            loss = surrogate
+        hessian = HessianOperator(loss, flm.theta0)
         if dist.active():
             hessian = dist.SumOverRanks(hessian)
         sgd = measure_direction(fisher, hessian, subspace, g, d, alignment_grad=ga)
@@ -632,5 +658,6 @@ def _run_diagnose(
         memory=memory.to_json(),
         losses_at_theta0={"finetune_nll": ft_loss, "refusal_nll": ref_nll},
         timings=stages.timings,
+        vocabulary=vocabulary,
         finetune_gradient=g.detach(),
     )

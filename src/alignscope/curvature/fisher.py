@@ -23,10 +23,9 @@ from alignscope.curvature.functional import (
 from alignscope.curvature.head import (
     DEFAULT_VOCAB_KEEP,
     TopK,
-    choose_k,
     describe,
-    factor_bytes,
-    vocab_plan,
+    kept_fraction,
+    select_k,
 )
 from alignscope.curvature.losses import REFERENCES, ResponsePositions
 from alignscope.curvature.operator import ParameterOperator, check_matmat_input
@@ -150,37 +149,29 @@ class FisherOperator(ParameterOperator):
 
     def _coarsen(self, keep: float, vocab_k: int | None) -> dict:
         """Choose ``k`` and build each chunk's factor, or stay exact; the record of which."""
-        from alignscope import distributed as dist  # every rank must choose the same k
-
         head = self.flm.head
-        candidates, why = vocab_plan(head, keep, vocab_k)
-        vocab = None if head is None else head.vocab
-        if not candidates:
-            return describe("exact", None, 1.0, vocab, why)
-        weight, bias = self.flm.head_params(self.theta)
-        with torch.no_grad():
-            parts = [
-                TopK(c.hidden_fn(self.theta), weight, bias, c.positions.weights, max(candidates))
-                for c in self.chunks
-            ]
-        # a forced k is taken whatever it keeps
-        k, _ = choose_k(parts, 0.0 if vocab_k else keep, dist.all_reduce_sum, candidates)
-        if k is None:
-            return describe("exact", None, 1.0, vocab, f"no k <= {max(candidates)} keeps {keep}")
+
+        def parts(kmax: int) -> list[TopK]:
+            weight, bias = self.flm.head_params(self.theta)
+            with torch.no_grad():
+                return [
+                    TopK(c.hidden_fn(self.theta), weight, bias, c.positions.weights, kmax)
+                    for c in self.chunks
+                ]
+
         n = sum(c.positions.count for c in self.chunks)
-        size = dist.all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64))
-        nbytes = factor_bytes(int(size[0]), k, head.hidden, self.theta.element_size())
-        if vocab_k is None and nbytes > self.memory_budget:
-            return describe("exact", None, 1.0, vocab, f"the k={k} factor exceeds the budget")
-        total = 0.0
-        for chunk, part in zip(self.chunks, parts, strict=True):
+        item = self.theta.element_size()
+        k, tops, why = select_k(head, keep, vocab_k, n, item, self.memory_budget, parts)
+        vocab = None if head is None else head.vocab
+        if k is None:
+            return describe("exact", None, 1.0, vocab, why)
+        kept = 0.0
+        for chunk, part in zip(self.chunks, tops, strict=True):
             chunk.factor, part_kept = part.factor(k)
             chunk.fn = chunk.hidden_fn
             chunk.table, chunk.vjp_fn = None, None
-            total += part_kept
-        sums = torch.tensor([total, sum(p.total for p in parts)], dtype=torch.float64)
-        whole = dist.all_reduce_sum(sums)
-        frac = float(whole[0] / whole[1]) if float(whole[1]) > 0 else 1.0
+            kept += part_kept
+        frac = kept_fraction(kept, sum(p.total for p in tops))
         return describe("coarsened", k, frac, vocab, None)
 
     @property
@@ -222,8 +213,12 @@ class FisherOperator(ParameterOperator):
         factor ``q`` ``[N_c, k+1, H]``, ``[..., N_c, H]`` hidden perturbations)."""
         w = chunk.positions.weights
         if q.dim() == 3:  # coarsened: w_n L_n L_n^T on the hidden states
-            s = torch.einsum("nkh,...nh->...nk", q, jv) * w[:, None]
-            return torch.einsum("nkh,...nk->...nh", q, s)
+            # row vectors times L_n^T and L_n: batched products that read L once, ~3x faster
+            # on CPU than the einsum's matrix-times-column form
+            x = (jv[None] if jv.dim() == 2 else jv).transpose(0, 1)  # [N_c, m, H]
+            s = torch.bmm(x, q.mT) * w[:, None, None]
+            out = torch.bmm(s, q).transpose(0, 1)
+            return out[0] if jv.dim() == 2 else out
         return w[:, None] * (q * jv - q * (q * jv).sum(-1, keepdim=True))
 
     def _chunk_vjp_fn(self, chunk: _Chunk) -> Callable:

@@ -89,7 +89,8 @@ class TopK:
     """The hidden-space curvature of one set of positions, measured in float64 for any ``k``.
 
     ``kept(k)`` (``sum_n w_n tr M_c,n`` for the top-``k`` coarsening) is evaluated for growing
-    ``k`` only: each call adds the rows between the previous ``k`` and this one.
+    ``k`` only: each call gathers the rows of ``W`` between the previous ``k`` and this one once,
+    and keeps their factor columns (in the model's dtype) for :meth:`factor`.
     """
 
     def __init__(
@@ -101,38 +102,50 @@ class TopK:
         kmax: int,
     ) -> None:
         self.dtype = h.dtype
-        self.W = weight.detach().double()
-        h = h.detach().double()
-        z = h @ self.W.T
+        # The logits in the model's dtype (as the exact path has them); the softmax, the mean
+        # row m and every sum in float64, where tr M's cancellation costs ~1e-16 |w|^2.
+        self.W = weight.detach()
+        z = h.detach() @ self.W.T
         if bias is not None:
-            z = z + bias.detach().double()
-        q = torch.softmax(z, dim=-1)
-        self.m = q @ self.W  # [N, H]
-        sqw = (self.W**2).sum(-1)
-        mm = (self.m**2).sum(-1)
-        tr = ((q * sqw).sum(-1) - mm).clamp_min(0)  # tr M = sum q_i |w_i|^2 - |m|^2
+            z = z + bias.detach()
+        q = torch.softmax(z.double(), dim=-1)
+        del z
+        w64 = self.W.double()
+        m = q @ w64  # [N, H]
+        tr = (q @ (w64**2).sum(-1) - (m**2).sum(-1)).clamp_min(0)  # sum q_i |w_i|^2 - |m|^2
+        del w64
+        self.m64 = m
+        self.m = m.to(self.dtype)
         self.w = weights.double()
         self.total = float((self.w * tr).sum())
         self.vocab = q.shape[-1]
-        kmax = min(int(kmax), self.vocab)
-        self.q, self.idx = q.topk(kmax, dim=-1)  # sorted, descending
-        a = (self.m @ self.W.T).gather(1, self.idx)  # w_i . m for the kept candidates
-        d = (sqw[self.idx] - 2 * a + mm[:, None]).clamp_min(0)  # |w_i - m|^2
-        self.head_part = (self.q * d).cumsum(-1)
+        self.q, self.idx = q.topk(min(int(kmax), self.vocab), dim=-1)  # sorted, descending
         self.rest = q.sum(-1, keepdim=True) - self.q.cumsum(-1)  # tail mass r after each k
-        self._v = torch.zeros_like(self.m)  # sum_{i in S} q_i (w_i - m) for the rows added
+        del q
+        n = self.m.shape[0]
+        self._head = torch.zeros(n, dtype=torch.float64)  # sum_{i in S} q_i |w_i - m|^2
+        self._v = torch.zeros_like(self.m64)  # sum_{i in S} q_i (w_i - m)
+        self._cols: list[torch.Tensor] = []  # sqrt(q_i) (w_i - m) for i in S, [N, k_b, H]
         self._done = 0
 
     def _advance(self, k: int) -> None:
         if k < self._done:
             raise ValueError("TopK.kept takes growing k")
+        if k == self._done:
+            return
         n, h = self.m.shape
-        step = max(1, _GATHER_BYTES // max(1, (k - self._done) * h * 8))
+        block = torch.empty(n, k - self._done, h, dtype=self.dtype)
+        step = max(1, _GATHER_BYTES // ((k - self._done) * h * block.element_size()))
         for s in range(0, n, step):
-            idx = self.idx[s : s + step, self._done : k]
-            rows = self.W[idx] - self.m[s : s + step, None]
-            qs = self.q[s : s + step, self._done : k]
-            self._v[s : s + step] += torch.einsum("nk,nkh->nh", qs, rows)
+            part = block[s : s + step]
+            torch.index_select(self.W, 0, self.idx[s : s + step, self._done : k].reshape(-1),
+                               out=part.view(-1, h))  # fmt: skip
+            part -= self.m[s : s + step, None]
+            root = self.q[s : s + step, self._done : k].sqrt()
+            part *= root.to(self.dtype)[..., None]  # the factor's columns
+            self._head[s : s + step] += (part**2).sum((1, 2)).double()
+            self._v[s : s + step] += torch.einsum("nk,nkh->nh", root.to(self.dtype), part).double()
+        self._cols.append(block)
         self._done = k
 
     def _tail(self, k: int) -> torch.Tensor:
@@ -145,16 +158,19 @@ class TopK:
         """``sum_n w_n tr M_c,n`` for the top-``k`` coarsening."""
         self._advance(k)
         tail = (self._tail(k) ** 2).sum(-1)
-        return float((self.w * (self.head_part[:, k - 1] + tail)).sum())
+        return float((self.w * (self._head + tail)).sum())
 
     def factor(self, k: int) -> tuple[torch.Tensor, float]:
-        """``L`` ``[N, k+1, H]`` in the model's dtype, and ``sum_n w_n |L_n|_F^2`` (float64)."""
+        """``L`` ``[N, k+1, H]`` in the model's dtype (the last ``k`` asked for), and
+        ``sum_n w_n |L_n|_F^2`` (float64)."""
         self._advance(k)
-        rows = self.W[self.idx[:, :k]] - self.m[:, None]
-        cols = self.q[:, :k].sqrt()[..., None] * rows
-        full = torch.cat([cols, self._tail(k)[:, None]], dim=1)
-        kept = float((self.w * (full**2).sum((1, 2))).sum())
-        return full.to(self.dtype), kept
+        if k != self._done:
+            raise ValueError("TopK.factor takes the last k measured")
+        tail = self._tail(k)
+        kept = float((self.w * (self._head + (tail**2).sum(-1))).sum())
+        full = torch.cat([*self._cols, tail.to(self.dtype)[:, None]], dim=1)
+        self._cols = []
+        return full, kept
 
 
 def choose_k(
@@ -201,13 +217,51 @@ def vocab_plan(
     return ladder(head.vocab), None
 
 
+def select_k(
+    head: LMHead | None,
+    keep: float,
+    vocab_k: int | None,
+    n_positions: int,
+    itemsize: int,
+    memory_budget: int,
+    make_parts: Callable[[int], list[TopK]],
+) -> tuple[int | None, list[TopK], str | None]:
+    """``(k, parts, None)`` for the coarsening to take, or ``(None, [], why)`` for the exact path.
+
+    ``n_positions``: this process' response positions (summed over the ranks, like every sum
+    here, so every rank decides alike); candidates whose factor (over all positions) exceeds
+    ``memory_budget`` are dropped first. ``make_parts(kmax)``: the :class:`TopK` of each chunk.
+    """
+    from alignscope import distributed as dist
+
+    candidates, why = vocab_plan(head, keep, vocab_k)
+    if not candidates:
+        return None, [], why
+    total = dist.all_reduce_sum(torch.tensor([float(n_positions)], dtype=torch.float64))
+    if vocab_k is None:
+        fits = int(total[0]) * head.hidden * itemsize
+        candidates = [k for k in candidates if (k + 1) * fits <= memory_budget]
+        if not candidates:
+            return None, [], "the smallest factor exceeds the memory budget (exact vocabulary)"
+    parts = make_parts(max(candidates))
+    # a forced k is taken whatever it keeps
+    k, _ = choose_k(parts, 0.0 if vocab_k else keep, dist.all_reduce_sum, candidates)
+    if k is None:
+        return None, [], f"no k <= {max(candidates)} keeps {keep} of the trace (exact vocabulary)"
+    return k, parts, None
+
+
+def kept_fraction(kept: float, total: float) -> float:
+    """``kept / total`` summed over the ranks (1 for a zero curvature)."""
+    from alignscope import distributed as dist
+
+    sums = dist.all_reduce_sum(torch.tensor([kept, total], dtype=torch.float64))
+    return float(sums[0] / sums[1]) if float(sums[1]) > 0 else 1.0
+
+
 def describe(mode: str, k: int | None, kept: float, vocab: int | None, why: str | None) -> dict:
     """The record diagnose writes: ``{"mode", "k", "kept_trace", "vocab"[, "why"]}``."""
     out = {"mode": mode, "k": k, "kept_trace": kept, "vocab": vocab}
     if why:
         out["why"] = why
     return out
-
-
-def factor_bytes(n_positions: int, k: int, hidden: int, itemsize: int) -> int:
-    return n_positions * (k + 1) * hidden * itemsize

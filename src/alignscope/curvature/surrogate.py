@@ -16,10 +16,9 @@ from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.head import (
     DEFAULT_VOCAB_KEEP,
     TopK,
-    choose_k,
     describe,
-    factor_bytes,
-    vocab_plan,
+    kept_fraction,
+    select_k,
 )
 from alignscope.curvature.losses import ResponsePositions
 from alignscope.curvature.per_sample import DEFAULT_MEMORY_BUDGET
@@ -52,50 +51,41 @@ class HiddenNLLSurrogate:
         vocab_k: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
-        from alignscope import distributed as dist
-
         self.flm, self.batch, self.n_total = flm, batch, n_total
         self.positions = ResponsePositions(batch, flm.dtype, n_total=n_total)
         self.factor: torch.Tensor | None = None
         head = flm.head
-        vocab = None if head is None else head.vocab
-        candidates, why = vocab_plan(head, float(vocab_keep), vocab_k)
-        if not candidates:
-            self.vocabulary = describe("exact", None, 1.0, vocab, why)
-            return
         theta = flm.theta0
         ids, mask = batch.input_ids, self.positions.mask
-        weight, bias = flm.head_params(theta)
         w = self.positions.weights
-        with torch.no_grad():
-            h0 = flm.position_hidden(theta, ids, mask)
-            part = TopK(h0, weight, bias, w, max(candidates))
-        keep = 0.0 if vocab_k else float(vocab_keep)
-        k, _ = choose_k([part], keep, dist.all_reduce_sum, candidates)
+        h0: list[torch.Tensor] = []
+
+        def parts(kmax: int) -> list[TopK]:
+            weight, bias = flm.head_params(theta)
+            with torch.no_grad():
+                h0.append(flm.position_hidden(theta, ids, mask))
+                return [TopK(h0[0], weight, bias, w, kmax)]
+
+        k, tops, why = select_k(
+            head, float(vocab_keep), vocab_k, self.positions.count, theta.element_size(),
+            memory_budget, parts,
+        )  # fmt: skip
+        vocab = None if head is None else head.vocab
         if k is None:
-            self.vocabulary = describe(
-                "exact", None, 1.0, vocab, f"no k <= {max(candidates)} keeps {vocab_keep}"
-            )
+            self.vocabulary = describe("exact", None, 1.0, vocab, why)
             return
-        size = dist.all_reduce_sum(torch.tensor([float(self.positions.count)], dtype=torch.float64))
-        nbytes = factor_bytes(int(size[0]), k, head.hidden, theta.element_size())
-        if vocab_k is None and nbytes > memory_budget:
-            self.vocabulary = describe(
-                "exact", None, 1.0, vocab, f"the k={k} factor exceeds the budget"
-            )
-            return
+        (part,) = tops
         self.factor, kept = part.factor(k)
         targets = batch.targets[mask]
-        self.g0 = (part.m - part.W[targets]).to(flm.dtype)  # W^T (q - e_y), exact
-        self.h0 = h0
-        sums = dist.all_reduce_sum(torch.tensor([kept, part.total], dtype=torch.float64))
-        frac = float(sums[0] / sums[1]) if float(sums[1]) > 0 else 1.0
+        self.g0 = (part.m64 - part.W[targets].double()).to(flm.dtype)  # W^T (q - e_y), exact
+        self.h0 = h0[0]
+        frac = kept_fraction(kept, part.total)
         self.vocabulary = describe("coarsened", k, frac, vocab, None)
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         if self.factor is None:
             return self.flm.mean_nll(theta, self.batch, self.n_total)
         h = self.flm.position_hidden(theta, self.batch.input_ids, self.positions.mask)
-        s = torch.einsum("nkh,nh->nk", self.factor, h - self.h0)
+        s = torch.bmm((h - self.h0)[:, None, :], self.factor.mT)[:, 0]
         per = (self.g0 * h).sum(-1) + 0.5 * (s * s).sum(-1)
         return (self.positions.weights * per).sum()
