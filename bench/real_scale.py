@@ -5,6 +5,7 @@ a test.
 
     python bench/real_scale.py [--seed 0] [--set affirmative] [--steps 32] [--rank 8]
                                [--no-lora] [--no-old] [--lora-only] [--model aligned|base]
+                               [--vocab]
 
 Needs bench/real_model.py's cached stages for ``--seed`` (its aligned model and data split under
 $ALIGNSCOPE_CACHE/real_model); run that first (``--model base`` times the converted model before
@@ -19,6 +20,11 @@ on one benign set, with the settings of bench/real_model.py (``--max-safety 8 --
    difference of the tracked KL;
 3. diagnose with a new LoRA r=8 adapter on every attention/MLP linear layer (``--lora-r 8``;
    the adapter starts in layer 0, so there is no frozen prefix to cache): seconds.
+
+``--vocab`` instead runs only diagnose (1.), prefix cache on, twice: the exact vocabulary
+(``--vocab-keep 1.0``, old) and the coarsened one (the default ``--vocab-keep``, new;
+docs/theory.md "The Fisher through the LM head"): seconds per stage of each, the chosen ``k`` and
+kept trace, and the relative differences of the eigenvalues and the forecast.
 
 The issue's targets on this 2-core VM: (1) <= 90 s, (2) <= 60 s, (3) <= 5 min. The machine's load
 average is printed at the start and the end: other jobs on the 2 cores inflate every time. The
@@ -54,6 +60,45 @@ def _rel(a: list, b: list) -> float:
     return max(diffs, default=0.0)
 
 
+def _vocab(cfg, model, tok) -> dict:
+    """diagnose with the exact vocabulary (old) and the coarsened one (new), side by side."""
+    from dataclasses import replace
+
+    from alignscope.commands.diagnose import run_diagnose
+
+    out: dict = {}
+    runs = {}
+    default = cfg.curvature.vocab_keep
+    for name, keep in (("old", 1.0), ("new", default)):
+        c = replace(cfg, curvature=replace(cfg.curvature, vocab_keep=keep))
+        t = time.perf_counter()
+        dj = run_diagnose(c.diagnose_config(), model=model, tokenizer=tok, quiet=True).to_json()
+        runs[name] = dj
+        out[f"{name}_diagnose_s"] = round(time.perf_counter() - t, 2)
+        out[f"{name}_timings"] = {k: round(v, 1) for k, v in dj["timings_s"].items()}
+        out[f"{name}_vocabulary"] = dj["subspace"]["vocabulary"]
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in out[f"{name}_timings"].items())
+        print(f"[{name}: --vocab-keep {keep}] diagnose {out[f'{name}_diagnose_s']:.1f} s "
+              f"({stages}); vocabulary {dj['subspace']['vocabulary']}", flush=True)  # fmt: skip
+    old, new = runs["old"], runs["new"]
+    out["diagnose_speedup"] = round(out["old_diagnose_s"] / out["new_diagnose_s"], 2)
+    out["eigenvalue_rel_diff"] = [
+        (a - b) / a for a, b in zip(old["subspace"]["eigenvalues"], new["subspace"]["eigenvalues"],
+                                    strict=True)
+    ]  # fmt: skip
+    out["forecast_max_rel_diff"] = _rel(old["forecast"].get("dL") or [],
+                                        new["forecast"].get("dL") or [])  # fmt: skip
+    out["gamma_rel_diff"] = _rel([old["aic"]["gradient"]["gamma"]],
+                                 [new["aic"]["gradient"]["gamma"]])  # fmt: skip
+    print(f"old / new: diagnose {out['diagnose_speedup']}x; eigenvalues (old - new) / old "
+          f"{[f'{x:.1e}' for x in out['eigenvalue_rel_diff']]}; forecast to "
+          f"{out['forecast_max_rel_diff']:.1e}, gamma to {out['gamma_rel_diff']:.1e}")  # fmt: skip
+    target = TARGETS["diagnose_s"]
+    verdict = "reached" if out["new_diagnose_s"] <= target else "not reached"
+    print(f"target diagnose_s <= {target:.0f} s: {out['new_diagnose_s']:.1f} s, {verdict}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
@@ -63,6 +108,10 @@ def main() -> None:
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA diagnosis")
     ap.add_argument("--no-old", action="store_true", help="skip the whole-network (old) path")
     ap.add_argument("--lora-only", action="store_true", help="only the LoRA diagnosis (3.)")
+    ap.add_argument(
+        "--vocab", action="store_true",
+        help="only diagnose, exact vocabulary (--vocab-keep 1.0) against the coarsened default",
+    )  # fmt: skip
     ap.add_argument(
         "--model", choices=["aligned", "base"], default="aligned",
         help="aligned: real_model.py's aligned model; base: the converted SmolLM2 before the "
@@ -95,6 +144,12 @@ def main() -> None:
     out: dict = {"bench": "real_scale", "model": args.model, "set": args.set, "seed": args.seed,
                  "steps": args.steps, "rank": args.rank}  # fmt: skip
     runs: dict = {}
+    if args.vocab:
+        out.update(_vocab(cfg, model, tok))
+        print(f"load average at the end {os.getloadavg()}")
+        out["load_average_end"] = os.getloadavg()[0]
+        print(json.dumps(out))
+        return
     paths = [] if args.lora_only else [("new", 1.0)] + ([] if args.no_old else [("old", 0.0)])
     for name, gb in paths:
         c = replace(cfg, runtime=replace(cfg.runtime, prefix_cache_gb=gb))

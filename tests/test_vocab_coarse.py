@@ -39,6 +39,19 @@ def _gpt2():
     return model
 
 
+def _llama_lora():
+    """LoRA on every layer (from layer 0: no frozen prefix), trained so it is not B = 0."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = exact_float64(get_peft_model(tiny_llama(hidden=H, vocab=V), config))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    return model
+
+
 # name -> (model, selection, prefix cache)
 CASES = {
     "llama_late_cached": (
@@ -57,6 +70,7 @@ CASES = {
         True,
     ),
     "gpt2_tied": (_gpt2, ["transformer.h.1.mlp.c_proj.weight"], True),
+    "llama_lora_every_layer": (_llama_lora, ["lora"], True),
 }
 
 
@@ -66,7 +80,8 @@ def case(request):
     model = build()
     flm = FunctionalLM(model, select_params(model, spec), prefix_cache=cache)
     assert flm.head is not None and not flm.head.selected
-    assert (flm.prefix is not None) == (cache and request.param != "llama_from_layer0")
+    assert (flm.prefix is not None) == (cache and "layer0" not in request.param
+                                        and "every_layer" not in request.param)  # fmt: skip
     batch = random_batch(4, vocab=V)
     return flm, batch, _dense(flm, batch)
 

@@ -63,10 +63,15 @@ def find_head(root: nn.Module, selection: ParamSelection) -> LMHead | None:
         return None
     chosen = {id(p) for p in selection.tensors(root).values()}
     selected = id(head.weight) in chosen or (head.bias is not None and id(head.bias) in chosen)
-    base = f"{path}.{arch[0]}" if path else arch[0]
+    body = getattr(lm, arch[0])
+    # The body's name under root by identity: a PEFT wrapper forwards attribute lookups, so the
+    # LM may be found at root itself while its parameters are named base_model.model....
+    base = {id(m): n for n, m in root.named_modules()}.get(id(body))
+    if base is None:
+        return None
     return LMHead(
-        body=getattr(lm, arch[0]),
-        body_prefix=base + ".",
+        body=body,
+        body_prefix=base + "." if base else "",
         weight_name=weight_name,
         bias_name=bias_name,
         vocab=int(head.out_features),
