@@ -245,3 +245,21 @@ def test_nll_surrogate_exact_when_the_vocabulary_is_not_coarsened(case):
     assert sur.vocabulary["mode"] == "exact"
     theta = flm.theta0 + 0.01 * _vecs(flm.dim, 1, seed=6)[:, 0]
     torch.testing.assert_close(sur(theta), flm.mean_nll(theta, batch), **TOL)
+
+
+def test_two_processes_choose_the_same_k_and_sum_to_one(tmp_path):
+    """Data parallel: the ladder's traces are summed over the ranks, so both ranks coarsen
+    alike and their summed products equal the one-process operator's."""
+    from _ddp_commands import spawn
+    from _ddp_vocab import products, vocab_worker
+
+    spawn(vocab_worker, str(tmp_path))
+    got = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    one = products(None, 4)
+    assert one["fisher"]["mode"] == "coarsened" and one["hessian"]["mode"] == "coarsened"
+    for g in got:
+        assert g["fisher"] == pytest.approx(one["fisher"]) and g["hessian"] == pytest.approx(
+            one["hessian"]
+        )
+        torch.testing.assert_close(g["Fv"], one["Fv"], **TOL)
+        torch.testing.assert_close(g["Hv"], one["Hv"], **TOL)
