@@ -247,9 +247,10 @@ def _echo_adaptive(guard: dict | None) -> None:
                f"step {record['activated_at']} ({record['warning']['message']})")  # fmt: skip
 
 
-# diagnose's options that a guarded fine-tuning run does not use (no forecast, no checkpoints)
+# diagnose's options that a guarded fine-tuning run does not use (no forecast, no checkpoints;
+# the guards' Fisher products keep the exact vocabulary)
 FINETUNE_UNUSED = ("rank", "explained", "fisher", "solver", "alignment_loss", "max_data",
-                   "threshold")  # fmt: skip
+                   "threshold", "vocab_keep")  # fmt: skip
 
 
 @app.command("finetune")
