@@ -5,6 +5,7 @@ a test.
 
     python bench/real_scale.py [--seed 0] [--set affirmative] [--steps 32] [--rank 8]
                                [--no-lora] [--no-old] [--lora-only] [--model aligned|base]
+                               [--vocab] [--threads 1]
                                [--vocab]
 
 Needs bench/real_model.py's cached stages for ``--seed`` (its aligned model and data split under
@@ -117,8 +118,13 @@ def main() -> None:
         help="aligned: real_model.py's aligned model; base: the converted SmolLM2 before the "
         "alignment (same architecture and cost; for timing only)",
     )  # fmt: skip
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1, as bench/real_model.py; 2 uses both cores of an "
+        "idle 2-core VM)",
+    )  # fmt: skip
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     root = rm.cache_root()
     base, data, aligned = rm.stage_paths(root, args.seed)
     if args.model == "base":
@@ -131,7 +137,7 @@ def main() -> None:
         ["--seed", str(args.seed), "--steps", str(args.steps), "--rank", str(args.rank)]
     )
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"1 thread; load average at start {os.getloadavg()}")  # fmt: skip
+          f"{args.threads} thread(s); load average at start {os.getloadavg()}")  # fmt: skip
 
     from dataclasses import replace
 
@@ -141,8 +147,9 @@ def main() -> None:
 
     model, tok = load_model(str(aligned))
     cfg = rm.verify_config(opts, aligned, data, args.set)
+    cfg = replace(cfg, runtime=replace(cfg.runtime, threads=args.threads))
     out: dict = {"bench": "real_scale", "model": args.model, "set": args.set, "seed": args.seed,
-                 "steps": args.steps, "rank": args.rank}  # fmt: skip
+                 "steps": args.steps, "rank": args.rank, "threads": args.threads}  # fmt: skip
     runs: dict = {}
     if args.vocab:
         out.update(_vocab(cfg, model, tok))
