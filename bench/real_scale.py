@@ -6,7 +6,6 @@ a test.
     python bench/real_scale.py [--seed 0] [--set affirmative] [--steps 32] [--rank 8]
                                [--no-lora] [--no-old] [--lora-only] [--model aligned|base]
                                [--vocab] [--threads 1]
-                               [--vocab]
 
 Needs bench/real_model.py's cached stages for ``--seed`` (its aligned model and data split under
 $ALIGNSCOPE_CACHE/real_model); run that first (``--model base`` times the converted model before
