@@ -38,7 +38,7 @@ import real_model as rm  # noqa: E402
 
 # (module attribute path, phase name): the functions whose time makes each phase
 PHASES = [
-    ("alignscope.commands.verify:copy.deepcopy", "setup: model copy"),
+    ("alignscope.commands.verify:copy.deepcopy", "deepcopy (model, generation configs)"),
     ("alignscope.commands.verify:generate", "setup: eval reference responses"),
     ("alignscope.train.tracker:AlignmentTracker.__init__", "setup: tracker (KL tables)"),
     ("alignscope.train.loop:shard_nll", "train: forward"),
