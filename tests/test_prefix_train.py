@@ -25,8 +25,10 @@ from test_prefix_cache import tiny_gpt2, tiny_lora_last
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 # Adam divides each gradient by its own root mean square: a coordinate whose gradient is zero
-# up to rounding (GPT-2's key bias: softmax ignores it) moves by up to lr x 1e-9 on either path
-WEIGHTS_TOL = dict(rtol=1e-10, atol=1e-9)
+# up to rounding (GPT-2's key bias: softmax ignores it) moves by rounding / eps per step on
+# either path, about 1e-9 over these runs (measured: 1.1e-9 once the cached path's loss sums the
+# response positions only)
+WEIGHTS_TOL = dict(rtol=1e-10, atol=3e-9)
 CASES = {
     "llama_last": (lambda: tiny_llama(layers=3), ["model.layers.2.*", "lm_head.weight"], 2),
     "llama_two": (lambda: tiny_llama(layers=3), ["model.layers.1.mlp.*", "model.layers.2.*"], 1),

@@ -502,7 +502,7 @@ def _run_verify(
             cfg.datasets.max_length,
             cfg.finetune.data,
         )
-        eval_batch = None
+        eval_batch, greedy = None, None
         prompts = [r["prompt"] for r in diag.alignment.responses]
         if cfg.eval.eval_prompts is not None:
             evals = load_data(cfg.eval.eval_prompts, "safety", format=cfg.datasets.safety_format)
@@ -523,6 +523,8 @@ def _run_verify(
             eval_batch, eval_fit = batch_rows(
                 tokenizer, rows, cfg.datasets.max_length, f"eval set {cfg.eval.eval_prompts}"
             )
+            if greedy is not None and len(eval_fit.kept) != len(prompts):
+                greedy = None  # other prompts, other batches: the tracker generates anew
             prompts = [prompts[i] for i in eval_fit.kept]  # too long for the context: left out
             datasets["eval"] = {**evals.summary(), **eval_fit.summary()}
         tracker = AlignmentTracker(
@@ -538,6 +540,8 @@ def _run_verify(
             judge=judge,
             max_new_tokens=cfg.datasets.max_new_tokens,
             prefix_memory_budget=cfg.runtime.prefix_budget,
+            # the reference responses are step 0's greedy generation (the same batches of 32)
+            initial_responses=greedy,
         )
         # the frozen layers' activations of the fine-tuning set, kept per example
         prefix = PrefixForward.build(model, selection, cfg.runtime.prefix_budget)

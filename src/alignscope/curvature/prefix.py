@@ -95,11 +95,23 @@ class _Suffix(nn.Module):
         self.root = root
         object.__setattr__(self, "_parts", (list(layers)[start:], norm, head))
 
-    def forward(self, hidden: torch.Tensor, layer_inputs: list, head: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        layer_inputs: list,
+        head: bool = True,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (the final norm's output without ``head``); with ``rows`` (a
+        ``[B, T]`` boolean mask) ``[N, V]`` at those positions only: the final norm and the LM
+        head act per position, so the others' vocabulary projection (prompt and padding
+        positions a loss never reads) is skipped."""
         layers, norm, lm_head = self._parts
         for layer, (args, kwargs) in zip(layers, layer_inputs, strict=True):
             out = layer(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
+        if rows is not None:
+            hidden = hidden[rows]
         return lm_head(norm(hidden)) if head else norm(hidden)
 
 

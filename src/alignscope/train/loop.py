@@ -55,22 +55,39 @@ def response_nll(
     flow the forecast describes. ``prefix``: run the frozen prefix from its per-example cache
     (:class:`~alignscope.train.prefix.PrefixForward`; the same numbers).
     """
-    if prefix is None:
-        logits = model(input_ids=batch.input_ids).logits[:, :-1]
-    else:
-        from alignscope.train.prefix import lm_logits
-
-        logits = lm_logits(model, batch, prefix)[:, :-1]
+    if weighting not in ("token", "example"):
+        raise ValueError(f"unknown loss weighting {weighting!r}; use token or example")
+    mask = batch.target_mask
+    if prefix is not None:
+        return _response_nll_at(model, batch, weighting, prefix)
+    logits = model(input_ids=batch.input_ids).logits[:, :-1]
     # 16-bit logits upcast to float32; float64 ones stay float64 (exact float64 checks)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    mask = batch.target_mask
     if weighting == "token":
         return F.cross_entropy(logits[mask], batch.targets[mask])
-    if weighting != "example":
-        raise ValueError(f"unknown loss weighting {weighting!r}; use token or example")
     nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")  # [B, T-1]
     weights = mask.to(nll.dtype) / mask.sum(dim=1, keepdim=True).clamp_min(1)
     return (nll * weights).sum(dim=1).mean()
+
+
+def _response_nll_at(
+    model: torch.nn.Module, batch: LMBatch, weighting: str, prefix: PrefixForward
+) -> torch.Tensor:
+    """:func:`response_nll` from the logits at the response-predicting positions only: the
+    frozen prefix's cache projects just those onto the vocabulary (for SmolLM2 the tied LM head
+    is most of a training step, and prompt and padding positions are most of a batch)."""
+    from alignscope.train.prefix import lm_logits
+
+    mask = batch.target_mask  # [B, T-1]: position t predicts token t + 1
+    rows = F.pad(mask, (0, 1))  # [B, T]
+    logits = lm_logits(model, batch, prefix, rows=rows)  # [N, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    nll = F.cross_entropy(logits, batch.targets[mask], reduction="none")  # [N]
+    if weighting == "token":
+        return nll.mean()
+    counts = mask.sum(dim=1, keepdim=True).clamp_min(1)
+    weights = (mask.to(nll.dtype) / counts)[mask]
+    return (nll * weights).sum() / batch.size
 
 
 # what a training batch too small for the ranks is called in the error

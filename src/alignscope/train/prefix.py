@@ -187,11 +187,16 @@ class PrefixForward:
         return self.cache.capture({}, ids)
 
     def logits(
-        self, batch: LMBatch, params: dict[str, torch.Tensor] | None = None
+        self,
+        batch: LMBatch,
+        params: dict[str, torch.Tensor] | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Logits ``[B, T, V]`` of ``batch`` through the suffix, with the live parameters or
         with ``params`` (root names, all in the suffix: e.g. theta0 of the selection) swapped
-        in; None where the cache does not apply (then run the whole network)."""
+        in; None where the cache does not apply (then run the whole network). ``rows``: a
+        ``[B, T]`` boolean mask; the logits ``[N, V]`` at those positions only (the LM head
+        skips the others)."""
         if not self._usable(params):
             self.n_whole += 1
             return None
@@ -218,16 +223,21 @@ class PrefixForward:
                     self._store_row(keys[b], fresh[b])
             else:
                 self.n_suffix += 1
-            rows = [fresh.get(b, self._rows.get(keys[b])) for b in range(size)]
-            first = rows[0]
+            cached = [fresh.get(b, self._rows.get(keys[b])) for b in range(size)]
+            first = cached[0]
             hidden = first.new_zeros((size, run_width, first.shape[-1]))
-            for b, row in enumerate(rows):
+            for b, row in enumerate(cached):
                 hidden[b, : row.shape[0]] = row
+        if rows is not None and run_width != width:
+            # a wider known shape: its extra positions are padding, never selected
+            rows = torch.nn.functional.pad(rows, (0, run_width - width))
         if params is None:
-            out = self.cache.suffix(hidden, inputs)
+            out = self.cache.suffix(hidden, inputs, rows=rows)
         else:
             wrapped = {f"root.{n}": t for n, t in params.items()}
-            out = functional_call(self.cache.suffix, wrapped, (hidden, inputs))
+            out = functional_call(self.cache.suffix, wrapped, (hidden, inputs), {"rows": rows})
+        if rows is not None:
+            return out
         return out[:, :width] if run_width != width else out
 
 
@@ -236,14 +246,19 @@ def lm_logits(
     batch: LMBatch,
     prefix: PrefixForward | None = None,
     params: dict[str, torch.Tensor] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]`` of ``model`` on ``batch``: through ``prefix``'s cache where it
-    applies, else the whole network (with ``params`` swapped in by a functional call)."""
+    applies, else the whole network (with ``params`` swapped in by a functional call).
+    ``rows``: a ``[B, T]`` boolean mask; the ``[N, V]`` logits at those positions (the cached
+    path projects only them onto the vocabulary)."""
     if prefix is not None:
-        out = prefix.logits(batch, params)
+        out = prefix.logits(batch, params, rows)
         if out is not None:
             return out
     if params is None:
-        return model(input_ids=batch.input_ids).logits
-    out = functional_call(model, params, (batch.input_ids,), {"use_cache": False})
-    return out.logits if hasattr(out, "logits") else out
+        out = model(input_ids=batch.input_ids).logits
+    else:
+        out = functional_call(model, params, (batch.input_ids,), {"use_cache": False})
+        out = out.logits if hasattr(out, "logits") else out
+    return out if rows is None else out[rows]

@@ -5,7 +5,9 @@ step of a fine-tuning run (from ``finetune``'s callback, or later from a Trainer
 call returns a JSON-ready record (docs/theory.md, "Drift during training"):
 
 - ``kl``: mean per-token ``KL(pi_theta0 || pi_theta)`` over the alignment set's responses (the
-  default alignment loss, exactly :class:`~alignscope.curvature.losses.AlignmentKL`);
+  default alignment loss, exactly :class:`~alignscope.curvature.losses.AlignmentKL`; its
+  reference at theta0 is computed once and kept while the ``[positions, vocabulary]`` table fits
+  ``KL_TABLE_BUDGET``, else recomputed at every record: the same numbers either way);
 - ``refusal_nll``: mean token NLL of the alignment set's reference responses;
 - ``eval_kl`` / ``eval_nll``: the same on a held-out harmful set, when one is given;
 - ``refusal_rate``: greedy generation on ``eval_prompts`` (None without them), judged by a
@@ -29,8 +31,23 @@ from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.losses import AlignmentKL
 from alignscope.curvature.prefix import DEFAULT_PREFIX_MEMORY_BUDGET
 from alignscope.data.encode import LMBatch
-from alignscope.evaluate import KeywordRefusalJudge, RefusalJudge, judge_prompts
+from alignscope.evaluate import (
+    KeywordRefusalJudge,
+    RefusalJudge,
+    RefusalReport,
+    judge_prompts,
+)
 from alignscope.params import ParamSelection
+
+# Bytes of theta0's log-probability table the tracker keeps per prompt set: the reference never
+# changes, so a kept table saves a forward pass at every record; a larger table (a big
+# vocabulary and many positions) is recomputed instead (AlignmentKL's reference="recompute").
+KL_TABLE_BUDGET = 256 * 2**20
+
+
+def _kl_reference(batch: LMBatch, vocab: int, itemsize: int) -> str:
+    positions = int(batch.target_mask.sum())
+    return "table" if positions * vocab * itemsize <= KL_TABLE_BUDGET else "recompute"
 
 
 class AlignmentTracker:
@@ -38,6 +55,9 @@ class AlignmentTracker:
 
     ``basis`` ``[P, d]`` (orthonormal columns) and ``eigenvalues`` ``[d]`` describe the alignment
     subspace from ``diagnose``; without them the subspace entries of a record are ``None``.
+    ``initial_responses``: greedy responses to ``eval_prompts`` at theta0 made the way
+    :meth:`measure` makes them (:func:`~alignscope.evaluate.generate`, batches of 32); a record
+    taken while the selected parameters still equal theta0 judges these instead of generating.
     """
 
     def __init__(
@@ -56,6 +76,7 @@ class AlignmentTracker:
         max_new_tokens: int = 48,
         generate_refusals: bool = True,
         prefix_memory_budget: int = DEFAULT_PREFIX_MEMORY_BUDGET,
+        initial_responses: Sequence[str] | None = None,
     ) -> None:
         was_training = model.training
         self.model = model
@@ -73,9 +94,16 @@ class AlignmentTracker:
         model.train(was_training)
         self.theta0 = self.flm.theta0
         self.safety_batch = safety_batch
-        self.kl = AlignmentKL(self.flm, safety_batch)
+        vocab = _vocab_size(model)
+        itemsize = self.theta0.element_size()
+
+        def kl(batch: LMBatch) -> AlignmentKL:
+            ref = _kl_reference(batch, vocab, itemsize) if vocab else "recompute"
+            return AlignmentKL(self.flm, batch, reference=ref)
+
+        self.kl = kl(safety_batch)
         self.eval_batch = eval_batch
-        self.eval_kl = AlignmentKL(self.flm, eval_batch) if eval_batch is not None else None
+        self.eval_kl = kl(eval_batch) if eval_batch is not None else None
         self.finetune_batch = finetune_batch
         self.prompts = list(eval_prompts) if eval_prompts is not None else None
         if basis is not None:
@@ -90,6 +118,14 @@ class AlignmentTracker:
         self.judge = judge or KeywordRefusalJudge()
         self.max_new_tokens = max_new_tokens
         self.generate_refusals = generate_refusals
+        if initial_responses is not None and (
+            self.prompts is None or len(initial_responses) != len(self.prompts)
+        ):
+            raise ValueError("initial_responses: one greedy response per eval prompt")
+        # Greedy responses at theta0 made already (verify's reference responses of the eval
+        # set, same prompts, same batches): a record at theta0 judges them instead of
+        # generating them again.
+        self.initial_responses = list(initial_responses) if initial_responses else None
 
     def current_theta(self) -> torch.Tensor:
         """The selected parameters of the live model, flattened (a detached copy)."""
@@ -114,6 +150,10 @@ class AlignmentTracker:
         out["fisher_drift"] = math.sqrt(float((lam * coeff.square()).sum()))
         return out
 
+    def _at_theta0(self, theta: torch.Tensor) -> bool:
+        # the frozen parameters never change, so the selected ones decide
+        return bool(torch.equal(theta, self.theta0))
+
     @torch.no_grad()
     def measure(
         self, step: int, minibatch_loss: float | None = None, *, refusals: bool | None = None
@@ -135,7 +175,11 @@ class AlignmentTracker:
             rec.update(self.subspace_stats(theta - self.theta0))
             do_gen = self.generate_refusals if refusals is None else refusals
             rec["refusal_rate"] = None
-            if do_gen and self.prompts:
+            if do_gen and self.prompts and self.initial_responses and self._at_theta0(theta):
+                refused = list(self.judge(self.initial_responses))
+                report = RefusalReport(self.prompts, self.initial_responses, refused)
+                rec["refusal_rate"] = report.rate
+            elif do_gen and self.prompts:
                 report = judge_prompts(
                     self.model,
                     self.tokenizer,
@@ -148,3 +192,11 @@ class AlignmentTracker:
             self.model.train(was_training)
         rec["seconds"] = time.perf_counter() - start
         return rec
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    vocab = getattr(config, "vocab_size", None)
+    return int(vocab) if vocab else None
