@@ -58,6 +58,22 @@ def exact_float64(model: nn.Module) -> nn.Module:
     return model
 
 
+def trained_lora(model: nn.Module, layers: list[int] | None = None) -> nn.Module:
+    """``model`` with a float64 rank-2 LoRA adapter on q/v/down projections (of ``layers``, or
+    every layer), its B matrices drawn non-zero so the adapter is not the identity map."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=layers
+    )
+    wrapped = exact_float64(get_peft_model(model, config))
+    with torch.no_grad():
+        for n, p in wrapped.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    return wrapped
+
+
 class TinyMLPLM(nn.Module):
     """A position-wise MLP language model: embedding -> tanh MLP -> logits (no attention)."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _tiny import VOCAB, TinyMLPLM, exact_float64, random_batch, tiny_llama
+from _tiny import VOCAB, TinyMLPLM, exact_float64, random_batch, tiny_llama, trained_lora
 from alignscope.curvature import FisherOperator, FunctionalLM, HessianOperator
 from alignscope.curvature.functional import EXACT_EAGER, response_weights
 from alignscope.curvature.per_sample import per_sample_grads
@@ -41,17 +41,7 @@ def tiny_gpt2(layers: int = 3):
 
 def tiny_lora_last():
     """A tiny 3-layer Llama with a trained LoRA adapter on its last layer only."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=2, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[2]
-    )
-    model = exact_float64(get_peft_model(tiny_llama(layers=3), config))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
-    return model
+    return trained_lora(tiny_llama(layers=3), layers=[2])
 
 
 CASES = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.func import jacrev
 
-from _tiny import exact_float64, random_batch, tiny_llama
+from _tiny import exact_float64, random_batch, tiny_llama, trained_lora
 from alignscope.curvature import FisherOperator, FunctionalLM, HessianOperator
 from alignscope.curvature.functional import EXACT_EAGER
 from alignscope.curvature.head import ladder
@@ -41,15 +41,7 @@ def _gpt2():
 
 def _llama_lora():
     """LoRA on every layer (from layer 0: no frozen prefix), trained so it is not B = 0."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = exact_float64(get_peft_model(tiny_llama(hidden=H, vocab=V), config))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
-    return model
+    return trained_lora(tiny_llama(hidden=H, vocab=V))
 
 
 # name -> (model, selection, prefix cache)
