@@ -37,6 +37,7 @@ from alignscope.evaluate import (
     RefusalReport,
     judge_prompts,
 )
+from alignscope.models import vocab_size
 from alignscope.params import ParamSelection
 
 # Bytes of theta0's log-probability table the tracker keeps per prompt set: the reference never
@@ -94,11 +95,11 @@ class AlignmentTracker:
         model.train(was_training)
         self.theta0 = self.flm.theta0
         self.safety_batch = safety_batch
-        vocab = _vocab_size(model)
+        vocab = vocab_size(model)
         itemsize = self.theta0.element_size()
 
         def kl(batch: LMBatch) -> AlignmentKL:
-            ref = _kl_reference(batch, vocab, itemsize) if vocab else "recompute"
+            ref = _kl_reference(batch, vocab, itemsize)
             return AlignmentKL(self.flm, batch, reference=ref)
 
         self.kl = kl(safety_batch)
@@ -192,11 +193,3 @@ class AlignmentTracker:
             self.model.train(was_training)
         rec["seconds"] = time.perf_counter() - start
         return rec
-
-
-def _vocab_size(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    vocab = getattr(config, "vocab_size", None)
-    return int(vocab) if vocab else None
