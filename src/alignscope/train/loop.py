@@ -57,36 +57,19 @@ def response_nll(
     """
     if weighting not in ("token", "example"):
         raise ValueError(f"unknown loss weighting {weighting!r}; use token or example")
-    mask = batch.target_mask
-    if prefix is not None:
-        return _response_nll_at(model, batch, weighting, prefix)
-    logits = model(input_ids=batch.input_ids).logits[:, :-1]
-    # 16-bit logits upcast to float32; float64 ones stay float64 (exact float64 checks)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if weighting == "token":
-        return F.cross_entropy(logits[mask], batch.targets[mask])
-    nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")  # [B, T-1]
-    weights = mask.to(nll.dtype) / mask.sum(dim=1, keepdim=True).clamp_min(1)
-    return (nll * weights).sum(dim=1).mean()
-
-
-def _response_nll_at(
-    model: torch.nn.Module, batch: LMBatch, weighting: str, prefix: PrefixForward
-) -> torch.Tensor:
-    """:func:`response_nll` from the logits at the response-predicting positions only: the
-    frozen prefix's cache projects just those onto the vocabulary (for SmolLM2 the tied LM head
-    is most of a training step, and prompt and padding positions are most of a batch)."""
     from alignscope.train.prefix import lm_logits
 
+    # Only the response-predicting positions are projected onto the vocabulary where the frozen
+    # prefix's cache runs the suffix (for SmolLM2 the tied LM head is most of a training step,
+    # and prompt and padding positions are most of a batch); the whole network gathers them.
     mask = batch.target_mask  # [B, T-1]: position t predicts token t + 1
-    rows = F.pad(mask, (0, 1))  # [B, T]
-    logits = lm_logits(model, batch, prefix, rows=rows)  # [N, V]
+    logits = lm_logits(model, batch, prefix, rows=F.pad(mask, (0, 1)))  # [N, V]
+    # 16-bit logits upcast to float32; float64 ones stay float64 (exact float64 checks)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     nll = F.cross_entropy(logits, batch.targets[mask], reduction="none")  # [N]
     if weighting == "token":
         return nll.mean()
-    counts = mask.sum(dim=1, keepdim=True).clamp_min(1)
-    weights = (mask.to(nll.dtype) / counts)[mask]
+    weights = (mask.to(nll.dtype) / mask.sum(dim=1, keepdim=True).clamp_min(1))[mask]
     return (nll * weights).sum() / batch.size
 
 
