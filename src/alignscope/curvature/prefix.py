@@ -299,8 +299,7 @@ class PrefixCache:
     ) -> torch.Tensor:
         """Suffix logits ``[B, T, V]`` from cached hidden states, at parameters ``params``
         (a dict by root parameter name that must cover ``suffix_names``)."""
-        wrapped = {f"root.{n}": params[n] for n in self.suffix_names}
-        return functional_call(self.suffix, wrapped, (hidden, layer_inputs))
+        return self._run(params, hidden, layer_inputs, head=True)
 
     def hidden(
         self,
@@ -309,8 +308,12 @@ class PrefixCache:
         layer_inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
     ) -> torch.Tensor:
         """Final-normed hidden states ``[B, T, H]``: :meth:`logits` without the LM head."""
+        return self._run(params, hidden, layer_inputs, head=False)
+
+    def _run(self, params: dict[str, torch.Tensor], hidden: torch.Tensor, layer_inputs: list,
+             head: bool) -> torch.Tensor:  # fmt: skip
         wrapped = {f"root.{n}": params[n] for n in self.suffix_names}
-        return functional_call(self.suffix, wrapped, (hidden, layer_inputs), {"head": False})
+        return functional_call(self.suffix, wrapped, (hidden, layer_inputs), {"head": head})
 
 
 _DISABLE_FUNCTORCH = getattr(torch._C, "_DisableFuncTorch", None)
