@@ -168,12 +168,8 @@ class TopK:
     def factor(self, k: int) -> tuple[torch.Tensor, float]:
         """``L`` ``[N, k+1, H]`` in the model's dtype (the last ``k`` asked for), and
         ``sum_n w_n |L_n|_F^2`` (float64)."""
-        self._advance(k)
-        if k != self._done:
-            raise ValueError("TopK.factor takes the last k measured")
-        tail = self._tail(k)
-        kept = float((self.w * (self._head + (tail**2).sum(-1))).sum())
-        full = torch.cat([*self._cols, tail.to(self.dtype)[:, None]], dim=1)
+        kept = self.kept(k)  # raises for a k below the last one measured
+        full = torch.cat([*self._cols, self._tail(k).to(self.dtype)[:, None]], dim=1)
         self._cols = []
         return full, kept
 
