@@ -267,8 +267,11 @@ def run_grid(args) -> None:
     trial_lengths = sorted({max(1, round(f * args.steps)) for f in TRIAL_FRACTIONS} | {default_n})
     n = len(done)
     for sel in args.selections:
-        todo = [(s, lr, seed) for seed in args.data_seeds for s in args.sets
-                for lr in LRS[sel] if (s, sel, float(lr), seed) not in done]  # fmt: skip
+        # (seed, lr) outermost, the larger lr first: a grid stopped part-way still holds whole
+        # rankings of the sets (the Spearman within (selection, lr, seed) needs all of them)
+        todo = [(s, lr, seed) for seed in args.data_seeds
+                for lr in sorted(LRS[sel], reverse=True) for s in args.sets
+                if (s, sel, float(lr), seed) not in done]  # fmt: skip
         if not todo:
             continue
         spec = SELECTIONS[sel]
@@ -295,12 +298,14 @@ def run_grid(args) -> None:
         soft = SoftRefusal(tok, eval_prompts, aligned_resp, aligned_ref)
         soft_start = soft(model)
         aligned_s = time.perf_counter() - t0
+        # every set's geometry is kept (the lrs of one seed reuse it; a subspace of the last
+        # layers is ~170 MB in float32, of LoRA r=8 ~80 MB)
         geos: dict[tuple[str, int], tuple] = {}
         for name, lr, seed in todo:
             if (name, seed) not in geos:
                 t1 = time.perf_counter()
-                geos = {(name, seed): (state.geometry(str(sets_dir / f"{name}.jsonl"), seed=seed),
-                                       time.perf_counter() - t1)}  # fmt: skip
+                geos[(name, seed)] = (state.geometry(str(sets_dir / f"{name}.jsonl"), seed=seed),
+                                      time.perf_counter() - t1)  # fmt: skip
             geo, geo_s = geos[(name, seed)]
             t1 = time.perf_counter()
             preds, details = state.predict(geo, "adamw", lr, seed=seed)
