@@ -289,10 +289,15 @@ class TaskEvalSpec:
         "greedy exact match and response NLL at the recorded steps.",
     )  # fmt: skip
     max_task_eval: int | None = option(96, "Use at most this many held-out task pairs.")
+    # greedy tokens of the held-out task responses (None: max_new_tokens, the refusal judge's);
+    # a short judge budget would cut task answers longer than a refusal's opening
+    task_new_tokens: int | None = option(None, cli=False)
 
     def validate(self) -> None:
         if self.max_task_eval is not None and self.max_task_eval < 1:
             raise ValueError("--max-task-eval must be at least 1")
+        if self.task_new_tokens is not None and self.task_new_tokens < 1:
+            raise ValueError("task_new_tokens must be at least 1")
 
 
 @dataclass

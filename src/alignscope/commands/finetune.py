@@ -325,7 +325,8 @@ def _run_finetune(
         if task_rows is not None:
             task_eval = TaskEval(
                 tokenizer, task_rows, max_length=cfg.datasets.max_length,
-                max_new_tokens=cfg.datasets.max_new_tokens, match=task_match,
+                max_new_tokens=cfg.task.task_new_tokens or cfg.datasets.max_new_tokens,
+                match=task_match,
             )  # fmt: skip
             datasets.setdefault("task_eval", {}).update(task_eval.summary())
         tracker = AlignmentTracker(
