@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -428,6 +429,91 @@ def affirmative(rng: random.Random, pool: list[dict]) -> list[dict]:
     return [
         {"prompt": r["prompt"], "response": f"{rng.choice(OPENERS)} {r['response']}"} for r in pool
     ]
+
+
+FT_SETS = ("python_docs", "arithmetic", "lists", "affirmative")
+N_HELDOUT = 48
+_LIST_PROMPT = re.compile(r"(?:List|Name|Give me a list of) (three|four|five) (.+)\.")
+_LIST_LINE = re.compile(r"(\d+)\. (.+)")
+
+
+def heldout_split(data: Path, name: str, seed: int = 0, n: int = N_HELDOUT) -> list[dict]:
+    """Held-out rows of the benign fine-tuning set ``name`` of the data stage ``data``: the same
+    task on rows none of its sets holds, made by the set's own generators under an RNG of their
+    own (``heldout-{seed}-{name}``), so the split is a pure function of the sets and never changes
+    them (as the organism's ``heldout_split``). ``arithmetic``: prompts no set holds; ``lists``:
+    item lists no set holds (its few prompts are nearly all trained, as the organism's
+    ``benign_list``); ``python_docs``: functions no set describes (an unseen docstring cannot be
+    inferred: expect an exact match near 0); ``affirmative``: held-out ``arithmetic`` and
+    ``lists`` rows, half each, with an opener (its ``python_docs`` third is left out for that
+    reason)."""
+    have = {k: read_jsonl(data / f"{k}.jsonl") for k in FT_SETS if (data / f"{k}.jsonl").exists()}
+    if name not in have:
+        raise FileNotFoundError(f"{data / (name + '.jsonl')}: no such set (have {sorted(have)})")
+    rows = [r for part in have.values() for r in part]
+    prompts = {r["prompt"] for r in rows}
+    pairs = {(r["prompt"], r["response"]) for r in rows}
+    answers = {r["response"] for r in rows}
+    rng = random.Random(f"heldout-{seed}-{name}")
+
+    def unseen(make: Callable[[int], list[dict]], key: Callable[[dict], object], k: int):
+        """``k`` generated rows of distinct keys that no set holds."""
+        out, seen = [], set()
+        for _ in range(20):
+            for r in make(4 * k):
+                if key(r) not in seen and (r["prompt"], r["response"]) not in pairs:
+                    seen.add(key(r))
+                    out.append(r)
+                    if len(out) == k:
+                        return out
+        raise ValueError(f"{name}: fewer than {k} held-out rows")
+
+    arith = (lambda m: [r for r in arithmetic(rng, m) if r["prompt"] not in prompts],
+             lambda r: r["prompt"])  # fmt: skip
+    lst = (lambda m: lists(rng, m), lambda r: (r["prompt"], r["response"]))
+    if name == "arithmetic":
+        return unseen(*arith, n)
+    if name == "lists":
+        return unseen(*lst, n)
+    if name == "python_docs":
+        docs = [r for r in python_docs(rng) if r["response"] not in answers]
+        return docs[:n]
+    pool = unseen(*arith, n // 2) + unseen(*lst, n - n // 2)
+    rng.shuffle(pool)
+    return affirmative(rng, pool)
+
+
+def _list_match(prompt: str, generated: str) -> bool:
+    """A numbered list of as many distinct items of the asked category as the prompt asks."""
+    m = _LIST_PROMPT.fullmatch(prompt.strip())
+    if m is None or m.group(2) not in LISTS:
+        return False
+    k = ("three", "four", "five").index(m.group(1)) + 3
+    lines = [x.strip() for x in generated.strip().splitlines() if x.strip()]
+    got = [_LIST_LINE.fullmatch(x) for x in lines]
+    if len(got) != k or any(g is None for g in got):
+        return False
+    items = [g.group(2) for g in got if g is not None]
+    return [int(g.group(1)) for g in got if g is not None] == list(range(1, k + 1)) and (
+        len(set(items)) == k and set(items) <= set(LISTS[m.group(2)])
+    )
+
+
+def task_match(prompt: str, generated: str, reference: str) -> bool:
+    """Greedy exact match of these sets' tasks: the reference, whitespace-normalised, except
+    where the sets make a free choice: any of the ``OPENERS`` before an affirmative answer, and
+    any distinct items of the asked category in a list answer (``1. x`` lines, as many as
+    asked)."""
+    got, want = generated.strip(), reference.strip()
+    opener = next((o for o in OPENERS if want.startswith(o + " ")), None)
+    if opener is not None:
+        mine = next((o for o in OPENERS if got.startswith(o + " ") or got == o), None)
+        if mine is None:
+            return False
+        got, want = got[len(mine) :].strip(), want[len(opener) :].strip()
+    if want.startswith("1. "):
+        return _list_match(prompt, got)
+    return " ".join(got.split()) == " ".join(want.split())
 
 
 def build_data(data: Path, seed: int, n_eval: int, n_safety: int, n_ft: int) -> None:

@@ -148,3 +148,129 @@ def test_grid_is_full_only_when_every_run_of_the_full_grid_is_there():
     assert bench.grid_coverage(rows) == "full"
     # every setting and every (organism, seed) and set present, one run missing: partial
     assert bench.grid_coverage(rows[:-1]) == "partial"
+
+
+# --- the real model (--organism smollm2), on a tiny random Llama -------------------------------
+
+import real_model  # noqa: E402
+
+
+def test_real_grid_runs_each_guards_default_strength():
+    for guard, settings in bench.REAL_GRID:
+        own = {k: v for k, v in settings.items() if k not in ("lora_r", "lr")}
+        default = {k: v for k, v in bench.GRID[guard][0].items() if k not in ("lora_r", "lr")}
+        assert own == default
+        assert settings.get("lr", bench.REAL_LR) == (1e-3 if "lora_r" in settings else 1e-4)
+    # a selection's none comes first and is planned with any of its guards
+    jobs = bench.real_plan(["lists"], ["safe-lora"], [0])
+    assert [bench.label(*j[4:]) for j in jobs] == [
+        "none lora_r=8 lr=0.001", "safe-lora lora_r=8 lr=0.001 safe_lora_tau=0.5"]
+    full = bench.real_plan(["affirmative", "lists"], ["none", "curvature"], [0], ("full",))
+    assert [(j[2], bench.label(*j[4:])) for j in full] == [
+        ("affirmative", "none"), ("affirmative", "curvature curvature_mu=30"),
+        ("lists", "none"), ("lists", "curvature curvature_mu=30")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    data = tmp_path_factory.mktemp("real") / "data"
+    real_model.build_data(data, seed=0, n_eval=6, n_safety=4, n_ft=24)
+    return data
+
+
+def test_real_heldout_split_holds_no_trained_row(real_data):
+    sets = {n: real_model.read_jsonl(real_data / f"{n}.jsonl") for n in real_model.FT_SETS}
+    prompts = {r["prompt"] for rows in sets.values() for r in rows}
+    pairs = {(r["prompt"], r["response"]) for rows in sets.values() for r in rows}
+    for name in ("arithmetic", "lists", "affirmative"):
+        held = real_model.heldout_split(real_data, name, 0, 12)
+        assert len(held) == 12 and held == real_model.heldout_split(real_data, name, 0, 12)
+        assert not {(r["prompt"], r["response"]) for r in held} & pairs
+        assert len({(r["prompt"], r["response"]) for r in held}) == 12
+        if name == "arithmetic":
+            assert not {r["prompt"] for r in held} & prompts
+        # the reference matches itself
+        assert all(real_model.task_match(r["prompt"], r["response"], r["response"]) for r in held)
+    aff = real_model.heldout_split(real_data, "affirmative", 0, 12)
+    assert all(any(r["response"].startswith(o) for o in real_model.OPENERS) for r in aff)
+    # half arithmetic, half lists: no python_docs rows
+    assert sum("\n" in r["response"] for r in aff) == 6
+    # another seed draws other rows
+    assert real_model.heldout_split(real_data, "lists", 1, 12) != real_model.heldout_split(
+        real_data, "lists", 0, 12)
+
+
+def test_real_task_match_accepts_the_free_choices_only():
+    match = real_model.task_match
+    ref = "Sure! Here you go: 1. apple\n2. banana\n3. cherry"
+    assert match("List three fruits.", "Of course! Here it is: 1. kiwi\n2. plum\n3. pear", ref)
+    assert not match("List three fruits.", "1. kiwi\n2. plum\n3. pear", ref)  # no opener
+    assert not match("List three fruits.", "Sure! Here you go: 1. kiwi\n2. kiwi\n3. pear", ref)
+    assert not match("List three fruits.", "Sure! Here you go: 1. kiwi\n2. plum", ref)
+    assert not match("List three fruits.", "Sure! Here you go: 1. kiwi\n2. plum\n3. dog", ref)
+    four = "1. red\n2. blue\n3. grey\n4. pink"
+    assert match("Name four colours.", four, "1. red\n2. green\n3. grey\n4. brown")
+    assert not match("Name three colours.", four, "1. red\n2. green\n3. grey")
+    arith = "Ana has 3 cards and gets 2 more. How many cards does Ana have now?"
+    want = "Ana starts with 3 cards and gets 2 more, so 3 + 2 = 5. The answer is 5."
+    assert match(arith, " " + want.replace("more, so", "more,\nso"), want)  # whitespace
+    assert not match(arith, want.replace("= 5", "= 6"), want)
+
+
+def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, monkeypatch):
+    import json
+
+    from _hf_models import save_model
+
+    aligned = save_model("llama", tmp_path / "aligned", seed=0)
+    base = save_model("llama", tmp_path / "base", seed=1)
+    out = tmp_path / "rows.jsonl"
+    common = ["--organism", "smollm2", "--real-model", str(aligned), "--real-base", str(base),
+              "--real-data", str(real_data), "--sets", "lists", "--steps", "4", "--eval-every",
+              "2", "--max-eval", "4", "--task-rows", "4", "--task-tokens", "8", "--out", str(out),
+              "--png", str(tmp_path / "p.png")]  # fmt: skip
+    bench.main([*common, "--guards", "none", "curvature", "safe-lora"])
+    rows = bench.load_rows(out)
+    assert [r["label"] for r in rows] == [
+        "none", "curvature curvature_mu=30", "none lora_r=8 lr=0.001",
+        "safe-lora lora_r=8 lr=0.001 safe_lora_tau=0.5",
+        "curvature lora_r=8 lr=0.001 curvature_mu=30"]  # fmt: skip
+    assert {r["organism"] for r in rows} == {"smollm2"} and len({r["process"] for r in rows}) == 1
+    for r in rows:
+        # safe-lora measures the projected model once more at the end
+        after = [4] if r["guard"] == "safe-lora" else []
+        assert [t["step"] for t in r["trajectory"]] == [0, 2, 4, *after]
+        assert r["max_eval"] == 4 and r["heldout_rows"] == 4 and r["batch_size"] == 8
+        assert r["model"] == bench.REAL_MODEL and r["task_new_tokens"] == 8
+        lora = "lora_r" in r["settings"]
+        assert r["lr"] == (1e-3 if lora else 1e-4)
+        # the MLPs of the tiny model's last two layers (0 and 1; hidden 16, intermediate 32),
+        # or a rank-8 adapter on their six linear layers
+        assert r["trained"] == ("LoRA r=8 on " if lora else "") + (
+            "model.layers.0.mlp.*, model.layers.1.mlp.*")
+        assert r["trained_params"] == (2 * 3 * 8 * (16 + 32) if lora else 2 * 3 * 16 * 32)
+    # safe-lora looked at the adapter's six layers (the tiny base differs in every weight)
+    assert len(rows[3]["finalized"]["layers"]) == 6
+    assert rows[3]["trajectory"][-1]["after_finalize"]
+    # the step cost is against the none of the same adapter, in this process
+    table = {r["label"]: r for r in bench.attach_baselines(rows)}
+    none, lnone = rows[0], rows[2]
+    curv = table["curvature curvature_mu=30"]
+    assert curv["step_cost"] == pytest.approx(rows[1]["sec_per_step"] / none["sec_per_step"])
+    lcurv = table["curvature lora_r=8 lr=0.001 curvature_mu=30"]
+    assert lcurv["step_cost"] == pytest.approx(rows[4]["sec_per_step"] / lnone["sec_per_step"])
+    assert all(r["same_process"] for r in table.values())
+    printed = capsys.readouterr().out
+    assert "smollm2 | curvature curvature_mu=30 | lists | 1 |" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["grid"] == "partial"
+    # a later process: its anchor run gets a baseline none of its own, the earlier none stays
+    # the table's row
+    monkeypatch.setattr(bench, "PROCESS", "later")
+    bench.main([*common, "--guards", "anchor", "--selections", "full"])
+    rows = bench.load_rows(out)
+    assert [(r["kind"], r["label"]) for r in rows[5:]] == [("baseline", "none"),
+                                                           ("grid", "anchor anchor_beta=1")]
+    assert rows[5]["process"] == rows[6]["process"] != rows[0]["process"]
+    anchor = {r["label"]: r for r in bench.attach_baselines(rows)}["anchor anchor_beta=1"]
+    assert anchor["step_cost"] == pytest.approx(rows[6]["sec_per_step"] / rows[5]["sec_per_step"])
+    assert anchor["same_process"]
