@@ -33,6 +33,22 @@ planned runs. Every run is one row appended when it ends, so an interrupted grid
 first run without a row (one keyed by kind, organism, set, seed, guard settings, steps and
 ``--max-eval``).
 
+The real model (``--organism smollm2``, rows to bench/results/guard_real.jsonl, plot
+guard_real_pareto.png): SmolLM2-135M-Instruct as bench/real_model.py's stages 1-5 aligned it
+(the cached ``aligned-v2-seed0``; its ``base`` is safe-lora's ``--base``), fine-tuned through the
+same ``run_finetune`` on that bench's benign sets (``affirmative`` and ``lists`` by default) at its
+protocol (AdamW lr 1e-4, batch 8, 192 tokens, a 16-token greedy keyword judge on the 150 held-out
+Do-Not-Answer prompts of eval.jsonl), ``REAL_GRID`` in order: the MLPs of the last two layers
+under none, project, curvature, anchor and constrained-sft, then a new rank-8 LoRA adapter on the
+same six linear layers at lr 1e-3 under none, safe-lora and curvature, each guard at its default
+strength (the first in ``GRID``). Refusal, KL and the task are measured every ``--eval-every``
+steps (default 50) and at the end; the task on ``real_model.heldout_split`` (48 rows no set holds,
+made by the set's own generators; greedy answers of up to 48 tokens, ``real_model.task_match``).
+``--selections full|lora`` picks the parameter selections (two processes can share the JSONL).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/guard.py --organism smollm2 --selections full
+    .venv/bin/python bench/guard.py --organism smollm2 --analyze
+
 Full grid: organisms test (seeds 0 1 2) and demo (seed 0), every strength in ``GRID``. Rows are
 appended to bench/results/guard.jsonl (resumable: rows already there are skipped); the table, the
 target check and the thesis records are printed, bench/results/guard_pareto.png is drawn, and the
@@ -347,6 +363,7 @@ def real_config(real: RealModel, name: str, seed: int, guard: str, settings: dic
         model=str(real.aligned), safety=str(real.data / "safety.jsonl"),
         data=str(real.data / f"{name}.jsonl"), optimizer="adamw", lr=lr, batch_size=REAL_BATCH,
         steps=args.steps, seed=seed, threads=1, guard=guard, max_length=192, max_new_tokens=16,
+        max_safety=args.max_safety, memory_budget_gb=args.memory_gb,
         eval_prompts=str(real.data / "eval.jsonl"), max_eval=args.max_eval,
         task_new_tokens=args.task_tokens, eval_every=str(args.eval_every), **opts,
     )  # fmt: skip
@@ -368,7 +385,8 @@ def run_real_one(real: RealModel, name: str, seed: int, guard: str, settings: di
         trained=(f"LoRA r={settings['lora_r']} on " if "lora_r" in settings else "")
         + ", ".join(real.params()),
         trained_params=sum(p.numel() for p in res.model.parameters() if p.requires_grad),
-        eval_every=str(args.eval_every), task_new_tokens=args.task_tokens,
+        eval_every=str(args.eval_every),
+        task_new_tokens=res.datasets["task_eval"]["max_new_tokens"],
     )  # fmt: skip
     return row
 
@@ -1071,6 +1089,12 @@ def main(argv=None) -> None:
                            "them (default both)")  # fmt: skip
     real.add_argument("--eval-every", type=int, default=50,
                       help="measure refusal, KL and the task every N steps (and at the end)")
+    real.add_argument("--max-safety", type=int, default=8,
+                      help="safety prompts (the alignment KL, the guards' Fisher and replay; "
+                           "bench/real_model.py's default)")  # fmt: skip
+    real.add_argument("--memory-gb", type=float, default=4.0,
+                      help="curvature memory budget (project's Lanczos basis over the 5.3 M "
+                           "parameters of the two MLPs needs about 2.4 GiB)")  # fmt: skip
     real.add_argument("--task-rows", type=int, default=48, help="held-out task rows")
     real.add_argument("--task-tokens", type=int, default=48,
                       help="greedy tokens of the held-out task answers")

@@ -88,6 +88,8 @@ def test_finetune_records_held_out_task_performance(organism_test, tmp_path):
     assert sm["task_exact_match_start"] == traj[0]["task_exact_match"] == 0.0  # a new style
     assert sm["task_nll_end"] == traj[-1]["task_nll"] < 0.5 * sm["task_nll_start"]
     assert result.datasets["task_eval"]["rows"] == 48
+    # no task_new_tokens: the task's greedy answers get the refusal judge's budget
+    assert result.datasets["task_eval"]["max_new_tokens"] == cfg.datasets.max_new_tokens
     out = write_finetune_outputs(result, tmp_path / "ft")
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["task_eval"] == str(held)

@@ -84,4 +84,5 @@ class TaskEval:
             model.train(was_training)
 
     def summary(self) -> dict[str, Any]:
-        return {"rows": len(self.rows), "kept": sum(len(f.kept) for _, f in self.batches)}
+        return {"rows": len(self.rows), "kept": sum(len(f.kept) for _, f in self.batches),
+                "max_new_tokens": self.max_new_tokens}  # fmt: skip
