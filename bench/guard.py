@@ -385,7 +385,7 @@ def run_real_one(real: RealModel, name: str, seed: int, guard: str, settings: di
         trained=(f"LoRA r={settings['lora_r']} on " if "lora_r" in settings else "")
         + ", ".join(real.params()),
         trained_params=sum(p.numel() for p in res.model.parameters() if p.requires_grad),
-        eval_every=str(args.eval_every),
+        eval_every=str(args.eval_every), max_safety=args.max_safety,
         task_new_tokens=res.datasets["task_eval"]["max_new_tokens"],
     )  # fmt: skip
     return row
