@@ -101,11 +101,25 @@ def _old_tracker(monkey: list) -> None:
 
 
 def _old_verify(monkey: list) -> None:
-    """verify before the verifygen branch: every refusal generation runs its whole prefill."""
+    """verify before the verifygen branch: every refusal generation runs its whole prefill;
+    the KL passes and the fine-tuning loss project every position onto the vocabulary."""
+    from alignscope.curvature.functional import FunctionalLM, response_weights
+    from alignscope.curvature.losses import AlignmentKL
     from alignscope.train.prefix_generate import GenerationPrefix
 
-    monkey.append((GenerationPrefix, "build", GenerationPrefix.__dict__["build"]))
-    GenerationPrefix.build = classmethod(lambda cls, *a, **k: None)
+    def position_logits(self, theta):
+        return self.positions.gather(self.flm.logits(theta, self.batch.input_ids))
+
+    def per_example_nll(self, theta, batch):
+        return self.example_nll(theta, batch.input_ids, response_weights(batch, self.dtype))
+
+    for owner, attr, fn in [
+        (GenerationPrefix, "build", classmethod(lambda cls, *a, **k: None)),
+        (AlignmentKL, "position_logits", position_logits),
+        (FunctionalLM, "per_example_nll", per_example_nll),
+    ]:
+        monkey.append((owner, attr, owner.__dict__[attr]))
+        setattr(owner, attr, fn)
 
 
 def run_path(name: str, cfg, diag, model, tok) -> dict:

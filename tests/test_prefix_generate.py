@@ -1,6 +1,6 @@
-"""Generation with the frozen prefix's prompt states recorded once: the same tokens as a plain
-``generate`` and the same prefill logits, in float64, on tiny Llama, Qwen2 and GPT-2 models
-(left padding, prompts of different lengths, two batches)."""
+"""Generation with the frozen prefix's states recorded and reused: the same tokens as a plain
+``generate`` and the same logits at the prefill and every decode step, in float64, on tiny
+Llama, Qwen2 and GPT-2 models (left padding, prompts of different lengths, two batches)."""
 
 from __future__ import annotations
 
@@ -124,3 +124,44 @@ def test_generate_with_prefix_and_fallbacks(tok):
     small = GenerationPrefix.build(model, select_params(model, SUFFIX["llama"]), 64)
     assert generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=4, prefix=small) == plain
     assert (small.n_recorded, small.n_replayed, small.nbytes) == (0, 0, 0)
+
+
+def _logits_per_step(model, tok, prefix=None) -> list[torch.Tensor]:
+    """The LM head's output at every forward of generate (prefill: the last position)."""
+    seen: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _a, out: seen.append(out[:, -1].clone()))
+    try:
+        _token_ids(model, tok, prefix)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_steps_reuse_rows_seen_before(arch, tok):
+    """After a change of the suffix some rows generate what they did before (their prefix
+    states come from the record) and some do not (they run the prefix as a smaller batch):
+    every step's logits equal the plain generation's."""
+    model = _model(arch, tok)
+    sel = select_params(model, SUFFIX[arch])
+    prefix = GenerationPrefix.build(model, sel)
+    first = _token_ids(model, tok, prefix)
+    assert prefix.n_rows_reused == 0 and prefix.n_rows_computed > 0
+    computed = prefix.n_rows_computed
+    _nudge(list(sel.tensors(model).values()), 1)
+    want = _logits_per_step(model, tok)
+    got = _logits_per_step(model, tok, prefix)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    plain = _token_ids(model, tok)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, first, strict=True))
+    # both kinds of rows occurred: from the record and through the prefix
+    assert prefix.n_rows_reused > 0 and prefix.n_rows_computed > computed
+    assert prefix.n_split_steps > 0
+    # unchanged weights: every row of every decode step comes from the records
+    before = prefix.n_rows_computed
+    for a, b in zip(_token_ids(model, tok, prefix), plain, strict=True):
+        assert torch.equal(a, b)
+    assert prefix.n_rows_computed == before
