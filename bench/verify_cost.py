@@ -122,6 +122,24 @@ def _old_verify(monkey: list) -> None:
         setattr(owner, attr, fn)
 
 
+def _generation_prefixes(monkey: list) -> list:
+    """Collect the GenerationPrefix objects verify builds (their counters are printed)."""
+    from alignscope.train.prefix_generate import GenerationPrefix
+
+    made: list = []
+    build = GenerationPrefix.__dict__["build"]
+
+    def collect(cls, *a, **k):
+        out = build.__func__(cls, *a, **k)
+        if out is not None:
+            made.append(out)
+        return out
+
+    monkey.append((GenerationPrefix, "build", build))
+    GenerationPrefix.build = classmethod(collect)
+    return made
+
+
 def run_path(name: str, cfg, diag, model, tok) -> dict:
     from alignscope.commands.verify import run_verify
 
@@ -132,6 +150,7 @@ def run_path(name: str, cfg, diag, model, tok) -> dict:
         _old_verify(undo)
     if name == "no-shortcuts":
         _old_tracker(undo)
+    made = _generation_prefixes(undo) if name == "new" else []
     undo += _timers(acc, count)
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
@@ -155,6 +174,11 @@ def run_path(name: str, cfg, diag, model, tok) -> dict:
         "records": len(traj),
         "trajectory": traj,
         "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "generation_prefix": [
+            {k: getattr(g, k) for k in ("n_recorded", "n_replayed", "n_rows_reused",
+                                        "n_rows_computed", "n_split_steps", "nbytes")}
+            for g in made
+        ],  # fmt: skip
     }
 
 
@@ -208,6 +232,11 @@ def main() -> None:
               f"{r['load'][0]} at start, {r['load'][1]} at end", flush=True)  # fmt: skip
         for phase, sec in r["phases"].items():
             print(f"  {phase:34s} {sec:8.1f} s  x{r['calls'].get(phase, '-')}")
+        for g in r["generation_prefix"]:
+            print(f"  generation prefix: {g['n_recorded']} prefill recorded, {g['n_replayed']} "
+                  f"replayed; decode rows x steps {g['n_rows_reused']} reused, "
+                  f"{g['n_rows_computed']} computed ({g['n_split_steps']} split steps); "
+                  f"{g['nbytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
     out = {"bench": "verify_cost", "model": args.model, "steps": args.steps,
            "threads": args.threads}  # fmt: skip
     for name, r in runs.items():
