@@ -2,16 +2,19 @@
 in one process. Not a test.
 
     python bench/verify_cost.py [--seed 0] [--set affirmative] [--steps 32] [--threads 2]
-                                [--model aligned|base] [--diagnosis DIR] [--paths old new]
+                                [--model aligned|base] [--diagnosis DIR]
+                                [--paths new old no-shortcuts]
 
 Runs ``run_verify`` with bench/real_model.py's settings (last two MLPs, rank 8, batch 8,
 ``--max-safety 8 --max-data 16 --noise-examples 8 --max-eval 32 --max-new-tokens 16``) and
 times each phase by wrapping the functions that do it: setup (model copy, the eval set's
 reference responses), the training steps (forward, backward, optimizer), and every tracked
 record split into the KL + NLL passes, the fine-tuning loss, the subspace statistics and the
-refusal generation. ``old`` turns the tracker's shortcuts off (the KL reference at theta0
-recomputed at every record; step 0's responses generated again), ``new`` is the default; both
-paths must record the same trajectory (printed: the largest differences).
+refusal generation. ``new`` is the default; ``old`` turns off what the verifygen branch added
+(:func:`_old_verify`: the eval prompts' frozen-prefix states replayed in every refusal
+generation's prefill); ``no-shortcuts`` turns off the tracker's earlier shortcuts too (the KL
+reference at theta0 recomputed at every record; step 0's responses generated again). All
+paths must record the same trajectory (printed: the largest differences from ``new``).
 
 ``--diagnosis DIR``: a diagnosis saved as DIR/diagnose.json + DIR/subspace.pt (as
 bench/real_model.py writes them); without it one is run first (minutes, not timed here). The
@@ -97,14 +100,57 @@ def _old_tracker(monkey: list) -> None:
     tr.AlignmentTracker.__init__ = init_without
 
 
+def _old_verify(monkey: list) -> None:
+    """verify before the verifygen branch: every refusal generation runs its whole prefill;
+    the KL passes and the fine-tuning loss project every position onto the vocabulary."""
+    from alignscope.curvature.functional import FunctionalLM, response_weights
+    from alignscope.curvature.losses import AlignmentKL
+    from alignscope.train.prefix_generate import GenerationPrefix
+
+    def position_logits(self, theta):
+        return self.positions.gather(self.flm.logits(theta, self.batch.input_ids))
+
+    def per_example_nll(self, theta, batch):
+        return self.example_nll(theta, batch.input_ids, response_weights(batch, self.dtype))
+
+    for owner, attr, fn in [
+        (GenerationPrefix, "build", classmethod(lambda cls, *a, **k: None)),
+        (AlignmentKL, "position_logits", position_logits),
+        (FunctionalLM, "per_example_nll", per_example_nll),
+    ]:
+        monkey.append((owner, attr, owner.__dict__[attr]))
+        setattr(owner, attr, fn)
+
+
+def _generation_prefixes(monkey: list) -> list:
+    """Collect the GenerationPrefix objects verify builds (their counters are printed)."""
+    from alignscope.train.prefix_generate import GenerationPrefix
+
+    made: list = []
+    build = GenerationPrefix.__dict__["build"]
+
+    def collect(cls, *a, **k):
+        out = build.__func__(cls, *a, **k)
+        if out is not None:
+            made.append(out)
+        return out
+
+    monkey.append((GenerationPrefix, "build", build))
+    GenerationPrefix.build = classmethod(collect)
+    return made
+
+
 def run_path(name: str, cfg, diag, model, tok) -> dict:
     from alignscope.commands.verify import run_verify
 
     acc: dict = defaultdict(float)
     count: dict = defaultdict(int)
     undo: list = []
-    if name == "old":
+    if name in ("old", "no-shortcuts"):
+        _old_verify(undo)
+    if name == "no-shortcuts":
         _old_tracker(undo)
+    made = _generation_prefixes(undo) if name == "new" else []
     undo += _timers(acc, count)
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
@@ -128,6 +174,11 @@ def run_path(name: str, cfg, diag, model, tok) -> dict:
         "records": len(traj),
         "trajectory": traj,
         "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
+        "generation_prefix": [
+            {k: getattr(g, k) for k in ("n_recorded", "n_replayed", "n_rows_reused",
+                                        "n_rows_computed", "n_split_steps", "nbytes")}
+            for g in made
+        ],  # fmt: skip
     }
 
 
@@ -149,7 +200,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", choices=["aligned", "base"], default="aligned")
     ap.add_argument("--diagnosis", type=Path, default=None)
-    ap.add_argument("--paths", nargs="+", choices=["old", "new"], default=["new", "old"])
+    ap.add_argument(
+        "--paths", nargs="+", choices=["new", "old", "no-shortcuts"], default=["new", "old"]
+    )
     args = ap.parse_args()
     root = rm.cache_root()
     base, data, aligned = rm.stage_paths(root, args.seed)
@@ -179,16 +232,21 @@ def main() -> None:
               f"{r['load'][0]} at start, {r['load'][1]} at end", flush=True)  # fmt: skip
         for phase, sec in r["phases"].items():
             print(f"  {phase:34s} {sec:8.1f} s  x{r['calls'].get(phase, '-')}")
+        for g in r["generation_prefix"]:
+            print(f"  generation prefix: {g['n_recorded']} prefill recorded, {g['n_replayed']} "
+                  f"replayed; decode rows x steps {g['n_rows_reused']} reused, "
+                  f"{g['n_rows_computed']} computed ({g['n_split_steps']} split steps); "
+                  f"{g['nbytes'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
     out = {"bench": "verify_cost", "model": args.model, "steps": args.steps,
            "threads": args.threads}  # fmt: skip
     for name, r in runs.items():
         out[f"{name}_verify_s"] = r["total_s"]
         out[f"{name}_load"] = r["load"]
-    if len(runs) == 2:
-        diff = _max_diff(runs["old"]["trajectory"], runs["new"]["trajectory"])
-        out["speedup"] = round(runs["old"]["total_s"] / runs["new"]["total_s"], 2)
-        out["trajectory_max_abs_diff"] = diff
-        print(f"\nold / new: {out['speedup']}x; trajectories differ by at most "
+    for name in (n for n in runs if n != "new" and "new" in runs):
+        diff = _max_diff(runs[name]["trajectory"], runs["new"]["trajectory"])
+        out[f"speedup_{name}"] = ratio = round(runs[name]["total_s"] / runs["new"]["total_s"], 2)
+        out[f"trajectory_max_abs_diff_{name}"] = diff
+        print(f"\n{name} / new: {ratio}x; trajectories differ by at most "
               + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()))  # fmt: skip
     print(json.dumps(out))
 

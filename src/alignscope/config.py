@@ -308,8 +308,8 @@ class RuntimeSpec:
     threads: int | None = option(None, "torch CPU threads (1 is best on a busy 2-core box).")
     prefix_cache_gb: float = option(
         1.0, "Memory (GiB) for the activations of the frozen layers below the first trained or "
-        "analysed layer, kept per prompt so that products, training steps and KL measurements "
-        "run the later layers only (beyond it: recomputed; 0: off).",
+        "analysed layer, kept per prompt so that products, training steps, KL measurements and "
+        "the refusal generation run the later layers only (beyond it: recomputed; 0: off).",
     )  # fmt: skip
 
     def validate(self) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -116,8 +117,15 @@ def generate(
     prompts: Sequence[str],
     max_new_tokens: int = 48,
     batch_size: int = 32,
+    prefix=None,
 ) -> list[str]:
-    """Greedy responses to ``prompts`` (user turns), decoded without special tokens, stripped."""
+    """Greedy responses to ``prompts`` (user turns), decoded without special tokens, stripped.
+
+    ``prefix``: a :class:`~alignscope.train.prefix_generate.GenerationPrefix` of ``model``; the
+    prefill of a batch of prompts it has seen before then runs the layers above the frozen
+    prefix only (the same tokens)."""
+    if prefix is not None and prefix.model is not model:
+        raise ValueError("the generation prefix was built for another model; build it on this one")
     texts = _prompt_texts(tokenizer, prompts)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # many real chat tokenizers have no pad token; EOS is the usual stand-in
@@ -135,14 +143,17 @@ def generate(
             # Left padding: generation continues from the right end of every row.
             enc = _pad_left(tokenizer, texts[start : start + batch_size], pad_id)
             ids = enc["input_ids"].to(device)
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=enc["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=eos,
-            )
+            mask = enc["attention_mask"].to(device)
+            serving = prefix.serving(ids, mask) if prefix is not None else contextlib.nullcontext()
+            with serving:
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    eos_token_id=eos,
+                )
             new = gen[:, ids.shape[1] :]
             out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

@@ -63,6 +63,7 @@ from alignscope.report.output import (
 )
 from alignscope.train.loop import finetune, make_optimizer
 from alignscope.train.prefix import PrefixForward
+from alignscope.train.prefix_generate import GenerationPrefix
 from alignscope.train.stream import training_stream
 from alignscope.train.tracker import AlignmentTracker
 from alignscope.train.watch import AlignmentCollapseWarning
@@ -503,6 +504,9 @@ def _run_verify(
             cfg.finetune.data,
         )
         eval_batch, greedy = None, None
+        # the eval prompts' frozen-prefix states, recorded by the reference responses' prefill
+        # and replayed at every record's (the same batches of 32)
+        generation_prefix = GenerationPrefix.build(model, selection, cfg.runtime.prefix_budget)
         prompts = [r["prompt"] for r in diag.alignment.responses]
         if cfg.eval.eval_prompts is not None:
             evals = load_data(cfg.eval.eval_prompts, "safety", format=cfg.datasets.safety_format)
@@ -514,8 +518,9 @@ def _run_verify(
                 greedy = dist.sharded_map(
                     prompts,
                     lambda part: generate(
-                        model, tokenizer, part, max_new_tokens=cfg.datasets.max_new_tokens
-                    ),
+                        model, tokenizer, part, max_new_tokens=cfg.datasets.max_new_tokens,
+                        prefix=generation_prefix,
+                    ),  # fmt: skip
                     GENERATE_BATCH,
                 )
                 pairs = zip(prompts, greedy, strict=True)
@@ -525,6 +530,8 @@ def _run_verify(
             )
             if greedy is not None and len(eval_fit.kept) != len(prompts):
                 greedy = None  # other prompts, other batches: the tracker generates anew
+                if generation_prefix is not None:
+                    generation_prefix.clear()  # states of batches never generated again
             prompts = [prompts[i] for i in eval_fit.kept]  # too long for the context: left out
             datasets["eval"] = {**evals.summary(), **eval_fit.summary()}
         tracker = AlignmentTracker(
@@ -542,6 +549,7 @@ def _run_verify(
             prefix_memory_budget=cfg.runtime.prefix_budget,
             # the reference responses are step 0's greedy generation (the same batches of 32)
             initial_responses=greedy,
+            generation_prefix=generation_prefix,
         )
         # the frozen layers' activations of the fine-tuning set, kept per example
         prefix = PrefixForward.build(model, selection, cfg.runtime.prefix_budget)

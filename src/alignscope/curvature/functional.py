@@ -206,8 +206,18 @@ class FunctionalLM:
         return -(weights * self.token_logprobs(theta, input_ids, hidden)).sum(dim=-1)
 
     def per_example_nll(self, theta: torch.Tensor, batch: LMBatch) -> torch.Tensor:
-        """``[B]`` mean token NLL over each example's response tokens."""
-        return self.example_nll(theta, batch.input_ids, response_weights(batch, self.dtype))
+        """``[B]`` mean token NLL over each example's response tokens. With a recognised head
+        the vocabulary projection and its softmax run at the response positions only (prompt
+        and padding positions, most of a batch, feed no loss)."""
+        weights = response_weights(batch, self.dtype)
+        if self.head is None:
+            return self.example_nll(theta, batch.input_ids, weights)
+        mask = batch.target_mask
+        logp = torch.log_softmax(self.position_logits(theta, batch.input_ids, mask), dim=-1)
+        nll = -logp.gather(-1, batch.targets[mask][:, None]).squeeze(-1)  # [N]
+        example = torch.arange(batch.size, device=mask.device)[:, None].expand_as(mask)[mask]
+        out = torch.zeros(batch.size, dtype=nll.dtype, device=nll.device)
+        return out.index_add(0, example, nll * weights[mask])
 
     def mean_nll(
         self, theta: torch.Tensor, batch: LMBatch, n_total: int | None = None

@@ -79,8 +79,9 @@ class AlignmentKL:
         return self._table if self._table is not None else self._reference_logprobs()
 
     def position_logits(self, theta: torch.Tensor) -> torch.Tensor:
-        """``[N, V]`` logits at the response positions."""
-        return self.positions.gather(self.flm.logits(theta, self.batch.input_ids))
+        """``[N, V]`` logits at the response positions (a recognised head projects only
+        those: :meth:`FunctionalLM.position_logits`)."""
+        return self.flm.position_logits(theta, self.batch.input_ids, self.positions.mask)
 
     def _token_kl(self, logq: torch.Tensor) -> torch.Tensor:
         ref = self.ref_logprobs

@@ -39,6 +39,7 @@ from alignscope.evaluate import (
 )
 from alignscope.models import vocab_size
 from alignscope.params import ParamSelection
+from alignscope.train.prefix_generate import GenerationPrefix
 
 # Bytes of theta0's log-probability table the tracker keeps per prompt set: the reference never
 # changes, so a kept table saves a forward pass at every record; a larger table (a big
@@ -59,6 +60,10 @@ class AlignmentTracker:
     ``initial_responses``: greedy responses to ``eval_prompts`` at theta0 made the way
     :meth:`measure` makes them (:func:`~alignscope.evaluate.generate`, batches of 32); a record
     taken while the selected parameters still equal theta0 judges these instead of generating.
+    ``generation_prefix``: the :class:`~alignscope.train.prefix_generate.GenerationPrefix` that
+    made them (its recorded prompt states then serve every later record); by default one is
+    built within ``prefix_memory_budget`` (0: none), so the refusal generation's prefill runs
+    the layers above the frozen prefix only.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class AlignmentTracker:
         generate_refusals: bool = True,
         prefix_memory_budget: int = DEFAULT_PREFIX_MEMORY_BUDGET,
         initial_responses: Sequence[str] | None = None,
+        generation_prefix: GenerationPrefix | None = None,
     ) -> None:
         was_training = model.training
         self.model = model
@@ -119,6 +125,9 @@ class AlignmentTracker:
         self.judge = judge or KeywordRefusalJudge()
         self.max_new_tokens = max_new_tokens
         self.generate_refusals = generate_refusals
+        if generation_prefix is None and eval_prompts is not None:
+            generation_prefix = GenerationPrefix.build(model, selection, prefix_memory_budget)
+        self.generation_prefix = generation_prefix
         if initial_responses is not None and (
             self.prompts is None or len(initial_responses) != len(self.prompts)
         ):
@@ -187,6 +196,7 @@ class AlignmentTracker:
                     self.prompts,
                     judge=self.judge,
                     max_new_tokens=self.max_new_tokens,
+                    prefix=self.generation_prefix,
                 )
                 rec["refusal_rate"] = report.rate
         finally:
