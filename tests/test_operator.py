@@ -46,14 +46,17 @@ def _mat(dim, k, seed):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
-@pytest.mark.parametrize("jvp_mode", ["forward", "reverse"])
-def test_fisher_matmat_equals_stacked_matvecs_and_dense(setup, chunk_size, jvp_mode):
+@pytest.mark.parametrize(
+    ("jvp_mode", "cache_vjp"), [("auto", True), ("forward", True), ("reverse", False)]
+)
+def test_fisher_matmat_equals_stacked_matvecs_and_dense(setup, chunk_size, jvp_mode, cache_vjp):
     flm, batch, dense = setup
     vs = _mat(flm.dim, 5, 0)
     for budget in (2**30, 1):  # all five vectors in one pass; one vector per pass
         op = FisherOperator(
-            flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, memory_budget=budget
-        )
+            flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, memory_budget=budget,
+            cache_vjp=cache_vjp,
+        )  # fmt: skip
         out = op.matmat(vs)
         assert out.shape == (flm.dim, 5) and op.n_products == 5
         torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-12)
@@ -132,7 +135,7 @@ def test_fisher_matmat_falls_back_to_one_vector_at_a_time(setup, monkeypatch):
 
 def test_fisher_matmat_batches_reverse_mode_when_forward_mode_fails(setup, monkeypatch):
     flm, batch, dense = setup
-    op = FisherOperator(flm, batch)
+    op = FisherOperator(flm, batch, cache_vjp=False)  # auto's forward-mode route
 
     def broken_jvp(*args, **kwargs):
         raise NotImplementedError("forward AD not implemented for this kernel")
