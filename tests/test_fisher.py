@@ -65,9 +65,7 @@ ROUTES = [("auto", True), ("forward", True), ("reverse", True), ("reverse", Fals
 @pytest.mark.parametrize(("jvp_mode", "cache_vjp"), ROUTES)
 def test_fisher_products_and_quadratic_forms_match_dense(setup, chunk_size, jvp_mode, cache_vjp):
     flm, batch, dense = setup
-    op = FisherOperator(
-        flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, cache_vjp=cache_vjp
-    )
+    op = FisherOperator(flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, cache_vjp=cache_vjp)
     u, w = _vec(flm.dim, 0), _vec(flm.dim, 1)
     torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-9, atol=1e-12)  # cached vjp
