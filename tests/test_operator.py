@@ -83,6 +83,28 @@ def test_hessian_matmat_equals_stacked_matvecs_and_dense(setup):
             torch.testing.assert_close(out, stacked_matvecs(op, vs), rtol=1e-10, atol=1e-12)
 
 
+def test_hessian_cached_graph_is_built_once_and_gives_the_same_products(setup):
+    flm, batch, _ = setup
+    calls = []
+
+    def f(theta):
+        calls.append(1)
+        return flm.mean_nll(theta, batch)
+
+    dense = hessian(lambda t: flm.mean_nll(t, batch), flm.theta0, vectorize=True)
+    vs = _mat(flm.dim, 3, 2)
+    op = HessianOperator(f, flm.theta0, cache_graph=True)
+    torch.testing.assert_close(op.matvec(vs[:, 0]), dense @ vs[:, 0], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matmat(vs[:, 1:]), dense @ vs[:, 1:], rtol=1e-9, atol=1e-11)
+    g = torch.autograd.functional.jacobian(lambda t: flm.mean_nll(t, batch), flm.theta0)
+    torch.testing.assert_close(op.gradient(), g, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 1 and op.n_products == 6  # one graph for every product
+    op.release()
+    torch.testing.assert_close(op.matvec(vs[:, 2]), dense @ vs[:, 2], rtol=1e-9, atol=1e-11)
+    assert len(calls) == 2  # released: built again
+
+
 def test_operators_satisfy_the_protocol(setup):
     flm, batch, dense = setup
     fisher = FisherOperator(flm, batch)

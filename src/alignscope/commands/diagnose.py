@@ -48,8 +48,8 @@ from alignscope.geometry import (
     Subspace,
     finetune_gradient,
     make_subspace,
-    measure_direction,
-    noise_trace,
+    measure_directions,
+    noise_traces,
 )
 from alignscope.memory import estimate_memory
 from alignscope.models import describe_adapter, vocab_size
@@ -616,19 +616,23 @@ def _run_diagnose(
             vocabulary["hessian"] = surrogate.vocabulary
             stages.note(f"fine-tuning HVP vocabulary: {_vocab_line(surrogate.vocabulary)}")
             loss = surrogate
-        hessian = HessianOperator(loss, flm.theta0)
+        # every Hessian-vector product below goes through one gradient graph, built once
+        hessian = HessianOperator(loss, flm.theta0, cache_graph=True)
         if dist.active():
             hessian = dist.SumOverRanks(hessian)
-        sgd = measure_direction(fisher, hessian, subspace, g, d, alignment_grad=ga)
-        adam = None
         diag = None
         if cfg.optim.optimizer in ("adam", "adamw"):
             grad_var = per_sample.var(dim=0) if per_sample.shape[0] > 1 else torch.zeros_like(g)
             diag = adam_preconditioner(g, grad_var, cfg.optim.batch_size, cfg.optim.adam_eps)
-            adam = measure_direction(fisher, hessian, subspace, g, d, diag=diag, alignment_grad=ga)
-        tr_f_sigma = noise_trace(fisher, per_sample)
-        # tr(F D Sigma D): the noise term of the Adam forecast
-        tr_f_sigma_adam = None if diag is None else noise_trace(fisher, per_sample * diag)
+        # plain SGD's direction and (for Adam) the preconditioned one, their products batched
+        diags = [None] if diag is None else [None, diag]
+        aics = measure_directions(fisher, hessian, subspace, g, d, diags, alignment_grad=ga)
+        hessian.release()
+        sgd, adam = aics[0], (aics[1] if diag is not None else None)
+        # tr(F Sigma) and tr(F D Sigma D) (the noise term of the Adam forecast) in one pass
+        traces = noise_traces(fisher, per_sample, diags)
+        tr_f_sigma = traces[0]
+        tr_f_sigma_adam = traces[1] if diag is not None else None
     step = adam or sgd
 
     def forecast_for(optimizer: str, aic: AIC, noise: float) -> Forecast:

@@ -60,6 +60,10 @@ class HessianOperator(ParameterOperator):
         mode: ``"auto"``, ``"forward"`` or ``"reverse"`` (see above).
         memory_budget: bytes for the vectors of one batched pass (a rough rule: three
             parameter-sized buffers per vector, as for per-sample gradients).
+        cache_graph: in double-backward mode, build the gradient's graph once and keep it:
+            every later product is one backward pass through it (``H v = d(g . v)/d theta``),
+            not a forward, a backward and a double backward. Holds the graph (about two
+            forward passes' activations) until :meth:`release` or the operator is dropped.
 
     Raises:
         ValueError: an unknown ``mode``.
@@ -72,6 +76,7 @@ class HessianOperator(ParameterOperator):
         mode: str = "auto",
         *,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        cache_graph: bool = False,
     ) -> None:
         if mode not in ("auto", "forward", "reverse"):
             raise ValueError(f"unknown HVP mode {mode!r}; use auto, forward or reverse")
@@ -80,12 +85,35 @@ class HessianOperator(ParameterOperator):
         self.memory_budget = int(memory_budget)
         self.vmap_ok = True  # set False (with one warning) when vmap cannot run the loss
         self.n_products = 0
+        self.cache_graph = cache_graph
+        self._graph: tuple[torch.Tensor, torch.Tensor] | None = None  # (theta leaf, grad f)
+
+    def _gradient_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The leaf and ``grad f`` with its graph, built on first use and kept."""
+        if self._graph is None:
+            x = self.theta.detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self.f(x), x, create_graph=True)
+            self._graph = (x, g)
+        return self._graph
+
+    def release(self) -> None:
+        """Drop the cached gradient graph (``cache_graph``); the next product builds it again."""
+        self._graph = None
+
+    def _cached_hvp(self, vectors: torch.Tensor, batched: bool) -> torch.Tensor:
+        x, g = self._gradient_graph()
+        with torch.enable_grad():
+            (hv,) = torch.autograd.grad(g, x, vectors, retain_graph=True, is_grads_batched=batched)
+        return hv
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``H v``."""
         v = v.to(self.theta.dtype)
         self.n_products += 1
         if self.mode == "reverse":
+            if self.cache_graph:
+                return self._cached_hvp(v, batched=False)
             return hvp_reverse(self.f, self.theta, v)
         try:
             return hvp_forward(self.f, self.theta, v)
@@ -129,6 +157,8 @@ class HessianOperator(ParameterOperator):
                         self.n_products -= 1
                         if self.mode == "forward":
                             raise
+                if self.cache_graph:
+                    return self._cached_hvp(rows, batched=True)
                 return hvp_reverse_batched(self.f, self.theta, rows)
             except (NotImplementedError, RuntimeError) as err:
                 warnings.warn(
@@ -142,5 +172,7 @@ class HessianOperator(ParameterOperator):
         return torch.stack(products)
 
     def gradient(self) -> torch.Tensor:
-        """``grad f(theta)``."""
+        """``grad f(theta)`` (from the cached graph when there is one)."""
+        if self._graph is not None:
+            return self._graph[1].detach().clone()
         return grad(self.f)(self.theta)
