@@ -136,7 +136,7 @@ def test_batched_directions_and_noise_traces_equal_one_at_a_time(problem):
     ]
     hess = HessianOperator(loss, flm.theta0, cache_graph=True)
     both = measure_directions(fisher, hess, sub, g, 2, [None, diag])
-    assert hess.n_products == 4  # H [g, Dg], then H [a, a'] in two batched passes
+    assert hess.n_products == 4  # H [g, Dg], then H [a, a'], through one gradient graph
     for a, b in zip(one, both, strict=True):
         for key, value in a.to_dict().items():
             assert b.to_dict()[key] == pytest.approx(value, rel=1e-9, abs=1e-14), key

@@ -191,8 +191,9 @@ def measure_directions(
     alignment_grad: torch.Tensor | None = None,
 ) -> list[AIC]:
     """:func:`measure_direction` for several preconditioners at once (None: plain gradient
-    flow): the same numbers, with the Hessian-vector products of all of them in two batched
-    passes (``H D g`` for every ``D``, then ``H a``) and their Fisher forms in one Gram matrix.
+    flow): the same numbers, with the Hessian-vector products of all of them in two ``matmat``
+    calls (``H D g`` for every ``D``, then ``H a``; through one cached gradient graph with
+    ``HessianOperator(cache_graph=True)``) and their Fisher forms in one Gram matrix.
     """
 
     def precond(v: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
