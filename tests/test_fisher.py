@@ -182,3 +182,34 @@ def test_fisher_switches_fused_attention_to_eager():
     flm = FunctionalLM(model, select_params(model, "lm_head.weight"))
     op = FisherOperator(flm, random_batch(2))
     assert model.config._attn_implementation == "eager" and op.jvp_mode == "auto"
+
+
+def test_new_lora_adapter_fisher_lives_in_the_b_coordinates():
+    # A new adapter has B = 0, so the output does not depend on A at first order: the Fisher's
+    # A rows and columns are exactly zero, and its eigenvectors lie in B's coordinates. The
+    # products need nothing special for it (A's share of a pass is its rank-r matmuls); this
+    # checks that they keep the structure exactly.
+    from peft import LoraConfig, get_peft_model
+
+    from _tiny import exact_float64
+    from alignscope.curvature import lanczos_eigs
+
+    model = exact_float64(
+        get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    )
+    sel = select_params(model, "lora")
+    flm = FunctionalLM(model, sel)
+    batch = random_batch(4)
+    op = FisherOperator(flm, batch)
+    pairs = zip(sel.names, sel.numels, strict=True)
+    is_a = torch.cat([torch.full((n,), ".lora_A." in name) for name, n in pairs])
+    assert 0 < int(is_a.sum()) < flm.dim
+    dense = dense_fisher(flm, batch, flm.theta0)
+    assert float(dense[is_a].abs().max()) == 0.0 and float(dense[~is_a].abs().max()) > 1e-6
+    vs = torch.stack([_vec(flm.dim, 0), _vec(flm.dim, 1)], dim=1)
+    out = op.matmat(vs)
+    assert float(out[is_a].abs().max()) == 0.0  # exactly, not to rounding
+    torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-12)
+    eig = lanczos_eigs(op, 3, tol=1e-10)
+    assert float(eig.values.min()) > 0
+    assert float(eig.vectors[is_a].abs().max()) < 1e-10
