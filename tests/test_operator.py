@@ -23,6 +23,7 @@ from alignscope.curvature import (
     lanczos_eigs,
     stacked_matvecs,
 )
+from alignscope.curvature.hvp import HessianSum
 from alignscope.params import ParamSelection, select_params
 from test_fisher import dense_fisher
 
@@ -103,6 +104,17 @@ def test_hessian_cached_graph_is_built_once_and_gives_the_same_products(setup):
     op.release()
     torch.testing.assert_close(op.matvec(vs[:, 2]), dense @ vs[:, 2], rtol=1e-9, atol=1e-11)
     assert len(calls) == 2  # released: built again
+
+
+def test_hessian_sum_over_chunks_equals_the_whole_batch(setup):
+    flm, batch, _ = setup
+    dense = hessian(lambda t: flm.mean_nll(t, batch), flm.theta0, vectorize=True)
+    parts = [batch.select(slice(0, 1)), batch.select(slice(1, 3)), batch.select(slice(3, 4))]
+    op = HessianSum([lambda t, b=b: flm.mean_nll(t, b, batch.size) for b in parts], flm.theta0)
+    vs = _mat(flm.dim, 3, 4)
+    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matvec(vs[:, 0]), dense @ vs[:, 0], rtol=1e-9, atol=1e-11)
+    assert op.n_products == 4 and isinstance(op, LinearOperator)
 
 
 def test_operators_satisfy_the_protocol(setup):

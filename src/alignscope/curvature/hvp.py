@@ -181,3 +181,36 @@ class HessianOperator(ParameterOperator):
         if self._graph is not None:
             return self._graph[1].detach().clone()
         return grad(self.f)(self.theta)
+
+
+class HessianSum(ParameterOperator):
+    """The Hessian of ``sum_c f_c`` at ``theta``, one term at a time: for every product call each
+    term's gradient graph is built once (``HessianOperator(cache_graph=True)``), takes all the
+    vectors of the call, and is dropped before the next term's. Peak memory is one term's graph,
+    not the whole sum's; a ``matmat`` of ``k`` vectors costs one graph per term instead of ``k``.
+
+    Implements :class:`~alignscope.curvature.operator.LinearOperator`.
+    """
+
+    def __init__(self, terms: list[Loss], theta: torch.Tensor) -> None:
+        if not terms:
+            raise ValueError("HessianSum needs at least one loss term")
+        self.terms, self.theta = list(terms), theta.detach()
+        self.n_products = 0
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H V`` for the columns of ``vectors`` ``[P, k]``."""
+        vectors = check_matmat_input(self, vectors)
+        out = torch.zeros_like(vectors)
+        for f in self.terms:
+            op = HessianOperator(f, self.theta, cache_graph=True)
+            out += op.matmat(vectors)
+            op.release()
+        self.n_products += vectors.shape[1]
+        return out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v``."""
+        return self.matmat(v.reshape(-1, 1))[:, 0]
+
+    __call__ = matvec
