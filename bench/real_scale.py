@@ -19,7 +19,11 @@ on one benign set, with the settings of bench/real_model.py (``--max-safety 8 --
 2. verify of ``--steps`` AdamW steps on the same selection, off / on: seconds, and the largest
    difference of the tracked KL;
 3. diagnose with a new LoRA r=8 adapter on every attention/MLP linear layer (``--lora-r 8``;
-   the adapter starts in layer 0, so there is no frozen prefix to cache): seconds.
+   the adapter starts in layer 0, so there is no frozen prefix to cache): seconds, per stage,
+   and the curvature products of each kind (calls, vectors, seconds; Lanczos's ``F v`` are the
+   ``matvec`` calls, Hutch++'s the ``matmat``, the hvp stage's the Hessian's and the Fisher's
+   ``gram`` and ``quad_diag``). ``--max-safety N`` and ``--max-data N`` shrink its batches for
+   a quicker, smaller run (say so when quoting it).
 
 ``--vocab`` instead runs only diagnose (1.), prefix cache on, twice: the exact vocabulary
 (``--vocab-keep 1.0``, old) and the coarsened one (the default ``--vocab-keep``, new;
@@ -99,12 +103,77 @@ def _vocab(cfg, model, tok) -> dict:
     return out
 
 
+class ProductCounter:
+    """Counts and times the curvature operators' products while active (a context manager):
+    per method, the calls, the vectors and the seconds (nested calls are not double counted:
+    only the outermost operator method of a call is timed)."""
+
+    METHODS = {
+        "FisherOperator": ("matvec", "matmat", "gram", "quad_diag", "quad"),
+        "HessianOperator": ("matvec", "matmat"),
+    }
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[float]] = {}
+        self._saved: list = []
+        self._depth = 0
+
+    def __enter__(self) -> ProductCounter:
+        from alignscope.curvature import FisherOperator, HessianOperator
+
+        for cls in (FisherOperator, HessianOperator):
+            for name in self.METHODS[cls.__name__]:
+                original = cls.__dict__[name]
+                self._saved.append((cls, name, original))
+                setattr(cls, name, self._wrap(f"{cls.__name__}.{name}", original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, original in self._saved:
+            setattr(cls, name, original)
+
+    def _wrap(self, label: str, fn):
+        counter = self
+
+        def wrapped(op, vectors, *args, **kwargs):
+            counter._depth += 1
+            t = time.perf_counter()
+            try:
+                return fn(op, vectors, *args, **kwargs)
+            finally:
+                counter._depth -= 1
+                if counter._depth == 0:
+                    n = 1 if vectors.dim() == 1 else vectors.shape[1 if "matmat" in label else 0]
+                    row = counter.rows.setdefault(label, [0, 0, 0.0])
+                    row[0] += 1
+                    row[1] += int(n)
+                    row[2] += time.perf_counter() - t
+
+        return wrapped
+
+    def report(self) -> dict:
+        return {
+            k: {"calls": c, "vectors": v, "seconds": round(s, 1),
+                "s_per_vector": round(s / max(v, 1), 2)}
+            for k, (c, v, s) in self.rows.items()
+        }  # fmt: skip
+
+
+def _print_breakdown(timings: dict, products: dict) -> None:
+    print("  stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    for k, r in products.items():
+        print(f"  {k:26s} {r['calls']:4d} calls {r['vectors']:5d} vectors {r['seconds']:8.1f} s "
+              f"({r['s_per_vector']:.2f} s per vector)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", default="affirmative")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--max-safety", type=int, default=8, help="safety prompts (real_model's 8)")
+    ap.add_argument("--max-data", type=int, default=16, help="analysed examples (real_model's 16)")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA diagnosis")
     ap.add_argument("--no-old", action="store_true", help="skip the whole-network (old) path")
     ap.add_argument("--lora-only", action="store_true", help="only the LoRA diagnosis (3.)")
@@ -133,8 +202,9 @@ def main() -> None:
                  f"{args.seed}` first (--model base needs only its first four stages)")  # fmt: skip
     # bench/real_model.py's options, at its defaults but for what this bench varies
     opts = rm.build_parser().parse_args(
-        ["--seed", str(args.seed), "--steps", str(args.steps), "--rank", str(args.rank)]
-    )
+        ["--seed", str(args.seed), "--steps", str(args.steps), "--rank", str(args.rank),
+         "--max-safety", str(args.max_safety), "--max-data", str(args.max_data)]
+    )  # fmt: skip
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{args.threads} thread(s); load average at start {os.getloadavg()}")  # fmt: skip
 
@@ -197,13 +267,24 @@ def main() -> None:
         lora = rm.verify_config(
             argparse.Namespace(**{**vars(opts), "params": ["all"]}), aligned, data, args.set
         )
-        lora = replace(lora, model=replace(lora.model, lora_r=8))
+        lora = replace(lora, model=replace(lora.model, lora_r=8),
+                       runtime=replace(lora.runtime, threads=args.threads))  # fmt: skip
         t = time.perf_counter()
-        res = run_diagnose(lora.diagnose_config(), quiet=True)
+        with ProductCounter() as counter:
+            res = run_diagnose(lora.diagnose_config(), quiet=True)
         out["lora_diagnose_s"] = round(time.perf_counter() - t, 2)
-        out["lora_params"] = res.to_json()["parameters"]["n_params"]
+        rj = res.to_json()
+        out["lora_params"] = rj["parameters"]["n_params"]
+        out["lora_timings"] = {k: round(v, 1) for k, v in rj["timings_s"].items()}
+        out["lora_products"] = counter.report()
+        out["lora_subspace"] = {k: rj["subspace"][k] for k in ("plan", "converged", "max_residual",
+                                                               "eigenvalues", "trace")}  # fmt: skip
+        out["lora_vocabulary"] = rj["subspace"]["vocabulary"]
         print(f"[LoRA r=8, all linear layers, {out['lora_params']:,} params] diagnose "
               f"{out['lora_diagnose_s']:.1f} s", flush=True)  # fmt: skip
+        _print_breakdown(out["lora_timings"], out["lora_products"])
+        print(f"  subspace: {rj['subspace']['plan']}; converged {rj['subspace']['converged']}, "
+              f"max residual {rj['subspace']['max_residual']:.2e}")  # fmt: skip
     print(f"load average at the end {os.getloadavg()}")
     for key, target in TARGETS.items():
         got = out.get(key if key == "lora_diagnose_s" else f"new_{key}")

@@ -115,3 +115,36 @@ def test_hessian_operator_falls_back_to_double_backward():
         out = op(torch.tensor([1.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(out, 6 * theta)
     assert op.mode == "reverse"
+
+
+@pytest.mark.parametrize("names", ["all", ["model.layers.1.mlp.*"]])  # a cached prefix
+def test_nll_gathered_before_the_head_equals_every_position(names):
+    model = tiny_llama()
+    flm = FunctionalLM(model, select_params(model, names))
+    assert flm.head is not None and (names == "all" or flm.prefix is not None)
+    batch = random_batch(4)
+    weights = response_weights(batch, flm.dtype)
+
+    def every(theta):  # the head over every position, non-response ones weighted zero
+        return flm.example_nll(theta, batch.input_ids, weights).mean()
+
+    def gathered(theta):
+        return flm.mean_nll(theta, batch)
+
+    theta = flm.theta0 + 0.01 * torch.randn(
+        flm.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    torch.testing.assert_close(
+        flm.per_example_nll(theta, batch),
+        flm.example_nll(theta, batch.input_ids, weights),
+        rtol=1e-12,
+        atol=0,
+    )
+    g1 = torch.func.grad(every)(theta)
+    g2 = torch.func.grad(gathered)(theta)
+    assert float(g1.norm()) > 1e-3
+    torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-13)
+    v = torch.randn(flm.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(
+        hvp_reverse(gathered, theta, v), hvp_reverse(every, theta, v), rtol=1e-9, atol=1e-12
+    )

@@ -56,11 +56,16 @@ def test_kl_is_zero_with_zero_gradient_and_fisher_hessian_at_reference(setup):
     torch.testing.assert_close(both[1], flm.mean_nll(moved, batch), rtol=1e-12, atol=0)
 
 
+# auto (and reverse with the cache): J v through the cached graph's transpose; reverse without
+# the cache: the double-vjp trick recomputed per product; forward: forward-mode AD
+ROUTES = [("auto", True), ("forward", True), ("reverse", True), ("reverse", False)]
+
+
 @pytest.mark.parametrize("chunk_size", [None, 3])
-@pytest.mark.parametrize("jvp_mode", ["forward", "reverse"])
-def test_fisher_products_and_quadratic_forms_match_dense(setup, chunk_size, jvp_mode):
+@pytest.mark.parametrize(("jvp_mode", "cache_vjp"), ROUTES)
+def test_fisher_products_and_quadratic_forms_match_dense(setup, chunk_size, jvp_mode, cache_vjp):
     flm, batch, dense = setup
-    op = FisherOperator(flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode)
+    op = FisherOperator(flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, cache_vjp=cache_vjp)
     u, w = _vec(flm.dim, 0), _vec(flm.dim, 1)
     torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-9, atol=1e-12)  # cached vjp
@@ -115,7 +120,7 @@ def test_fisher_forward_mode_falls_back_when_attention_lacks_it():
     flm = FunctionalLM(model, select_params(model, "lm_head.weight"))
     batch = random_batch(2)
     exact = FisherOperator(flm, batch, jvp_mode="reverse").matvec(_vec(flm.dim, 0))
-    op = FisherOperator(flm, batch)
+    op = FisherOperator(flm, batch, cache_vjp=False)  # auto's forward-mode route
 
     def broken_jvp(*args, **kwargs):
         raise NotImplementedError("forward AD not implemented for this kernel")
@@ -133,6 +138,43 @@ def test_fisher_forward_mode_falls_back_when_attention_lacks_it():
     torch.testing.assert_close(out, exact)
 
 
+def test_fisher_auto_mode_transposes_the_cached_graph_without_forward_mode(setup, monkeypatch):
+    flm, batch, dense = setup
+    op = FisherOperator(flm, batch, chunk_size=3)
+    import alignscope.curvature.fisher as fisher_module
+
+    def broken_jvp(*args, **kwargs):
+        raise AssertionError("forward mode must not run")
+
+    monkeypatch.setattr(fisher_module, "jvp", broken_jvp)
+    u = _vec(flm.dim, 0)
+    vs = torch.stack([u, _vec(flm.dim, 1)])
+    torch.testing.assert_close(op.matvec(u), dense @ u, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.matmat(vs.T), dense @ vs.T, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(op.gram(vs), vs @ dense @ vs.T, rtol=1e-9, atol=1e-12)
+    # one transposed graph per chunk, built once and kept
+    assert all(c.jvp_fn is not None for c in op.chunks) and op.jvp_mode == "auto"
+
+
+def test_fisher_falls_back_to_forward_mode_when_the_transpose_fails(setup, monkeypatch):
+    flm, batch, dense = setup
+    op = FisherOperator(flm, batch)
+
+    def broken(self, chunk):
+        raise RuntimeError("double backward not implemented for this kernel")
+
+    monkeypatch.setattr(FisherOperator, "_transposed", broken)
+    u = _vec(flm.dim, 0)
+    with pytest.warns(UserWarning, match="forward-mode AD"):
+        out = op.matvec(u)
+    assert not op.transpose_ok
+    torch.testing.assert_close(out, dense @ u, rtol=1e-9, atol=1e-12)
+    vs = torch.stack([u, _vec(flm.dim, 1)]).T
+    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="double backward"):  # reverse mode has no fallback
+        FisherOperator(flm, batch, jvp_mode="reverse").matvec(u)
+
+
 def test_fisher_switches_fused_attention_to_eager():
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
@@ -140,3 +182,34 @@ def test_fisher_switches_fused_attention_to_eager():
     flm = FunctionalLM(model, select_params(model, "lm_head.weight"))
     op = FisherOperator(flm, random_batch(2))
     assert model.config._attn_implementation == "eager" and op.jvp_mode == "auto"
+
+
+def test_new_lora_adapter_fisher_lives_in_the_b_coordinates():
+    # A new adapter has B = 0, so the output does not depend on A at first order: the Fisher's
+    # A rows and columns are exactly zero, and its eigenvectors lie in B's coordinates. The
+    # products need nothing special for it (A's share of a pass is its rank-r matmuls); this
+    # checks that they keep the structure exactly.
+    from peft import LoraConfig, get_peft_model
+
+    from _tiny import exact_float64
+    from alignscope.curvature import lanczos_eigs
+
+    model = exact_float64(
+        get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    )
+    sel = select_params(model, "lora")
+    flm = FunctionalLM(model, sel)
+    batch = random_batch(4)
+    op = FisherOperator(flm, batch)
+    pairs = zip(sel.names, sel.numels, strict=True)
+    is_a = torch.cat([torch.full((n,), ".lora_A." in name) for name, n in pairs])
+    assert 0 < int(is_a.sum()) < flm.dim
+    dense = dense_fisher(flm, batch, flm.theta0)
+    assert float(dense[is_a].abs().max()) == 0.0 and float(dense[~is_a].abs().max()) > 1e-6
+    vs = torch.stack([_vec(flm.dim, 0), _vec(flm.dim, 1)], dim=1)
+    out = op.matmat(vs)
+    assert float(out[is_a].abs().max()) == 0.0  # exactly, not to rounding
+    torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-12)
+    eig = lanczos_eigs(op, 3, tol=1e-10)
+    assert float(eig.values.min()) > 0
+    assert float(eig.vectors[is_a].abs().max()) < 1e-10

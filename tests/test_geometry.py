@@ -14,7 +14,14 @@ from alignscope.curvature import (
     per_sample_grads,
     response_weights,
 )
-from alignscope.geometry import finetune_gradient, make_subspace, measure_direction, noise_trace
+from alignscope.geometry import (
+    finetune_gradient,
+    make_subspace,
+    measure_direction,
+    measure_directions,
+    noise_trace,
+    noise_traces,
+)
 from alignscope.params import select_params
 from test_fisher import dense_fisher
 
@@ -111,3 +118,32 @@ def test_preconditioned_direction_uses_d_g_and_d_h_d_g(problem):
     assert aic.a_norm == pytest.approx(float(a.norm()), rel=1e-8)
     assert aic.aFa == pytest.approx(float(a @ dense_f @ a), rel=1e-7)
     assert aic.Ha_norm == pytest.approx(float((diag * (dense_h @ a)).norm()), rel=1e-8)
+
+
+def test_batched_directions_and_noise_traces_equal_one_at_a_time(problem):
+    flm, safety, finetune, _, _ = problem
+    fisher = FisherOperator(flm, safety)
+    sub = make_subspace(lanczos_eigs(fisher, 3, tol=1e-12), 1.0, None)
+    g = finetune_gradient(flm, finetune)
+    diag = 1.0 / (g.abs() + 1e-3)
+
+    def loss(t):
+        return flm.mean_nll(t, finetune)
+
+    one = [
+        measure_direction(fisher, HessianOperator(loss, flm.theta0), sub, g, 2, diag=dg)
+        for dg in (None, diag)
+    ]
+    hess = HessianOperator(loss, flm.theta0, cache_graph=True)
+    both = measure_directions(fisher, hess, sub, g, 2, [None, diag])
+    assert hess.n_products == 4  # H [g, Dg], then H [a, a'], through one gradient graph
+    for a, b in zip(one, both, strict=True):
+        for key, value in a.to_dict().items():
+            assert b.to_dict()[key] == pytest.approx(value, rel=1e-9, abs=1e-14), key
+    assert one[0].a_norm != pytest.approx(one[1].a_norm, rel=1e-3)  # two different directions
+    rows = per_sample_grads(
+        flm.example_nll, flm.theta0, (finetune.input_ids, response_weights(finetune, flm.dtype))
+    )
+    traces = noise_traces(fisher, rows, [None, diag])
+    assert traces[0] == pytest.approx(noise_trace(fisher, rows), rel=1e-10)
+    assert traces[1] == pytest.approx(noise_trace(fisher, rows * diag), rel=1e-10)

@@ -23,6 +23,7 @@ from alignscope.curvature import (
     lanczos_eigs,
     stacked_matvecs,
 )
+from alignscope.curvature.hvp import HessianSum
 from alignscope.params import ParamSelection, select_params
 from test_fisher import dense_fisher
 
@@ -46,14 +47,17 @@ def _mat(dim, k, seed):
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])
-@pytest.mark.parametrize("jvp_mode", ["forward", "reverse"])
-def test_fisher_matmat_equals_stacked_matvecs_and_dense(setup, chunk_size, jvp_mode):
+@pytest.mark.parametrize(
+    ("jvp_mode", "cache_vjp"), [("auto", True), ("forward", True), ("reverse", False)]
+)
+def test_fisher_matmat_equals_stacked_matvecs_and_dense(setup, chunk_size, jvp_mode, cache_vjp):
     flm, batch, dense = setup
     vs = _mat(flm.dim, 5, 0)
     for budget in (2**30, 1):  # all five vectors in one pass; one vector per pass
         op = FisherOperator(
-            flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, memory_budget=budget
-        )
+            flm, batch, chunk_size=chunk_size, jvp_mode=jvp_mode, memory_budget=budget,
+            cache_vjp=cache_vjp,
+        )  # fmt: skip
         out = op.matmat(vs)
         assert out.shape == (flm.dim, 5) and op.n_products == 5
         torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-12)
@@ -78,6 +82,39 @@ def test_hessian_matmat_equals_stacked_matvecs_and_dense(setup):
             assert op.n_products == 4 and op.mode == mode and op.vmap_ok
             torch.testing.assert_close(out, dense @ vs, rtol=1e-9, atol=1e-11)
             torch.testing.assert_close(out, stacked_matvecs(op, vs), rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_cached_graph_is_built_once_and_gives_the_same_products(setup):
+    flm, batch, _ = setup
+    calls = []
+
+    def f(theta):
+        calls.append(1)
+        return flm.mean_nll(theta, batch)
+
+    dense = hessian(lambda t: flm.mean_nll(t, batch), flm.theta0, vectorize=True)
+    vs = _mat(flm.dim, 3, 2)
+    op = HessianOperator(f, flm.theta0, cache_graph=True)
+    torch.testing.assert_close(op.matvec(vs[:, 0]), dense @ vs[:, 0], rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matmat(vs[:, 1:]), dense @ vs[:, 1:], rtol=1e-9, atol=1e-11)
+    g = torch.autograd.functional.jacobian(lambda t: flm.mean_nll(t, batch), flm.theta0)
+    torch.testing.assert_close(op.gradient(), g, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 1 and op.n_products == 6  # one graph for every product
+    op.release()
+    torch.testing.assert_close(op.matvec(vs[:, 2]), dense @ vs[:, 2], rtol=1e-9, atol=1e-11)
+    assert len(calls) == 2  # released: built again
+
+
+def test_hessian_sum_over_chunks_equals_the_whole_batch(setup):
+    flm, batch, _ = setup
+    dense = hessian(lambda t: flm.mean_nll(t, batch), flm.theta0, vectorize=True)
+    parts = [batch.select(slice(0, 1)), batch.select(slice(1, 3)), batch.select(slice(3, 4))]
+    op = HessianSum([lambda t, b=b: flm.mean_nll(t, b, batch.size) for b in parts], flm.theta0)
+    vs = _mat(flm.dim, 3, 4)
+    torch.testing.assert_close(op.matmat(vs), dense @ vs, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(op.matvec(vs[:, 0]), dense @ vs[:, 0], rtol=1e-9, atol=1e-11)
+    assert op.n_products == 4 and isinstance(op, LinearOperator)
 
 
 def test_operators_satisfy_the_protocol(setup):
@@ -132,7 +169,7 @@ def test_fisher_matmat_falls_back_to_one_vector_at_a_time(setup, monkeypatch):
 
 def test_fisher_matmat_batches_reverse_mode_when_forward_mode_fails(setup, monkeypatch):
     flm, batch, dense = setup
-    op = FisherOperator(flm, batch)
+    op = FisherOperator(flm, batch, cache_vjp=False)  # auto's forward-mode route
 
     def broken_jvp(*args, **kwargs):
         raise NotImplementedError("forward AD not implemented for this kernel")

@@ -15,6 +15,7 @@ from _tiny import exact_float64, random_batch, tiny_llama, trained_lora
 from alignscope.curvature import FisherOperator, FunctionalLM, HessianOperator
 from alignscope.curvature.functional import EXACT_EAGER
 from alignscope.curvature.head import ladder
+from alignscope.curvature.hvp import HessianSum
 from alignscope.curvature.losses import ResponsePositions
 from alignscope.curvature.surrogate import HiddenNLLSurrogate
 from alignscope.params import select_params
@@ -228,6 +229,12 @@ def test_nll_surrogate_gradient_is_exact_and_hessian_coarsens_only_the_softmax(c
         assert float(lost.abs().max()) < 1e-12
     else:
         assert float((lost @ vs).abs().max()) > 1e-8
+    # split over consecutive sub-batches, one graph per term: the same Hessian
+    parts = [batch.select(slice(0, 1)), batch.select(slice(1, batch.size))]
+    summed = HessianSum(sur.split(parts), flm.theta0).matmat(vs)
+    torch.testing.assert_close(summed, exact - lost @ vs, **TOL)
+    with pytest.raises(ValueError, match="cover"):
+        sur.split(parts[:1])
         assert sur.vocabulary["kept_trace"] == pytest.approx(_trace_fraction(d, k), rel=1e-10)
 
 

@@ -178,23 +178,64 @@ def measure_direction(
     ``alignment_grad`` is ``grad L_a(theta0)`` when the alignment loss is not stationary there
     (the refusal NLL); the KL's is exactly zero.
     """
+    return measure_directions(fisher, hessian, subspace, g, d, [diag], alignment_grad)[0]
 
-    def precond(v: torch.Tensor) -> torch.Tensor:
+
+def measure_directions(
+    fisher: FisherOperator,
+    hessian: HessianOperator,
+    subspace: Subspace,
+    g: torch.Tensor,
+    d: int,
+    diags: list[torch.Tensor | None],
+    alignment_grad: torch.Tensor | None = None,
+) -> list[AIC]:
+    """:func:`measure_direction` for several preconditioners at once (None: plain gradient
+    flow): the same numbers, with the Hessian-vector products of all of them in two ``matmat``
+    calls (``H D g`` for every ``D``, then ``H a``; through one cached gradient graph with
+    ``HessianOperator(cache_graph=True)``) and their Fisher forms in one Gram matrix.
+    """
+
+    def precond(v: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
         return v if diag is None else diag * v
 
-    g = precond(g)
-    a = precond(hessian.matvec(g))
-    ha = precond(hessian.matvec(a))
+    def hvps(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = hessian.matmat(torch.stack(vs, dim=1))
+        return [precond(out[:, i], diag) for i, diag in enumerate(diags)]
+
+    gs = [precond(g, diag) for diag in diags]
+    as_ = hvps(gs)
+    has = hvps(as_)
+    forms = fisher.gram(torch.stack([v for trio in zip(gs, as_, has, strict=True) for v in trio]))
     basis = subspace.basis(d).to(g.dtype)
     lam = subspace.values[:d].to(g.dtype)
+    summary = subspace.summary(d)
+    return [
+        _aic(gi, ai, hai, forms[3 * i : 3 * i + 3, 3 * i : 3 * i + 3], basis, lam, summary, d,
+             alignment_grad)
+        for i, (gi, ai, hai) in enumerate(zip(gs, as_, has, strict=True))
+    ]  # fmt: skip
+
+
+def _aic(
+    g: torch.Tensor,
+    a: torch.Tensor,
+    ha: torch.Tensor,
+    forms: torch.Tensor,
+    basis: torch.Tensor,
+    lam: torch.Tensor,
+    summary: dict,
+    d: int,
+    alignment_grad: torch.Tensor | None,
+) -> AIC:
+    """The AIC of one direction ``g``, ``a = H g``, ``ha = H a`` (preconditioned) from the Fisher
+    forms ``[[gFg, gFa, gFha], ...]`` of the three."""
     coords_a = basis.T @ a
     pg = basis.T @ g
-    forms = fisher.gram(torch.stack([g, a, ha]))
     gFg, gFa, aFa = float(forms[0, 0]), float(forms[0, 1]), float(forms[1, 1])
     g_norm, a_norm = float(g.norm()), float(a.norm())
     aFa_sub = float((lam * coords_a**2).sum())
     kappa = (aFa / a_norm**2) / (gFg / g_norm**2) if gFg > 0 and a_norm > 0 else float("inf")
-    summary = subspace.summary(d)
     return AIC(
         d=d,
         g_norm=g_norm,
@@ -235,10 +276,20 @@ def noise_trace(fisher: FisherOperator, per_sample: torch.Tensor) -> float:
     """``tr(F Sigma)`` with ``Sigma`` the covariance of the per-sample fine-tuning gradients.
 
     Computed exactly from the rows: ``tr(F Sigma) = mean_m (h_m - g)^T F (h_m - g)`` (with the
-    unbiased ``M / (M - 1)`` correction); one forward-mode pass per example.
+    unbiased ``M / (M - 1)`` correction); one ``J v`` per example.
     """
+    return noise_traces(fisher, per_sample, [None])[0]
+
+
+def noise_traces(
+    fisher: FisherOperator, per_sample: torch.Tensor, diags: list[torch.Tensor | None]
+) -> list[float]:
+    """``tr(F D Sigma D)`` for each ``D`` of ``diags`` (None: ``tr(F Sigma)``): the rows of all
+    of them through one batched ``quad_diag``."""
     m = per_sample.shape[0]
     if m < 2:
         raise ValueError("the minibatch-noise term needs at least 2 fine-tuning examples")
     centred = per_sample - per_sample.mean(0, keepdim=True)
-    return float(fisher.quad_diag(centred).sum()) / (m - 1)
+    rows = torch.cat([centred if diag is None else centred * diag for diag in diags])
+    forms = fisher.quad_diag(rows)
+    return [float(forms[i * m : (i + 1) * m].sum()) / (m - 1) for i in range(len(diags))]

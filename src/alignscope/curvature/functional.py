@@ -206,18 +206,23 @@ class FunctionalLM:
         return -(weights * self.token_logprobs(theta, input_ids, hidden)).sum(dim=-1)
 
     def per_example_nll(self, theta: torch.Tensor, batch: LMBatch) -> torch.Tensor:
-        """``[B]`` mean token NLL over each example's response tokens. With a recognised head
-        the vocabulary projection and its softmax run at the response positions only (prompt
-        and padding positions, most of a batch, feed no loss)."""
+        """``[B]`` mean token NLL over each example's response tokens.
+
+        With a recognised head the response-predicting positions are gathered before it
+        (:meth:`position_logits`), so the head and the log-softmax see only those (a third of
+        the positions of a typical fine-tuning batch; the rest have weight zero): the same sum
+        in another order, with vocabulary-sized tensors that much smaller in its derivatives.
+        """
         weights = response_weights(batch, self.dtype)
-        if self.head is None:
-            return self.example_nll(theta, batch.input_ids, weights)
+        ids = batch.input_ids
+        if self.head is None or torch._C._functorch.is_functorch_wrapped_tensor(ids):
+            return self.example_nll(theta, ids, weights)
         mask = batch.target_mask
-        logp = torch.log_softmax(self.position_logits(theta, batch.input_ids, mask), dim=-1)
-        nll = -logp.gather(-1, batch.targets[mask][:, None]).squeeze(-1)  # [N]
-        example = torch.arange(batch.size, device=mask.device)[:, None].expand_as(mask)[mask]
-        out = torch.zeros(batch.size, dtype=nll.dtype, device=nll.device)
-        return out.index_add(0, example, nll * weights[mask])
+        logp = torch.log_softmax(self.position_logits(theta, ids, mask), dim=-1)
+        token = logp.gather(-1, batch.targets[mask][:, None])[:, 0]
+        example = torch.arange(batch.size, device=ids.device)[:, None].expand_as(mask)[mask]
+        out = torch.zeros(batch.size, dtype=token.dtype, device=token.device)
+        return out.index_add(0, example, -weights[mask] * token)
 
     def mean_nll(
         self, theta: torch.Tensor, batch: LMBatch, n_total: int | None = None

@@ -10,6 +10,8 @@ curvature ``M`` coarsened to ``M_c`` (docs/theory.md, "The Fisher through the LM
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from alignscope.curvature.functional import FunctionalLM
@@ -89,3 +91,23 @@ class HiddenNLLSurrogate:
         s = torch.bmm((h - self.h0)[:, None, :], self.factor.mT)[:, 0]
         per = (self.g0 * h).sum(-1) + 0.5 * (s * s).sum(-1)
         return (self.positions.weights * per).sum()
+
+    def split(self, parts: list[LMBatch]) -> list[HiddenNLLSurrogate]:
+        """This surrogate as a sum of terms over ``parts``, consecutive sub-batches of its batch
+        in order (``batch.select``): each term holds its positions' slice of the factors, so
+        the terms sum to this surrogate exactly. No collective calls (safe per rank)."""
+        n_total = self.n_total or self.batch.size
+        pieces, start = [], 0
+        for part in parts:
+            piece = copy.copy(self)
+            piece.batch, piece.n_total = part, n_total
+            piece.positions = ResponsePositions(part, self.flm.dtype, n_total=n_total)
+            stop = start + piece.positions.count
+            if self.factor is not None:
+                piece.factor = self.factor[start:stop]
+                piece.g0, piece.h0 = self.g0[start:stop], self.h0[start:stop]
+            pieces.append(piece)
+            start = stop
+        if start != self.positions.count:
+            raise ValueError("the parts do not cover the surrogate's batch")
+        return pieces
