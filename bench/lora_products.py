@@ -13,8 +13,9 @@ batch diagnose builds (the model's greedy responses to ``--max-safety`` prompts)
    AD (``jvp_mode="forward"``, the default before this change), new: by transposing the chunk's
    cached backward graph (``jvp_mode="auto"``); and ``F V`` for 8 vectors (Hutch++'s blocks);
 2. the hvp stage's four Hessian-vector products (``H g``, ``H D g``, then ``H a``, ``H a'``),
-   old: one double backward each, rebuilding the gradient graph; new: two batched passes
-   through one cached gradient graph (``cache_graph=True``).
+   old: one double backward each over the whole batch, rebuilding the gradient graph; new: as
+   diagnose now does, the loss summed over chunks of examples (``HessianSum``), each chunk's
+   graph built once per pair of vectors and dropped.
 
 Prints seconds and vectors per second of each, the ratio, and the largest relative difference
 of the outputs (float32 rounding only: both paths compute the same products). Best of
@@ -86,7 +87,9 @@ def main() -> None:
 
     from dataclasses import replace
 
+    from alignscope.commands.diagnose import _hvp_chunks
     from alignscope.curvature import FisherOperator, FunctionalLM, HessianOperator
+    from alignscope.curvature.hvp import HessianSum
     from alignscope.curvature.surrogate import HiddenNLLSurrogate
     from alignscope.data.encode import batch_rows
     from alignscope.data.loaders import load_data
@@ -138,9 +141,7 @@ def main() -> None:
     old = new = None  # their cached graphs
 
     surrogate = HiddenNLLSurrogate(flm, data_batch, vocab_keep=keep)
-    loss = surrogate if surrogate.factor is not None else (
-        lambda th: flm.mean_nll(th, data_batch)
-    )  # fmt: skip
+    loss = surrogate  # the exact mean NLL when it did not coarsen
     g = finetune_gradient(flm, data_batch)
     dg = g / (g.abs() + 1e-3)  # a stand-in preconditioned direction (Adam's D g)
 
@@ -149,8 +150,9 @@ def main() -> None:
         a = [h.matvec(g), h.matvec(dg)]
         return torch.stack([a[0], a[1], h.matvec(a[0]), h.matvec(a[1])], dim=1)
 
-    def hvp_new():
-        h = HessianOperator(loss, flm.theta0, cache_graph=True)
+    def hvp_new():  # as diagnose: chunks sized by the 2 GiB budget, one graph each per matmat
+        parts = _hvp_chunks(model, data_batch, 2 * 2**30)
+        h = HessianSum(surrogate.split(parts), flm.theta0)
         a = h.matmat(torch.stack([g, dg], dim=1))
         return torch.cat([a, h.matmat(a)], dim=1)
 
