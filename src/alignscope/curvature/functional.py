@@ -33,6 +33,47 @@ def response_weights(batch: LMBatch, dtype: torch.dtype = torch.float32) -> torc
     return mask / counts
 
 
+class ResponsePositions:
+    """The response-predicting positions of a batch, flattened, with their loss weights.
+
+    ``weights[n] = 1 / (B * n_b)`` for position ``n`` of example ``b`` (``B`` = ``n_total``):
+    summing any per-position quantity against them gives the mean over examples of the
+    per-example token mean.
+    """
+
+    def __init__(self, batch: LMBatch, dtype: torch.dtype, n_total: int | None = None) -> None:
+        # n_total: the size of the whole batch when this is one chunk of it.
+        self.batch = batch
+        self.mask = batch.target_mask  # [B, T-1]
+        w = response_weights(batch, dtype) / (n_total or batch.size)
+        self.weights = w[self.mask]  # [N]
+        rows = torch.arange(batch.size, device=self.mask.device)
+        self.example = rows[:, None].expand_as(self.mask)[self.mask]  # [N]
+
+    @property
+    def count(self) -> int:
+        return int(self.weights.numel())
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[N, V]`` logits at the response-predicting positions from ``[B, T, V]`` logits."""
+        return logits[:, :-1, :][self.mask]
+
+    def per_example(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]``: the per-position ``values`` ``[N]`` weighted and summed per example."""
+        out = torch.zeros(self.batch.size, dtype=values.dtype, device=values.device)
+        return out.index_add(0, self.example, self.weights * values)
+
+
+def _under_vmap(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a torch.func transform (vmap's batched ids): boolean-mask
+    gathers and the prefix cache's lookups are data-dependent and cannot run on it.
+
+    torch has no public test for this; the private one is looked up so that, should it go, the
+    answer is "wrapped" and callers take their transform-safe path (same result, slower)."""
+    test = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return True if test is None else bool(test(t))
+
+
 def _skip_padding_check(model: nn.Module) -> None:
     """Turn off transformers' "input looks padded, pass an attention mask" check (GPT-2 and
     others run it when the config has a pad token): it tests ``pad_id in input_ids``, which is
@@ -154,7 +195,7 @@ class FunctionalLM:
     def _prefix_state(self, ids: torch.Tensor):
         # Token ids batched by vmap (per-sample gradients) cannot be looked up: those calls run
         # the whole network unless the caller passes the hidden states (example_extra).
-        if self.prefix is None or torch._C._functorch.is_functorch_wrapped_tensor(ids):
+        if self.prefix is None or _under_vmap(ids):
             return None
         return self.prefix.state({**self._frozen, **self._theta0_params()}, ids)
 
@@ -213,16 +254,12 @@ class FunctionalLM:
         the positions of a typical fine-tuning batch; the rest have weight zero): the same sum
         in another order, with vocabulary-sized tensors that much smaller in its derivatives.
         """
-        weights = response_weights(batch, self.dtype)
         ids = batch.input_ids
-        if self.head is None or torch._C._functorch.is_functorch_wrapped_tensor(ids):
-            return self.example_nll(theta, ids, weights)
-        mask = batch.target_mask
-        logp = torch.log_softmax(self.position_logits(theta, ids, mask), dim=-1)
-        token = logp.gather(-1, batch.targets[mask][:, None])[:, 0]
-        example = torch.arange(batch.size, device=ids.device)[:, None].expand_as(mask)[mask]
-        out = torch.zeros(batch.size, dtype=token.dtype, device=token.device)
-        return out.index_add(0, example, -weights[mask] * token)
+        if self.head is None or _under_vmap(ids):
+            return self.example_nll(theta, ids, response_weights(batch, self.dtype))
+        pos = ResponsePositions(batch, self.dtype, n_total=1)  # per-example means, not / B
+        logp = torch.log_softmax(self.position_logits(theta, ids, pos.mask), dim=-1)
+        return pos.per_example(-logp.gather(-1, batch.targets[pos.mask][:, None])[:, 0])
 
     def mean_nll(
         self, theta: torch.Tensor, batch: LMBatch, n_total: int | None = None

@@ -9,33 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from alignscope.curvature.functional import FunctionalLM, response_weights
+from alignscope.curvature.functional import FunctionalLM, ResponsePositions
 from alignscope.data.encode import LMBatch
 
-
-class ResponsePositions:
-    """The response-predicting positions of a batch, flattened, with their loss weights.
-
-    ``weights[n] = 1 / (B * n_b)`` for position ``n`` of example ``b`` (``B`` = ``n_total``):
-    summing any per-position quantity against them gives the mean over examples of the
-    per-example token mean.
-    """
-
-    def __init__(self, batch: LMBatch, dtype: torch.dtype, n_total: int | None = None) -> None:
-        # n_total: the size of the whole batch when this is one chunk of it.
-        self.batch = batch
-        self.mask = batch.target_mask  # [B, T-1]
-        w = response_weights(batch, dtype) / (n_total or batch.size)
-        self.weights = w[self.mask]  # [N]
-        self.example = torch.arange(batch.size)[:, None].expand_as(self.mask)[self.mask]  # [N]
-
-    @property
-    def count(self) -> int:
-        return int(self.weights.numel())
-
-    def gather(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[N, V]`` logits at the response-predicting positions from ``[B, T, V]`` logits."""
-        return logits[:, :-1, :][self.mask]
+__all__ = ["REFERENCES", "AlignmentKL", "ResponsePositions"]
 
 
 REFERENCES = ("recompute", "table")
@@ -93,9 +70,7 @@ class AlignmentKL:
 
     def per_example(self, theta: torch.Tensor) -> torch.Tensor:
         """``[B]`` mean token KL of each example."""
-        kl = self.per_position(theta) * self.positions.weights * self.batch.size
-        out = torch.zeros(self.batch.size, dtype=kl.dtype, device=kl.device)
-        return out.index_add(0, self.positions.example, kl)
+        return self.positions.per_example(self.per_position(theta)) * self.batch.size
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         """The scalar alignment loss."""
