@@ -51,8 +51,8 @@ from alignscope.geometry import (
     measure_directions,
     noise_traces,
 )
-from alignscope.memory import estimate_memory
-from alignscope.models import describe_adapter, vocab_size
+from alignscope.memory import estimate_memory, fisher_chunk_examples, hvp_chunk_examples
+from alignscope.models import describe_adapter
 from alignscope.params import select_params
 from alignscope.progress import Stages
 from alignscope.report.output import SUBSPACE_FILE, environment, load_subspace, results_header
@@ -306,26 +306,14 @@ GENERATE_BATCH = 32
 
 
 def _fisher_chunk(model, batch: LMBatch, budget: int) -> int:
-    """Examples per Fisher chunk: the cached graph holds a few ``T x V`` logit-sized tensors per
-    example (logits, log-softmax, tangents), so budget ~8 of them; bigger chunks are faster."""
-    per_example = 8 * batch.input_ids.shape[1] * vocab_size(model) * 4
-    return int(max(1, min(batch.size, budget // per_example)))
-
-
-# Bytes a gradient graph built for double backward holds per token and per (layer x hidden):
-# 12 GB for 1,568 tokens through SmolLM2's 30 layers of 576 (measured, exact vocabulary), ~110
-# floats; rounded up.
-HVP_GRAPH_FLOATS = 128
+    """Examples per Fisher chunk (:func:`alignscope.memory.fisher_chunk_examples`)."""
+    return fisher_chunk_examples(model, batch.input_ids.shape[1], batch.size, budget)
 
 
 def _hvp_chunks(model, batch: LMBatch, budget: int) -> list[LMBatch]:
-    """``batch`` in chunks whose double-backward graphs fit ``budget`` (at least one example
-    each), each trimmed to its own longest example."""
-    config = getattr(model, "config", None)
-    layers = getattr(config, "num_hidden_layers", None) or 1
-    hidden = getattr(config, "hidden_size", None) or 1024
-    per_token = HVP_GRAPH_FLOATS * layers * hidden * 4
-    size = max(1, budget // max(1, per_token * batch.input_ids.shape[1]))
+    """``batch`` in chunks whose double-backward graphs fit ``budget``
+    (:func:`alignscope.memory.hvp_chunk_examples`)."""
+    size = hvp_chunk_examples(model, batch.input_ids.shape[1], budget)
     return [batch.select(slice(s, s + size)) for s in range(0, batch.size, size)]
 
 
