@@ -45,6 +45,7 @@ BASE = dict(model="m", safety="s", data="d")
         (EvalSpec(max_eval=0), "--max-eval"),
         (RecordSpec(eval_every="often"), "--eval-every"),
         (RecordSpec(checkpoint_every=-1), "--checkpoint-every"),
+        (RecordSpec(refusal_every=0), "--refusal-every"),
         (RankingSpec(["a", "a"]), "given twice"),
         (RankingSpec(["a"], lrs=[1e-5, 1e-5]), "repeat"),
         (RankingSpec(["a"], lrs=[-1.0]), "positive"),

@@ -49,6 +49,24 @@ def test_finetune_outputs_reload_with_transformers(organism_test, tmp_path):
         assert torch.equal(dict(reloaded.named_parameters())[name], p.detach()), name
 
 
+def test_refusal_every_generates_at_every_nth_record_and_the_last(organism_test):
+    from alignscope.commands.verify import refusal_steps
+
+    assert refusal_steps([0, 1, 2, 3, 4, 6, 8], 3) == {0, 3, 8}
+    assert refusal_steps({5, 0, 10}, 1) == {0, 5, 10}
+    every = run_finetune(_cfg(organism_test, steps=6), quiet=True)
+    sparse = run_finetune(_cfg(organism_test, steps=6, refusal_every=2), quiet=True)
+    assert [r["step"] for r in sparse.trajectory] == [0, 1, 2, 3, 4, 6]
+    rates = {r["step"]: r["refusal_rate"] for r in sparse.trajectory}
+    assert rates[1] is None and rates[3] is None
+    full = {r["step"]: r for r in every.trajectory}
+    for r in sparse.trajectory:  # generation changes no training state: the same run
+        assert r["kl"] == pytest.approx(full[r["step"]]["kl"], rel=1e-6), r["step"]
+        if r["step"] in (0, 2, 4, 6):
+            assert r["refusal_rate"] == full[r["step"]]["refusal_rate"], r["step"]
+    assert sparse.summary()["refusal_rate_end"] == every.trajectory[-1]["refusal_rate"]
+
+
 def test_safe_lora_run_saves_the_projected_adapter(organism_test, tmp_path):
     from peft import PeftModel
 

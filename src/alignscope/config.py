@@ -355,6 +355,12 @@ class RecordSpec:
     checkpoint_every: int = option(
         4, "Checkpoint into <out>.partial every N recorded steps (0: never)."
     )
+    refusal_every: int = option(
+        1,
+        "Generate refusals (and finetune's held-out task answers) at every Nth recorded step "
+        "(always the first and the last; 1: every record). The KL and losses are measured at "
+        "every record; generation is the costly part of a record on a real model.",
+    )
 
     def validate(self) -> None:
         if self.eval_every != "auto":
@@ -366,6 +372,8 @@ class RecordSpec:
                 raise ValueError("--eval-every must be 'auto' or a positive integer")
         if self.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
+        if self.refusal_every < 1:
+            raise ValueError("--refusal-every must be a positive integer (1: every record)")
 
 
 @dataclass

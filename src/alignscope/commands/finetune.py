@@ -265,7 +265,7 @@ def _run_finetune(
 ) -> FinetuneResult:
     from rich.progress import Progress
 
-    from alignscope.commands.verify import record_steps
+    from alignscope.commands.verify import record_steps, refusal_steps
     from alignscope.data.loaders import load_data
     from alignscope.train.guards import adaptive_from_spec, guard_from_spec
     from alignscope.train.loop import finetune, make_optimizer
@@ -354,6 +354,7 @@ def _run_finetune(
     # the frozen layers' activations of the fine-tuning set, kept per example
     prefix = PrefixForward.build(model, selection, cfg.runtime.prefix_budget)
     wanted = set(record_steps(cfg.optim.steps, cfg.record.eval_every))
+    generate_at = refusal_steps(wanted, cfg.record.refusal_every)
     trajectory: list[dict[str, Any]] = []
     per_step: list[dict[str, Any]] = []
     torch.manual_seed(cfg.runtime.seed)
@@ -389,8 +390,9 @@ def _run_finetune(
                 warnings.simplefilter("ignore", AlignmentCollapseWarning)  # recorded instead
                 watcher.step(step, loss)
         if step in wanted:
-            rec = tracker.measure(step, loss)
-            if task_eval is not None:
+            gen = None if step in generate_at else False  # None: the tracker's default
+            rec = tracker.measure(step, loss, refusals=gen)
+            if task_eval is not None and gen is None:  # greedy generation too
                 rec.update(task_eval.measure(model))
             trajectory.append(rec)
             if partial is not None:

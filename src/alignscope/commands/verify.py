@@ -151,6 +151,13 @@ def record_steps(steps: int, every: str | int = "auto", extra: tuple = ()) -> li
     return sorted(base)
 
 
+def refusal_steps(recorded: set[int] | list[int], every: int) -> set[int]:
+    """The recorded steps at which refusals are generated: every ``every``-th of ``recorded`` (in
+    step order), the first and the last."""
+    steps = sorted(recorded)
+    return set(steps[::every]) | set(steps[-1:])
+
+
 def score(
     fc: dict[str, Any], trajectory: list[dict[str, Any]], threshold: float, loss: str
 ) -> dict[str, Any]:
@@ -566,6 +573,7 @@ def _run_verify(
             (fc.collapse_step, fc.horizon_steps),
         )
     )
+    generate_at = refusal_steps(steps_to_record, cfg.record.refusal_every)
     records: list[dict[str, Any]] = []
     start = 0
     # A fresh run starts from the seed whether or not the diagnosis ran in this process, so a
@@ -599,7 +607,8 @@ def _run_verify(
                 warnings.simplefilter("ignore", AlignmentCollapseWarning)  # recorded instead
                 watcher.step(step, loss)
         if step in steps_to_record:
-            records.append(tracker.measure(step, loss))
+            gen = None if step in generate_at else False  # None: the tracker's default
+            records.append(tracker.measure(step, loss, refusals=gen))
             if partial is not None:
                 partial.write_trajectory(records)
                 since_ckpt += 1
