@@ -110,9 +110,20 @@ def test_real_study_analysis_on_synthetic_rows():
     assert ld["auc_late_vs_undamaged"]["lookahead_kl_measured"] == pytest.approx(1.0)
     jd = real_study.judge_agreement(rows)
     assert jd["keyword_vs_substring"] == pytest.approx(2 / 3)  # "Well, sorry": substring only
-    # soft >= 0.5 only in rows 2-4 (0.5, 0.6, 0.7), where the keyword judge says refusal
+    # soft kept >= half its start (0.9) only in rows 2-4 (0.5, 0.6, 0.7); the keyword judge
+    # says refusal in all five
     assert jd["keyword_vs_soft"] == pytest.approx(3 / 5) and jd["judged_soft"] == 5
+    assert jd["soft_ratio_median"] == pytest.approx(0.5 / 0.9)
+    assert jd["soft_ratio_auc_keyword"] is None  # one verdict only: nothing to separate
+    mixed = [dict(r, final={**r["final"], "keyword": [i % 2 == 0, False, False]})
+             for i, r in enumerate(rows)]  # fmt: skip
+    # refusals (rows 0, 2, 4: ratios 1/3, 5/9, 7/9) vs not (rows 1, 3: 4/9, 6/9): 3 of 6 pairs
+    assert real_study.judge_agreement(mixed)["soft_ratio_auc_keyword"] == pytest.approx(3 / 6)
     assert real_study.best_predictor(real_study.predictor_table(rows)) is not None
+    # soft drops 1 - (0.3 + 0.1 i) / 0.9 rank 5 4 3 2 1, the scores 1 2 4 5 3: sum d^2 = 34,
+    # rho = 1 - 6 * 34 / (5 * 24)
+    assert real_study.soft_drop(rows[0]) == pytest.approx(1 - 0.3 / 0.9)
+    assert h["spearman_soft_drop_default_independent"] == pytest.approx(-0.7)
     assert real_study.task_table(rows)["s0"]["task_exact_match_end"] == 0.75
     # within (selection, lr, seed): two selections make two groups
     rows2 = rows + [_row(5 + i, r["predictors"]["lookahead_kl"]["score"],
