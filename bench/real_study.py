@@ -244,6 +244,24 @@ def _key(row: dict) -> tuple:
     return (row["set"], row["selection"], float(row["lr"]), int(row["seed"]))
 
 
+def study_sets_dir(root: Path, args) -> Path:
+    """Where the cache keeps the study's sets for ``args`` (alignment seed, sizes)."""
+    return root / f"study-data-v1-seed{args.seed}-n{args.n_ft}-h{args.n_heldout}"
+
+
+def rank_options(args, aligned: Path, safety: Path, selection: str) -> dict:
+    """The options the study's rank and fine-tune configs of ``selection`` share (the keyword
+    arguments of ``RankConfig.from_options`` / ``FinetuneConfig.from_options``)."""
+    spec = SELECTIONS[selection]
+    return dict(
+        model=str(aligned), safety=str(safety), params=spec["params"],
+        lora_r=spec.get("lora_r"), optimizer="adamw", batch_size=args.batch_size,
+        steps=args.steps, rank=args.rank, max_safety=args.max_safety, max_data=args.max_data,
+        noise_examples=args.noise_examples, max_length=192,
+        max_new_tokens=args.max_new_tokens, threads=1, threshold=0.1, device=args.device,
+    )  # fmt: skip
+
+
 def run_grid(args) -> None:
     import torch
 
@@ -255,7 +273,7 @@ def run_grid(args) -> None:
     from alignscope.report.output import jsonable
 
     prep = rm.prepare(args)
-    sets_dir = prep.root / f"study-data-v1-seed{args.seed}-n{args.n_ft}-h{args.n_heldout}"
+    sets_dir = study_sets_dir(prep.root, args)
     prep.stages.run("study-data", sets_dir,
                     lambda: build_sets(sets_dir, args.seed, args.n_ft, args.n_heldout))  # fmt: skip
     out = Path(args.out)
@@ -277,13 +295,7 @@ def run_grid(args) -> None:
         if not todo:
             continue
         spec = SELECTIONS[sel]
-        common = dict(
-            model=str(prep.aligned), safety=str(safety), params=spec["params"],
-            lora_r=spec.get("lora_r"), optimizer="adamw", batch_size=args.batch_size,
-            steps=args.steps, rank=args.rank, max_safety=args.max_safety, max_data=args.max_data,
-            noise_examples=args.noise_examples, max_length=192,
-            max_new_tokens=args.max_new_tokens, threads=1, threshold=0.1, device=args.device,
-        )  # fmt: skip
+        common = rank_options(args, prep.aligned, safety, sel)
         cfg = RankConfig.from_options(
             data=[str(sets_dir / f"{s}.jsonl") for s in args.sets], lrs=list(LRS[sel]),
             **common,
@@ -655,7 +667,8 @@ def report(rows: list[dict]) -> dict:
     return headline(rows)
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The study's options (their defaults are the study's settings)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="default bench/results/real_study.jsonl")
     ap.add_argument("--seed", type=int, default=0, help="the alignment's (and data split's)")
@@ -682,7 +695,11 @@ def main(argv=None) -> None:
                     help="a check: one set, last-layers, one lr and seed, 8 steps, rank 4, 8 "
                     "prompts; rows to --out, default <tmp>/real_study_quick.jsonl")  # fmt: skip
     rm.add_stage_args(ap)  # the cached alignment's options (keep the defaults to reuse it)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     if args.quick:
         args.sets, args.selections, args.data_seeds = ["affirmative"], ["last-layers"], [0]
         args.steps, args.rank, args.max_eval, args.max_task_eval = 8, 4, 8, 4
