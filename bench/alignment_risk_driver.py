@@ -13,7 +13,10 @@ reference losses the project's venv computed on the same batches (checked here f
 must load to the same function in this venv). Each candidate is one
 ``AlignmentRiskPipeline(PipelineConfig(...)).run(...)`` call as alignment-risk's README documents
 it, on a fresh copy of the model; one JSON line per candidate goes to OUT.jsonl and one JSON object
-(versions, the parity check) to stdout.
+(versions, the parity check) to stdout and, before the first candidate, to meta.json beside
+OUT.jsonl. A job with ``trainable`` (parameter names) freezes every other parameter
+(``requires_grad=False``) before the pipeline sees the model; its settings then name the same
+parameters as ``fisher.parameter_names``.
 """
 
 from __future__ import annotations
@@ -86,6 +89,17 @@ def run_candidate(job: dict, cand: dict, work: Path) -> dict:
 
     torch.manual_seed(job["seed"])
     model = load_model(job["model"])
+    trainable = job.get("trainable")  # None: every parameter (the organism's mode="full")
+    if trainable is not None:
+        # the fine-tuner's view: only the selection trainable. alignment-risk's Fisher loop calls
+        # backward() on everything with requires_grad, so the rest must be frozen, not only left
+        # out of its allowlist (fisher.parameter_names, set from the job's settings)
+        names = set(trainable)
+        missing = names - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise SystemExit(f"parameters not in the model: {sorted(missing)}")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
     safety = load_batches(work / job["files"]["safety"])
     finetune = load_batches(work / job["files"][cand["set"]])
     config = PipelineConfig(mode="full", learning_rate=float(cand["lr"]))
@@ -104,6 +118,15 @@ def run_candidate(job: dict, cand: dict, work: Path) -> dict:
             fisher_s.append(time.perf_counter() - t)
 
     pipeline.fisher_analyzer.analyze = timed_analyze
+    update_size = []
+    estimate = pipeline._estimate_initial_update
+
+    def sized_estimate(*args, **kwargs):  # the length of the update it projects
+        out = estimate(*args, **kwargs)
+        update_size.append(int(out.numel()))
+        return out
+
+    pipeline._estimate_initial_update = sized_estimate
     t0 = time.perf_counter()
     report = pipeline.run(
         model=model,
@@ -137,6 +160,11 @@ def run_candidate(job: dict, cand: dict, work: Path) -> dict:
         "subspace_rank": len(eig),
         "fisher_eigenvalues": eig,
         "n_parameters": sum(s.end - s.start for s in sub.parameter_slices),
+        "parameter_names": [s.name for s in sub.parameter_slices],
+        # the vectors it worked with: per-sample Fisher gradients (its eigenvectors' length),
+        # the initial update; both must have the selection's size
+        "fisher_gradient_size": int(sub.fisher_eigenvectors.shape[0]),
+        "update_size": update_size[0],
         "curvature_refined": "refined" in report.warning,
         "warning": report.warning,
         "seconds": seconds,
@@ -154,6 +182,19 @@ def main(argv: list[str]) -> None:
     import alignment_risk
 
     check = parity(job, load_model(job["model"]), work)
+    meta = {
+        "versions": {
+            "alignment_risk": alignment_risk.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "torch_threads": torch.get_num_threads(),
+        "parity": check,
+    }
+    # beside the rows, so that a run stopped part-way still says what made its rows
+    (out_path.parent / "meta.json").write_text(json.dumps(meta))
     with out_path.open("w") as f:
         for i, cand in enumerate(job["candidates"], 1):
             row = run_candidate(job, cand, work)
@@ -166,21 +207,7 @@ def main(argv: list[str]) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    print(
-        json.dumps(
-            {
-                "versions": {
-                    "alignment_risk": alignment_risk.__version__,
-                    "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "numpy": np.__version__,
-                    "python": platform.python_version(),
-                },
-                "torch_threads": torch.get_num_threads(),
-                "parity": check,
-            }
-        )
-    )
+    print(json.dumps(meta))
 
 
 if __name__ == "__main__":
