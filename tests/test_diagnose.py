@@ -200,3 +200,33 @@ def test_block_lanczos_gives_the_same_subspace(organism_test):
     overlap = torch.linalg.svdvals(one.subspace.vectors.T @ four.subspace.vectors)
     assert float(overlap.min()) > 1 - 1e-6
     assert "block Lanczos (4/pass)" in four.to_json()["subspace"]["plan"]
+
+
+@pytest.mark.parametrize(("group", "method", "products"), [
+    (None, "deflated", 10), ("layer", "hutch++", 30)
+])  # fmt: skip
+def test_recorded_trace_matches_the_dense_fisher_trace(organism_test, monkeypatch, group, method,
+                                                       products):  # fmt: skip
+    """tr F in results.json against the trace of the Fisher diagnose built, made dense (float64,
+    320 parameters): deflated by Lanczos's Krylov basis on the whole selection, Hutch++ where
+    the eigensolver keeps none (block-wise by layer)."""
+    import alignscope.commands.diagnose as diagnose
+
+    seen = {}
+    real = diagnose.subspace_trace
+
+    def spy(op, eig, **kwargs):
+        seen["op"] = op
+        return real(op, eig, **kwargs)
+
+    monkeypatch.setattr(diagnose, "subspace_trace", spy)
+    params = ["model.layers.*.input_layernorm.weight",
+              "model.layers.*.post_attention_layernorm.weight", "model.norm.weight"]  # fmt: skip
+    cfg = _cfg(organism_test, dtype="float64", solver="lanczos", params=params, group=group)
+    sub = run_diagnose(cfg, quiet=True).to_json()["subspace"]
+    op = seen["op"]
+    assert op.shape[0] == 320
+    exact = float(torch.trace(op.matmat(torch.eye(320, dtype=torch.float64))))
+    assert (sub["trace_method"], sub["trace_products"]) == (method, products)
+    assert 0 < sub["trace_stderr"] < 0.1 * exact
+    assert abs(sub["trace"] - exact) < 4 * sub["trace_stderr"], (sub["trace"], exact)

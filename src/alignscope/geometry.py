@@ -28,7 +28,9 @@ class Subspace:
     ``vectors`` holds the eigenvectors of the leading ``vectors.shape[1]`` values (all ``k`` when
     computed here; ``None`` when only the spectrum is known, e.g. a results.json read without its
     subspace.pt). ``plan``/``converged``/``max_residual`` record the solver run (``"reused"`` and
-    ``None`` for a subspace taken over from an earlier diagnosis).
+    ``None`` for a subspace taken over from an earlier diagnosis); ``trace_method`` and
+    ``trace_products`` how ``trace`` was estimated (:class:`~alignscope.curvature.trace.
+    TraceEstimate`; None in files written before they were recorded).
     """
 
     values: torch.Tensor  # [k] descending
@@ -39,6 +41,8 @@ class Subspace:
     plan: str | None = None
     converged: bool | None = None
     max_residual: float | None = None
+    trace_method: str | None = None
+    trace_products: int | None = None
 
     def __eq__(self, other: object) -> bool:
         """Same eigenpairs (exactly), trace and solver record."""
@@ -108,6 +112,8 @@ class Subspace:
             "lambda_d": vals[d - 1],
             "trace": self.trace,
             "trace_stderr": self.trace_stderr,
+            "trace_method": self.trace_method,
+            "trace_products": self.trace_products,
             "explained": top / self.trace if self.trace > 0 else float("nan"),
             "tail_mass": self.trace - top,
             # participation ratio of the computed spectrum: how many directions carry the curvature
@@ -117,7 +123,13 @@ class Subspace:
 
 
 def make_subspace(
-    eig: EigenResult, trace: float, trace_stderr: float | None, plan: str | None = None
+    eig: EigenResult,
+    trace: float,
+    trace_stderr: float | None,
+    plan: str | None = None,
+    *,
+    trace_method: str | None = None,
+    trace_products: int | None = None,
 ) -> Subspace:
     """The subspace of an eigensolver run (its convergence and largest residual recorded)."""
     return Subspace(
@@ -129,6 +141,8 @@ def make_subspace(
         plan=plan,
         converged=eig.converged,
         max_residual=None if eig.residuals is None else float(eig.residuals.max()),
+        trace_method=trace_method,
+        trace_products=trace_products,
     )
 
 

@@ -20,7 +20,7 @@ import torch
 
 from alignscope.config import CurvatureSpec, DataSpec, ModelSpec
 from alignscope.curvature.spectrum import SpectrumPlan, block_dims, plan_spectrum
-from alignscope.curvature.trace import hutchpp_bytes
+from alignscope.curvature.trace import deflated_bytes, hutchpp_bytes
 from alignscope.models import vocab_size
 from alignscope.params import select_params
 
@@ -37,12 +37,13 @@ class MemoryEstimate:
     gradient_chunks: int
     plan: SpectrumPlan | None
     available: int | None
-    trace: int = 0  # Hutch++ for tr F
+    trace: int = 0  # tr F: the deflated estimator's probes, or Hutch++'s blocks
 
     @property
     def total(self) -> int:
-        # The trace estimate runs after the eigensolver has returned, yet the measured peak is
-        # close to their sum (the allocator keeps the basis's pages): count both, to err high.
+        # The trace estimate runs while the eigensolver's Krylov basis is still held (it deflates
+        # by it); after a route without one (Gram, block-wise) the allocator keeps the basis's
+        # pages anyway, the measured peak close to their sum: count both.
         return (
             self.weights + self.kl_reference + self.eigensolver + self.trace + self.gradient_chunks
         )
@@ -185,7 +186,13 @@ def estimate_memory(
         gradient_chunks=budget,
         plan=sp,
         available=available_memory(next(model.parameters()).device),
-        trace=hutchpp_bytes(selection.size) if sp is not None else 0,
+        trace=(
+            0
+            if sp is None
+            else deflated_bytes(selection.size)
+            if sp.keeps_basis
+            else hutchpp_bytes(selection.size)
+        ),  # fmt: skip
     )
     if check_available and est.available is not None and est.still_needed > est.available:
         raise MemoryError(

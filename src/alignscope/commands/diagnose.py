@@ -31,13 +31,12 @@ from alignscope.curvature import (
     FunctionalLM,
     fisher_eigs,
     gram_eigs,
-    hutchpp,
     per_sample_grads,
     response_weights,
+    subspace_trace,
 )
 from alignscope.curvature.hvp import HessianSum
 from alignscope.curvature.surrogate import HiddenNLLSurrogate
-from alignscope.curvature.trace import TRACE_PRODUCTS
 from alignscope.data.encode import LMBatch, batch_rows
 from alignscope.data.loaders import load_data
 from alignscope.data.sample import subsample
@@ -239,6 +238,8 @@ class DiagnoseResult:
                 plan=s["plan"],
                 converged=s["converged"],
                 max_residual=s["max_residual"],
+                trace_method=s.get("trace_method"),
+                trace_products=s.get("trace_products"),
             )
         aic = d["aic"]
         return cls(
@@ -572,7 +573,10 @@ def _run_diagnose(
         elif cfg.curvature.fisher == "empirical":
             rows = fisher.empirical_factor_rows(memory_budget=budget)
             eig = gram_eigs(rows, min(k, rows.shape[0]) if curv.rank is None else k)
-            subspace = make_subspace(eig, float((rows.double() ** 2).sum()), None, "empirical")
+            subspace = make_subspace(
+                eig, float((rows.double() ** 2).sum()), None, "empirical",
+                trace_method="exact", trace_products=0,
+            )  # fmt: skip
         else:
             eig, plan = fisher_eigs(
                 fisher,
@@ -583,10 +587,16 @@ def _run_diagnose(
                 seed=cfg.runtime.seed,
                 blocks=selection if cfg.curvature.group is not None else None,
                 block_size=cfg.curvature.lanczos_block,
+                keep_basis=True,
             )
-            est = hutchpp(fisher, TRACE_PRODUCTS, seed=cfg.runtime.seed)
+            # tr F deflated by the Krylov basis the solver built (Hutch++ where it has none)
+            est = subspace_trace(fisher, eig, seed=cfg.runtime.seed)
+            eig.basis = None  # m x P: not needed past the trace
             trace = max(est.value, float(eig.values.sum()))
-            subspace = make_subspace(eig, trace, est.stderr, plan.describe())
+            subspace = make_subspace(
+                eig, trace, est.stderr, plan.describe(),
+                trace_method=est.method, trace_products=est.n_products,
+            )  # fmt: skip
         d = curv.rank if curv.rank is not None else subspace.rank_for(curv.explained or 0.9)
         d = min(d, subspace.k)
 

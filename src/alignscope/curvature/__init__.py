@@ -28,7 +28,13 @@ from alignscope.curvature.operator import (
 )
 from alignscope.curvature.per_sample import per_sample_grads
 from alignscope.curvature.spectrum import SpectrumPlan, fisher_eigs, plan_spectrum
-from alignscope.curvature.trace import TraceEstimate, hutchinson, hutchpp
+from alignscope.curvature.trace import (
+    TraceEstimate,
+    deflated_trace,
+    hutchinson,
+    hutchpp,
+    subspace_trace,
+)
 
 __all__ = [
     "AlignmentKL",
@@ -48,6 +54,7 @@ __all__ = [
     "block_krylov_default_iter",
     "block_krylov_eigs",
     "block_lanczos_eigs",
+    "deflated_trace",
     "ensure_eager_attention",
     "fisher_eigs",
     "gram_eigs",
@@ -61,4 +68,5 @@ __all__ = [
     "plan_spectrum",
     "response_weights",
     "stacked_matvecs",
+    "subspace_trace",
 ]

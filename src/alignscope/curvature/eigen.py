@@ -33,6 +33,11 @@ class EigenResult:
     residuals: torch.Tensor | None = None
     blocks: dict[str, list[int]] = field(default_factory=dict)  # block -> columns of `vectors`
     converged: bool = True
+    # With ``keep_basis``: the whole Krylov basis Q as orthonormal rows ``[m, P]`` and
+    # ``tr(Q^T A Q)`` from the solver's own projections (no further products), for
+    # :func:`~alignscope.curvature.trace.deflated_trace`. Large (``m x P``): drop it once used.
+    basis: torch.Tensor | None = field(default=None, repr=False)
+    basis_trace: float | None = None
 
     @property
     def k(self) -> int:
@@ -68,6 +73,7 @@ def lanczos_eigs(
     seed: int = 0,
     check_every: int = 5,
     basis_dtype: torch.dtype | None = None,
+    keep_basis: bool = False,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -84,6 +90,10 @@ def lanczos_eigs(
             convergence checks.
         basis_dtype: the Krylov basis's precision; default float64 for a float64 operator, else
             float32 (a tighter reference on a float32 operator asks for float64).
+        keep_basis: return the Krylov basis ``Q_m`` and ``tr(Q_m^T A Q_m) = tr T_m`` (the sum
+            of the alphas) in ``basis`` / ``basis_trace``. ``Q_m^T A Q_m = T_m`` holds for any
+            ``m``, converged or not (``A Q_m = Q_m T_m + r e_m^T`` with ``r`` orthogonal to
+            ``Q_m``), up to the basis's orthogonality, which full reorthogonalisation keeps.
 
     Raises:
         TypeError: ``op`` is not a :class:`LinearOperator`.
@@ -164,7 +174,10 @@ def lanczos_eigs(
             f"eigenpairs (largest residual {float(residuals.max()):.2e}); raise max_iter",
             stacklevel=2,
         )
-    return EigenResult(values.clamp_min(0.0), vectors, "lanczos", m, residuals, converged=converged)
+    res = EigenResult(values.clamp_min(0.0), vectors, "lanczos", m, residuals, converged=converged)
+    if keep_basis:
+        res.basis, res.basis_trace = basis[:m], float(sum(alphas[:m]))
+    return res
 
 
 def block_krylov_default_iter(k: int, block_size: int) -> int:
@@ -184,6 +197,7 @@ def block_krylov_eigs(
     seed: int = 0,
     check_every: int = 5,
     basis_dtype: torch.dtype | None = None,
+    keep_basis: bool = False,
 ) -> EigenResult:
     """Top-``k`` eigenpairs of a symmetric operator by block Lanczos: ``block_size`` vectors per
     ``op.matmat`` pass, full reorthogonalisation, Rayleigh-Ritz on the whole Krylov basis.
@@ -210,7 +224,9 @@ def block_krylov_eigs(
     ``converged=False``. ``n_products`` counts vectors. A column whose new direction vanishes (an
     invariant subspace) is replaced by a fresh random one orthogonal to the basis. The start
     block comes from ``seed`` alone, so every rank of a distributed run (products all-reduced in
-    the operator) builds the same basis.
+    the operator) builds the same basis. ``keep_basis``: return the basis ``V`` and
+    ``tr(V^T A V)`` (the projected matrix's diagonal, kept whole here) as :func:`lanczos_eigs`
+    does.
 
     Raises:
         TypeError: ``op`` is not a :class:`LinearOperator`.
@@ -323,9 +339,12 @@ def block_krylov_eigs(
             f"{float(residuals.max()):.2e}); raise max_iter",
             stacklevel=2,
         )
-    return EigenResult(
+    res = EigenResult(
         values.clamp_min(0.0), vectors, "block-krylov", m, residuals, converged=converged
     )
+    if keep_basis:
+        res.basis, res.basis_trace = basis[:m], float(np.trace(proj[:m, :m]))
+    return res
 
 
 def _block_ritz(upper: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

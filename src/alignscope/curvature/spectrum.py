@@ -33,6 +33,13 @@ class SpectrumPlan:
     bytes_needed: int
     block_size: int = 1  # Lanczos: vectors per product pass (1: single-vector Lanczos)
 
+    @property
+    def keeps_basis(self) -> bool:
+        """Whether the solver's whole Krylov basis can be kept for the trace
+        (:func:`~alignscope.curvature.trace.subspace_trace`): Lanczos on the whole selection.
+        The Gram route has no Krylov basis, and a block-wise one spans one block at a time."""
+        return self.method == "lanczos" and not self.blockwise
+
     def describe(self) -> str:
         gib = self.bytes_needed / 2**30
         where = "block-wise" if self.blockwise else "whole selection"
@@ -134,6 +141,7 @@ def fisher_eigs(
     blocks: ParamSelection | None = None,
     tol: float = 1e-8,
     block_size: int = 1,
+    keep_basis: bool = False,
 ) -> tuple[EigenResult, SpectrumPlan]:
     """Top-``k`` eigenpairs of the alignment Fisher, by the route ``plan_spectrum`` chooses.
 
@@ -151,6 +159,10 @@ def fisher_eigs(
         block_size: Lanczos's vectors per product pass: 1 is single-vector Lanczos
             (:func:`lanczos_eigs`), more is block Lanczos (:func:`block_krylov_eigs`, one
             ``op.matmat`` per block; more products, fewer passes).
+        keep_basis: where the plan allows it (:attr:`SpectrumPlan.keeps_basis`), return the
+            Krylov basis and its projected trace in the result (``basis``, ``basis_trace``)
+            for :func:`~alignscope.curvature.trace.subspace_trace`; the plan's memory already
+            counts the basis.
 
     Raises:
         TypeError: ``op`` is not a LinearOperator, or the Gram route on one without factor rows.
@@ -189,5 +201,8 @@ def fisher_eigs(
         eig = block_lanczos_eigs(op, blocks, k, keep=k, block_size=block_size, tol=tol, seed=seed)
         return eig, plan
     if block_size > 1:
-        return block_krylov_eigs(op, k, block_size=block_size, tol=tol, seed=seed), plan
-    return lanczos_eigs(op, k, tol=tol, seed=seed), plan
+        eig = block_krylov_eigs(
+            op, k, block_size=block_size, tol=tol, seed=seed, keep_basis=keep_basis
+        )
+        return eig, plan
+    return lanczos_eigs(op, k, tol=tol, seed=seed, keep_basis=keep_basis), plan
