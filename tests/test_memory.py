@@ -42,8 +42,9 @@ def test_estimate_adds_what_stays_resident(model):
     assert est.kl_reference == 8 * 10 * 64 * 4  # prompts x tokens x vocabulary x float32
     iterations = min(n, max(6 * 4, 4 + 60))
     assert est.plan.method == "lanczos" and est.eigensolver == (iterations + 1) * n * 4
-    # Hutch++'s 30 products on tr F: five float64 blocks of 10 vectors, after the eigensolver
-    assert est.trace == 5 * 10 * n * 8
+    # tr F deflated by the kept Krylov basis (counted in the eigensolver's part): 10 probes, three
+    # float64 blocks of 10 vectors beside it
+    assert est.trace == 3 * 10 * n * 8
     parts = est.weights + est.kl_reference + est.eigensolver + est.trace
     assert est.total == parts + int(0.5 * 2**30)
     assert "memory estimate" in est.describe() and est.to_json()["total"] == est.total
@@ -53,6 +54,10 @@ def test_estimate_adds_what_stays_resident(model):
         *_specs(reuse), model, sel, n_safety=8, check_available=False, eigensolver=False
     )
     assert est.eigensolver == 0 and est.plan is None
+    # no Krylov basis to deflate by (the Gram route): Hutch++'s five float64 blocks of 10 vectors
+    gram = _cfg(rank=4, max_new_tokens=10, memory_budget_gb=0.5, solver="gram")
+    est = estimate_memory(*_specs(gram), model, sel, n_safety=8, check_available=False)
+    assert est.plan.method == "gram" and est.trace == 5 * 10 * n * 8
 
 
 def test_kl_reference_follows_the_fisher_reference_choice(model):
