@@ -2,7 +2,8 @@
 basis (10 products), side by side in one process on the Fisher diagnose builds. Not a test.
 
     python bench/trace.py [--rank 8] [--max-safety 32] [--seeds 10] [--ref-iter 250]
-                          [--ref-probes 200] [--model PATH --safety FILE --params PATTERN ...]
+                          [--ref-probes 200] [--short]
+                          [--model PATH --safety FILE --params PATTERN ...]
 
 Default: the ``test`` organism (seed 0, built or read from the cache), every parameter. With
 ``--model`` and ``--safety``: that model (e.g. ``~/.cache/alignscope/real_model/aligned-v2-seed0``)
@@ -11,10 +12,13 @@ the Fisher operator (chunks, vocabulary, frozen-prefix cache) and the eigensolve
 ``--rank`` by Lanczos, tol 1e-8, seed 0) are diagnose's.
 
 Reference: tr F deflated by a float64 Lanczos basis of ``--ref-iter`` products with
-``--ref-probes`` probes (its own standard error printed beside it). Then, for ``--seeds`` seeds,
+``--ref-probes`` probes (its own standard error printed beside it); ``--ref-iter 0`` (for a
+large model) deflates by the eigensolver's basis instead, with probes of a seed no estimate
+uses: unbiased, its error its standard error. Then, for ``--seeds`` seeds,
 every estimator on the same operator: Hutch++ with 30 products (diagnose before this change),
 the deflated estimator on the eigensolver's whole Krylov basis with 5, 10 (diagnose now) and 20
-probes, and deflated by the top-k Ritz vectors only with 10 probes. Prints, per estimator,
+probes, and deflated by the top-k Ritz vectors only with 10 probes (``--short``: only Hutch++
+and the deflated estimator with 10 probes). Prints each estimate as it comes and, per estimator,
 products, seconds per estimate (mean), RMS and largest |error| relative to the reference, the
 mean standard error, and the largest |error| / stderr; the load average at start and end. The
 last line is one JSON object.
@@ -34,7 +38,7 @@ import torch
 
 from alignscope.commands.diagnose import DiagnoseConfig, _fisher_chunk
 from alignscope.curvature import FisherOperator, FunctionalLM, deflated_trace, hutchpp, lanczos_eigs
-from alignscope.curvature.trace import DEFLATED_PROBES, TRACE_PRODUCTS
+from alignscope.curvature.trace import DEFLATED_PROBES, TRACE_PRODUCTS, TraceEstimate
 from alignscope.data.encode import batch_rows
 from alignscope.data.loaders import load_data
 from alignscope.data.sample import subsample
@@ -84,6 +88,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--safety", default=None)
     ap.add_argument("--params", nargs="+", default=["all"])
+    ap.add_argument("--short", action="store_true",
+                    help="only Hutch++ 30 and the deflated estimator with 10 probes")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -98,20 +104,6 @@ def main() -> None:
                  "model": "test organism" if args.model is None else args.model}  # fmt: skip
 
     t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tol < 0: run to --ref-iter by design
-        big = lanczos_eigs(op, args.rank, tol=-1.0, max_iter=args.ref_iter, seed=1000,
-                           basis_dtype=torch.float64, keep_basis=True)  # fmt: skip
-    ref = deflated_trace(op, big.basis, big.basis_trace, args.ref_probes, seed=10_000)
-    secs = time.perf_counter() - t
-    big = None
-    out["reference"] = {"value": ref.value, "stderr": ref.stderr, "seconds": round(secs, 1),
-                        "products": args.ref_iter + args.ref_probes}  # fmt: skip
-    print(f"reference tr F = {ref.value:.6g} +- {ref.stderr:.2g} ({ref.stderr / ref.value:.2e} "
-          f"relative; {args.ref_iter} Lanczos products, float64 basis, + {args.ref_probes} "
-          f"probes, {secs:.0f} s)", flush=True)  # fmt: skip
-
-    t = time.perf_counter()
     eig = lanczos_eigs(op, args.rank, tol=1e-8, seed=0, keep_basis=True)
     secs = time.perf_counter() - t
     top = float(eig.values.sum())
@@ -119,9 +111,36 @@ def main() -> None:
                           "converged": eig.converged, "basis_trace": eig.basis_trace,
                           "top_k_sum": top}  # fmt: skip
     print(f"eigensolver: Lanczos top-{args.rank}, {eig.n_products} products in {secs:.1f} s "
-          f"({secs / eig.n_products:.3f} s a product), converged {eig.converged}; exact part "
-          f"tr(Q^T F Q) = {eig.basis_trace:.6g} ({eig.basis_trace / ref.value:.3f} of tr F), "
-          f"top-{args.rank} Ritz values {top:.6g} ({top / ref.value:.3f})", flush=True)  # fmt: skip
+          f"({secs / eig.n_products:.3f} s a product), converged {eig.converged}",
+          flush=True)  # fmt: skip
+
+    t = time.perf_counter()
+    if args.ref_iter > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tol < 0: run to --ref-iter by design
+            big = lanczos_eigs(op, args.rank, tol=-1.0, max_iter=args.ref_iter, seed=1000,
+                               basis_dtype=torch.float64, keep_basis=True)  # fmt: skip
+        ref = deflated_trace(op, big.basis, big.basis_trace, args.ref_probes, seed=10_000)
+        big = None
+        how = f"{args.ref_iter} Lanczos products, float64 basis, + {args.ref_probes} probes"
+    else:  # a large model: the eigensolver's basis, many more probes (seeds none of the runs use)
+        # in batches of 10 probes (their float64 blocks are 240 bytes a parameter), averaged
+        parts = [
+            deflated_trace(op, eig.basis, eig.basis_trace, 10, seed=10_000 + i)
+            for i in range(max(1, args.ref_probes // 10))
+        ]
+        value = statistics.fmean(e.value for e in parts)
+        stderr = sum(e.stderr**2 for e in parts) ** 0.5 / len(parts)
+        ref = TraceEstimate(value, stderr, 10 * len(parts), "deflated")
+        how = f"the eigensolver's basis + {10 * len(parts)} probes"
+    secs = time.perf_counter() - t
+    out["reference"] = {"value": ref.value, "stderr": ref.stderr, "seconds": round(secs, 1),
+                        "products": args.ref_iter + args.ref_probes, "how": how}  # fmt: skip
+    print(f"reference tr F = {ref.value:.6g} +- {ref.stderr:.2g} ({ref.stderr / ref.value:.2e} "
+          f"relative; {how}, {secs:.0f} s)", flush=True)  # fmt: skip
+    print(f"exact part tr(Q^T F Q) = {eig.basis_trace:.6g} ({eig.basis_trace / ref.value:.3f} of "
+          f"tr F), top-{args.rank} Ritz values {top:.6g} ({top / ref.value:.3f})",
+          flush=True)  # fmt: skip
     ritz = eig.vectors.T.contiguous()
     estimators = {
         f"hutch++ {TRACE_PRODUCTS} (old)": lambda s: hutchpp(op, TRACE_PRODUCTS, seed=s),
@@ -132,12 +151,16 @@ def main() -> None:
         },
         f"deflated top-{args.rank} Ritz 10": lambda s: deflated_trace(op, ritz, top, 10, seed=s),
     }  # fmt: skip
+    if args.short:
+        estimators = {k: v for k, v in estimators.items() if k.endswith(("(old)", "(new)"))}
     runs: dict[str, list] = {name: [] for name in estimators}
     for seed in range(args.seeds):  # interleaved, so load changes hit every estimator alike
         for name, fn in estimators.items():
             t = time.perf_counter()
             est = fn(seed)
             runs[name].append((est, time.perf_counter() - t))
+            print(f"  seed {seed} {name}: {est.value:.6g} +- {est.stderr:.2g}, "
+                  f"{time.perf_counter() - t:.1f} s", flush=True)  # fmt: skip
     print(f"{'estimator':28s} {'products':>8s} {'s/estimate':>10s} {'RMS |err|':>10s} "
           f"{'max |err|':>10s} {'mean se':>9s} {'max |err|/se':>12s}  "
           "(relative to tr F)")  # fmt: skip
