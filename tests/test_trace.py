@@ -60,6 +60,21 @@ def test_exact_part_is_the_projected_trace_of_the_kept_basis(solver):
     assert lanczos_eigs(op, 5).basis is None  # kept only when asked for
 
 
+def test_exact_part_holds_to_the_basis_precision_on_a_float32_operator():
+    """The identity rests on the basis's orthogonality: a float32 basis (the default for a
+    float32 operator) keeps it to float32 rounding, and the deflated estimate stays unbiased."""
+    dense = _concentrated()
+    op = DenseOperator(dense.float())
+    eig = lanczos_eigs(op, 5, tol=1e-6, keep_basis=True)
+    q = eig.basis.double()
+    assert eig.basis.dtype == torch.float32
+    assert float((q @ q.T - torch.eye(q.shape[0], dtype=torch.float64)).abs().max()) < 1e-5
+    assert eig.basis_trace == pytest.approx(float(torch.trace(q @ dense @ q.T)), rel=1e-5)
+    exact = float(torch.trace(dense))
+    est = deflated_trace(op, eig.basis, eig.basis_trace, 10, seed=0)
+    assert abs(est.value - exact) < 4 * est.stderr
+
+
 def test_exact_when_the_range_lies_in_the_basis():
     dense = _psd([7.0, 3.0, 1.0, 0.5, 0.25, 0.1], 80)
     op = DenseOperator(dense)
