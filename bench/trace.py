@@ -101,7 +101,8 @@ def main() -> None:
     print(f"{'test organism' if args.model is None else 'model'}: {dim:,} parameters, safety "
           f"batch {tuple(op.batch.input_ids.shape)}", flush=True)  # fmt: skip
     out: dict = {"bench": "trace", "dim": dim, "rank": args.rank, "seeds": args.seeds,
-                 "model": "test organism" if args.model is None else args.model}  # fmt: skip
+                 "model": "test organism" if args.model is None
+                 else args.model.replace(os.path.expanduser("~"), "~", 1)}  # fmt: skip
 
     t = time.perf_counter()
     eig = lanczos_eigs(op, args.rank, tol=1e-8, seed=0, keep_basis=True)
