@@ -157,24 +157,25 @@ def _save_batches(path: Path, batches) -> None:
     np.savez(path, **arrays)
 
 
-def export(work: Path, org, sets: list[str], seed: int) -> dict:
-    """Encode the safety and fine-tuning batches into ``work`` (.npz) and return the job's data
-    part: files, the project venv's reference losses on the first batch of each, the model."""
+def _export_batches(
+    work: Path,
+    model,
+    tok,
+    safety,
+    sets: dict[str, Path],
+    batch_size: int,
+    max_length: int,
+    order: int,
+) -> tuple[dict, dict, dict]:
+    """Save ``safety`` (an encoded batch) in batches of ``batch_size`` and each set's first
+    :data:`FT_BATCHES` batches on the trial order ``order`` into ``work`` (.npz); return the
+    files, the project venv's reference losses on the first batch of each, and the data part."""
     import torch
 
-    from alignscope.config import TRIAL_SEED_OFFSET, DataSpec
-    from alignscope.data.encode import batch_rows
     from alignscope.data.loaders import load_data
-    from alignscope.data.sample import subsample
     from alignscope.train.loop import response_nll
     from alignscope.train.stream import training_stream
 
-    ds = org.datasets_path
-    tok, model = org.tokenizer(), org.aligned_model()
-    max_length = DataSpec(safety="").max_length  # the context every command fits data to
-    batch_size = org.finetune_protocol.batch_size
-    safety_rows = subsample(load_data(ds / "harmful_align.jsonl", "safety").rows, MAX_SAFETY, seed)
-    safety, _ = batch_rows(tok, safety_rows, max_length, "harmful_align")
     chunks = [
         safety.select(list(range(i, min(i + batch_size, safety.size))))
         for i in range(0, safety.size, batch_size)
@@ -183,19 +184,40 @@ def export(work: Path, org, sets: list[str], seed: int) -> dict:
     _save_batches(work / files["safety"], chunks)
     firsts = {"safety": chunks[0]}
     data = {"safety": {"prompts": safety.size, "batches": len(chunks), "batch_size": batch_size}}
-    trial_seed = seed + TRIAL_SEED_OFFSET
-    for name in sets:
-        rows = load_data(ds / f"{name}.jsonl", "data").rows
-        stream = training_stream(tok, rows, batch_size=batch_size, seed=trial_seed,
+    for name, path in sets.items():
+        rows = load_data(path, "data").rows
+        stream = training_stream(tok, rows, batch_size=batch_size, seed=order,
                                  max_length=max_length, what=name)  # fmt: skip
         it = stream.batches()
         batches = [next(it) for _ in range(FT_BATCHES)]
         files[name] = f"{name}.npz"
         _save_batches(work / files[name], batches)
         firsts[name] = batches[0]
-        data[name] = {"batches": FT_BATCHES, "batch_size": batch_size, "order_seed": trial_seed}
+        data[name] = {"batches": FT_BATCHES, "batch_size": batch_size, "order_seed": order}
     with torch.no_grad():
         ref = {k: float(response_nll(model, b, "example")) for k, b in firsts.items()}
+    return files, ref, data
+
+
+def export(work: Path, org, sets: list[str], seed: int) -> dict:
+    """Encode the safety and fine-tuning batches into ``work`` (.npz) and return the job's data
+    part: files, the project venv's reference losses on the first batch of each, the model."""
+
+    from alignscope.config import TRIAL_SEED_OFFSET, DataSpec
+    from alignscope.data.encode import batch_rows
+    from alignscope.data.loaders import load_data
+    from alignscope.data.sample import subsample
+
+    ds = org.datasets_path
+    tok, model = org.tokenizer(), org.aligned_model()
+    max_length = DataSpec(safety="").max_length  # the context every command fits data to
+    batch_size = org.finetune_protocol.batch_size
+    safety_rows = subsample(load_data(ds / "harmful_align.jsonl", "safety").rows, MAX_SAFETY, seed)
+    safety, _ = batch_rows(tok, safety_rows, max_length, "harmful_align")
+    trial_seed = seed + TRIAL_SEED_OFFSET
+    sets_paths = {name: ds / f"{name}.jsonl" for name in sets}
+    files, ref, data = _export_batches(work, model, tok, safety, sets_paths, batch_size,
+                                       max_length, trial_seed)  # fmt: skip
     return {"files": files, "reference_losses": ref, "model": str(org.aligned_path),
             "data": data, "trial_seed": trial_seed}  # fmt: skip
 
@@ -310,8 +332,6 @@ def export_real(work: Path, sets: list[str], seed: int) -> dict:
     from alignscope.data.sample import subsample
     from alignscope.evaluate import generate
     from alignscope.params import select_params
-    from alignscope.train.loop import response_nll
-    from alignscope.train.stream import training_stream
 
     sargs = study_settings()
     root = rm.cache_root()
@@ -341,29 +361,14 @@ def export_real(work: Path, sets: list[str], seed: int) -> dict:
         sys.exit("an empty greedy response among the safety prompts (diagnose would refuse)")
     safety, _ = batch_rows(tok, [{"prompt": p, "response": g} for p, g in zip(
         prompts, greedy, strict=True)], ds.max_length, "safety")  # fmt: skip
-    chunks = [
-        safety.select(list(range(i, min(i + batch_size, safety.size))))
-        for i in range(0, safety.size, batch_size)
-    ]
-    files = {"safety": "safety.npz"}
-    _save_batches(work / files["safety"], chunks)
-    firsts = {"safety": chunks[0]}
-    data_part = {"safety": {"prompts": safety.size, "batches": len(chunks),
-                            "batch_size": batch_size, "responses": "the aligned model's greedy "
-                            f"answers, {ds.max_new_tokens} new tokens"}}  # fmt: skip
     order = trial_seed(seed, "independent")
-    for name in sets:
-        set_rows = load_data(sets_dir / f"{name}.jsonl", "data").rows
-        stream = training_stream(tok, set_rows, batch_size=batch_size, seed=order,
-                                 max_length=ds.max_length, what=name)  # fmt: skip
-        it = stream.batches()
-        batches = [next(it) for _ in range(FT_BATCHES)]
-        files[name] = f"{name}.npz"
-        _save_batches(work / files[name], batches)
-        firsts[name] = batches[0]
-        data_part[name] = {"batches": FT_BATCHES, "batch_size": batch_size, "order_seed": order}
-    with torch.no_grad():
-        ref = {k: float(response_nll(model, b, "example")) for k, b in firsts.items()}
+    files, ref, data_part = _export_batches(
+        work, model, tok, safety, {name: sets_dir / f"{name}.jsonl" for name in sets},
+        batch_size, ds.max_length, order,
+    )  # fmt: skip
+    data_part["safety"]["responses"] = (
+        f"the aligned model's greedy answers, {ds.max_new_tokens} new tokens"
+    )
     return {"files": files, "reference_losses": ref, "model": str(aligned), "data": data_part,
             "trial_seed": order, "parameter_names": list(selection.names),
             "n_selected": selection.size, "steps": dcfg.optim.steps,
