@@ -11,8 +11,10 @@ fine-tuning set x selection x AdamW learning rate x data seed, every predictor o
   Alpaca-shape instruction/input/output set written from offline sources (``alpaca``), and a dose
   series of the eager affirmative prefix on one pool of tasks: ``mixed`` (0 %),
   ``affirmative_50`` (50 %), ``affirmative`` (100 %);
-- selections: ``last-layers`` (the MLPs of layers 28-29, as bench/real_model.py) and ``lora8``
-  (a new LoRA adapter of rank 8 on the default targets);
+- selections: ``last-layers`` (the MLPs of layers 28-29, as bench/real_model.py), ``lora8``
+  (a new LoRA adapter of rank 8 on the default targets, every linear layer) and ``lora8-last``
+  (a new LoRA adapter of rank 8 on the six linear layers of those two MLPs, so the frozen prefix
+  is cached; ``--lrs`` runs one of its two learning rates);
 - AdamW at two learning rates per selection x two data seeds (the seed of the scored run's
   batch order), ``--steps`` (default 100) steps;
 - the trial run behind the lookahead predictors is made on an order the scored run does not use
@@ -66,8 +68,19 @@ DOSE = {"mixed": 0, "affirmative_50": 50, "affirmative": 100}  # % of answers wi
 SELECTIONS = {
     "last-layers": {"params": ["model.layers.28.mlp.*", "model.layers.29.mlp.*"]},
     "lora8": {"params": ["all"], "lora_r": 8},
+    # LoRA r=8 on the same six linear layers as last-layers: the adapter starts in layer 28, so
+    # the frozen prefix is cached (an all-linear adapter runs every layer: ~40 min a run here)
+    "lora8-last": {
+        "params": ["all"],
+        "lora_r": 8,
+        "lora_targets": [
+            f"model.layers.{i}.mlp.{m}"
+            for i in (28, 29)
+            for m in ("gate_proj", "up_proj", "down_proj")
+        ],
+    },
 }
-LRS = {"last-layers": (3e-5, 1e-4), "lora8": (1e-4, 3e-4)}
+LRS = {"last-layers": (3e-5, 1e-4), "lora8": (1e-4, 3e-4), "lora8-last": (3e-4, 1e-3)}
 DATA_SEEDS = (0, 1)
 TRIAL_FRACTIONS = (0.05, 0.1, 0.2)
 COLLAPSE = 0.5  # collapsed: refusal at the end below half of its start
@@ -255,8 +268,9 @@ def rank_options(args, aligned: Path, safety: Path, selection: str) -> dict:
     spec = SELECTIONS[selection]
     return dict(
         model=str(aligned), safety=str(safety), params=spec["params"],
-        lora_r=spec.get("lora_r"), optimizer="adamw", batch_size=args.batch_size,
-        steps=args.steps, rank=args.rank, max_safety=args.max_safety, max_data=args.max_data,
+        lora_r=spec.get("lora_r"), lora_targets=spec.get("lora_targets"), optimizer="adamw",
+        batch_size=args.batch_size, steps=args.steps, rank=args.rank, max_safety=args.max_safety,
+        max_data=args.max_data,
         noise_examples=args.noise_examples, max_length=192,
         max_new_tokens=args.max_new_tokens, threads=1, threshold=0.1, device=args.device,
     )  # fmt: skip
@@ -291,6 +305,7 @@ def run_grid(args) -> None:
         # rankings of the sets (the Spearman within (selection, lr, seed) needs all of them)
         todo = [(s, lr, seed) for seed in args.data_seeds
                 for lr in sorted(LRS[sel], reverse=True) for s in args.sets
+                if not args.lrs or any(abs(lr - x) < 1e-12 for x in args.lrs)
                 if (s, sel, float(lr), seed) not in done]  # fmt: skip
         if not todo:
             continue
@@ -360,6 +375,7 @@ def run_grid(args) -> None:
                 "selection": sel,
                 "params": spec["params"],
                 "lora_r": spec.get("lora_r"),
+                "lora_targets": spec.get("lora_targets"),
                 "optimizer": "adamw",
                 "lr": lr,
                 "seed": seed,
@@ -616,8 +632,11 @@ def headline(rows: Sequence[dict]) -> dict:
         "judge_keyword_vs_substring": jd["keyword_vs_substring"],
         "judge_keyword_vs_soft": jd["keyword_vs_soft"],
         "spearman_soft_drop_default_independent": d["spearman_soft_drop"],
-        "soft_drop_median": (float(np.median([x for x in map(soft_drop, rows) if x is not None]))
-                             if any(soft_drop(r) is not None for r in rows) else None),
+        "soft_drop_median": (
+            float(np.median([x for x in map(soft_drop, rows) if x is not None]))
+            if any(soft_drop(r) is not None for r in rows)
+            else None
+        ),
         "selections": sorted({r["selection"] for r in rows}),
         "sets": sorted({r["set"] for r in rows}),
         "data_seeds": sorted({r["seed"] for r in rows}),
@@ -675,6 +694,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-seeds", type=int, nargs="+", default=list(DATA_SEEDS))
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     ap.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=list(SELECTIONS))
+    ap.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="run only these of the selection's learning rates (default: both)",
+    )
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
