@@ -12,7 +12,10 @@ of the budget.
 prints the onset distribution per optimizer of the committed organism-study rows (default
 bench/results/study_v2.jsonl and study_v2_confirm.jsonl, data seed 0) and the fraction of the
 budget by which three quarters of the damaged runs had started: the figure behind rank's
-trial-length warning (``alignscope.config.DAMAGE_ONSET_FRACTION``, docs/rank.md).
+trial-length warning (``alignscope.config.DAMAGE_ONSET_FRACTION``, docs/rank.md). ``--real``
+prints the same for the real-model study's rows (bench/results/real_study.jsonl, every seed,
+per optimizer and per selection): the earliest and median onsets behind rank's note
+(``alignscope.config.REAL_DAMAGE_ONSET``).
 """
 
 from __future__ import annotations
@@ -126,28 +129,46 @@ def committed_study_rows(seeds: Sequence[int] = (0,)) -> list[dict]:
     return rows
 
 
+def committed_real_rows() -> list[dict]:
+    """The real-model study's rows (bench/real_study.py), every selection and data seed."""
+    return load_rows(RESULTS / "real_study.jsonl")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rows", nargs="*", help="JSONL files (default: the organism study's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="data seeds (default 0; every seed with --real)")  # fmt: skip
+    p.add_argument("--real", action="store_true",
+                   help="the real-model study's rows (bench/results/real_study.jsonl) instead, "
+                   "grouped by selection as well")  # fmt: skip
     args = p.parse_args(argv)
     if args.rows:
-        rows = [r for f in args.rows for r in load_rows(Path(f)) if r["seed"] in args.seeds]
+        rows = [r for f in args.rows for r in load_rows(Path(f))]
+    elif args.real:
+        rows = committed_real_rows()
     else:
-        rows = committed_study_rows(args.seeds)
+        rows = committed_study_rows(args.seeds or [0])
+    if args.seeds is not None:
+        rows = [r for r in rows if r["seed"] in args.seeds]
     summary = onset_summary(rows)
+    if args.real:
+        summary |= {f"selection {k}": v for k, v in onset_summary(rows, "selection").items()
+                    if k != "all"}  # fmt: skip
     q = f"q{round(ONSET_QUANTILE * 100)}"
-    print(f"{len(rows)} runs, data seeds {args.seeds}; onset = first recorded step (an upper "
+    seeds = sorted({r["seed"] for r in rows})
+    print(f"{len(rows)} runs, data seeds {seeds}; onset = first recorded step (an upper "
           f"bound) as a fraction of the budget")  # fmt: skip
-    print(f"| optimizer | onset | runs | damaged | median | {q} | after 5 % | after 10 % | "
+    print(f"| group | onset | runs | damaged | median | earliest | {q} | after 5 % | after 10 % | "
           "after 20 % | latest |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, cell in summary.items():
         for kind in ("kl", "refusal_half"):
             c = cell[kind]
             latest = c["fractions"][-1] if c["fractions"] else None
             label = f"KL >= {KL_ONSET:g}" if kind == "kl" else "refusal < half"
             print(f"| {name} | {label} | {cell['runs']} | {c['damaged']} | {c['median']} | "
+                  f"{c['fractions'][0] if c['fractions'] else None} | "
                   f"{c[q]} | {c['after']['0.05']} | {c['after']['0.1']} | {c['after']['0.2']} "
                   f"| {latest} |")  # fmt: skip
     print(json.dumps({k: {"kl_" + q: v["kl"][q], "refusal_half_" + q: v["refusal_half"][q]}

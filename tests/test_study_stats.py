@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import real_study  # noqa: E402
 from study_stats import (  # noqa: E402
     auc,
+    committed_real_rows,
     committed_study_rows,
     onset_summary,
     onsets,
@@ -64,6 +65,19 @@ def test_committed_study_rows_give_ranks_damage_onset():
     assert DAMAGE_ONSET_FRACTION["adam"] == DAMAGE_ONSET_FRACTION["adamw"]
     assert DAMAGE_ONSET_MEDIAN["adam"] == DAMAGE_ONSET_MEDIAN["adamw"]
     assert summary["adamw"]["kl"]["damaged"] == 27 and summary["adamw"]["kl"]["after"]["0.1"] == 11
+
+
+def test_committed_real_rows_give_ranks_real_onset():
+    """REAL_DAMAGE_ONSET is what bench/study_stats.py --real computes from the committed
+    real-model study rows (AdamW, KL onset)."""
+    from alignscope.config import REAL_DAMAGE_ONSET
+
+    rows = committed_real_rows()
+    cell = onset_summary(rows)["adamw"]
+    fr = cell["kl"]["fractions"]
+    got = {"damaged": len(fr), "runs": cell["runs"], "first": fr[0],
+           "median": cell["kl"]["median"]}  # fmt: skip
+    assert got == REAL_DAMAGE_ONSET
 
 
 def _row(i: int, score: float, refusal_end: float, kl_steps: list[float], sel="last-layers"):

@@ -43,6 +43,15 @@ DAMAGE_ONSET_FRACTION = {"adamw": 0.16, "adam": 0.16, "sgd": 0.01}
 # runs of that optimizer had started, and rank warns (a shorter trial than the default tenth).
 DAMAGE_ONSET_MEDIAN = {"adamw": 0.055, "adam": 0.055, "sgd": 0.005}
 DAMAGE_ONSET_SOURCE = "bench/study.py (test organisms, data seed 0, 200-step runs)"
+# The same onsets on a real model (bench/real_study.py: SmolLM2-135M-Instruct aligned locally,
+# the last two MLPs, AdamW 3e-5 and 1e-4, data seeds 0-1, 100-step runs; printed by
+# bench/study_stats.py --real): the AdamW runs whose alignment KL reached 0.1, the earliest of
+# those onsets and their median, as fractions of the budget. There every one came after rank's
+# default trial had ended; the trial still ranked them above the undamaged runs by its early KL.
+REAL_DAMAGE_ONSET = {"damaged": 7, "runs": 28, "first": 0.23, "median": 0.45}
+REAL_DAMAGE_ONSET_SOURCE = (
+    "the real-model study (SmolLM2-135M-Instruct, last two MLPs, AdamW, 100-step runs)"
+)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spelled out rather than read from data.loaders, which would import torch before --help;
 # tests/test_loaders.py checks that it names every format.

@@ -28,6 +28,8 @@ from alignscope.config import (
     DAMAGE_ONSET_FRACTION,
     DAMAGE_ONSET_MEDIAN,
     DAMAGE_ONSET_SOURCE,
+    REAL_DAMAGE_ONSET,
+    REAL_DAMAGE_ONSET_SOURCE,
     Composed,
     CurvatureSpec,
     DataSpec,
@@ -206,8 +208,23 @@ def _trial_message(n_lookahead: int, steps: int, optimizer: str, share: str, ons
         f"{optimizer} runs whose alignment KL reached 0.1 reached it only after "
         f"{onset:.1%} of their budget: damage that starts after the trial ends is not measured "
         f"(the lookahead predictors rank by the trial alone). --lookahead-steps {need} covers "
-        "the time by which three quarters of the study's damaged runs had started; either "
-        "way, check the chosen candidate with `alignscope verify`."
+        "the time by which three quarters of the study's damaged runs had started"
+        + _real_onset_clause(optimizer, n_lookahead / steps)
+        + "; either way, check the chosen candidate with `alignscope verify`."
+    )
+
+
+def _real_onset_clause(optimizer: str, covered: float) -> str:
+    """What the real-model study adds to the note, for AdamW trials that end before its
+    earliest damage onset (:data:`alignscope.config.REAL_DAMAGE_ONSET`)."""
+    real = REAL_DAMAGE_ONSET
+    if optimizer not in ("adamw", "adam") or covered >= real["first"]:
+        return ""
+    return (
+        f". In {REAL_DAMAGE_ONSET_SOURCE} all {real['damaged']} of {real['runs']} runs whose KL "
+        f"reached 0.1 reached it after {real['first']:.0%} of their budget (median "
+        f"{real['median']:.0%}): there the trial saw none of it start and ranked those runs "
+        "by their early KL alone"
     )
 
 
@@ -226,15 +243,23 @@ def trial_notes(optimizer: str, n_lookahead: int, steps: int) -> list[str]:
     """A note (else none) when the trial is long enough not to be warned about
     (:func:`trial_warnings`) but shorter than the fraction of the budget by which three
     quarters of the study's damaged runs of ``optimizer`` had started
-    (:data:`alignscope.config.DAMAGE_ONSET_FRACTION`). rank's default tenth under AdamW is
-    such a trial; in the study it ranked as well as a fifth, so this is information, not a
-    warning."""
+    (:data:`alignscope.config.DAMAGE_ONSET_FRACTION`), or, under AdamW, than the earliest onset
+    of the real-model study (:data:`alignscope.config.REAL_DAMAGE_ONSET`). rank's default tenth
+    under AdamW is such a trial; in both studies it still ranked the damaged runs above the
+    others, so this is information, not a warning."""
     onset = DAMAGE_ONSET_FRACTION.get(optimizer)
-    if onset is None or steps < 1 or n_lookahead / steps >= onset:
+    if onset is None or steps < 1 or trial_warnings(optimizer, n_lookahead, steps):
         return []
-    if trial_warnings(optimizer, n_lookahead, steps):
+    if n_lookahead / steps < onset:
+        return [_trial_message(n_lookahead, steps, optimizer, "a quarter", onset)]
+    # long enough for the organism study, not for the real model's later damage
+    real = _real_onset_clause(optimizer, n_lookahead / steps)
+    if not real:
         return []
-    return [_trial_message(n_lookahead, steps, optimizer, "a quarter", onset)]
+    return [
+        f"the trial run covers {n_lookahead} of {steps} planned steps "
+        f"({n_lookahead / steps:.0%}){real}; check the chosen candidate with `alignscope verify`."
+    ]
 
 
 def _label(data: str, lr: float, cfg: RankConfig) -> str:
