@@ -130,7 +130,8 @@ REAL_GRID: list[tuple[str, dict[str, Any]]] = [
     ("constrained-sft", {"csft_beta": 0.1}),
     ("none", dict(REAL_LORA)),
     ("safe-lora", {**REAL_LORA, "safe_lora_tau": 0.5}),
-    ("curvature", {**REAL_LORA, "curvature_mu": 30.0}),
+    ("curvature", {**REAL_LORA, "curvature_mu": 30.0, "curvature_space": "params"}),
+    ("curvature", {**REAL_LORA, "curvature_mu": 30.0, "curvature_space": "weights"}),
 ]
 ALL_SETS = (*SETS, *REAL_SETS)
 PROJECTION = ("project", "project-tracking")
@@ -143,7 +144,24 @@ PROCESS = uuid.uuid4().hex[:12]  # rows of one process share it (step-time ratio
 
 
 def label(guard: str, settings: dict[str, Any]) -> str:
-    return guard + "".join(f" {k}={v:g}" for k, v in settings.items())
+    return guard + "".join(
+        f" {k}={v}" if isinstance(v, str) else f" {k}={v:g}" for k, v in settings.items()
+    )
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The JSONL's rows. Curvature rows on a LoRA adapter from before ``curvature_space``
+    existed ran in the adapter's own coordinates (the only space then): they are labelled
+    ``curvature_space=params``, as a run of that setting today would be."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in rows:
+        st = r.get("settings", {})
+        if r.get("guard") == "curvature" and "lora_r" in st and "curvature_space" not in st:
+            r["settings"] = {**st, "curvature_space": "params"}
+            r["label"] = label("curvature", r["settings"])
+    return rows
 
 
 def _key(row: dict) -> tuple:
@@ -162,12 +180,6 @@ def collapsing(organism: str) -> tuple[str, ...]:
     """The sets a guard must keep refusal on: the organism's collapsing sets, the real model's
     grid sets."""
     return REAL_GRID_SETS if organism == REAL else COLLAPSING
-
-
-def load_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fit_exponent(traj: list[dict], upto: int = 25) -> float | None:
@@ -297,7 +309,8 @@ def result_row(res, *, kind: str, organism: str, name: str, seed: int, guard: st
         "sec_per_step_median": float(np.median(secs)), "kl_exponent": _fit_exponent(traj),
         "trajectory": traj, "process": PROCESS, "wall_s": time.perf_counter() - began,
         "load_avg": os.getloadavg()[0], "host": platform.node(), "torch_threads": 1,
-        "guard_record": res.guard.get("record"), "finalized": res.finalize or None,
+        "guard_record": res.guard.get("record"), "guard_settings": res.guard.get("settings"),
+        "finalized": res.finalize or None,
     }  # fmt: skip
 
 
@@ -504,7 +517,8 @@ def run(args) -> None:
         jobs = plan(organisms, args.sets or list(SETS), strengths, args.guards or list(GRID),
                     not args.skip_thesis)  # fmt: skip
     PROBE_STEPS[:] = args.probe_steps
-    jobs = with_baselines(jobs, done, args.steps, args.max_eval)
+    if not args.no_baselines:
+        jobs = with_baselines(jobs, done, args.steps, args.max_eval)
     if args.list:
         for job in jobs:
             key = (*job[:4], label(*job[4:]), args.steps, args.max_eval)
@@ -1081,6 +1095,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-eval", type=int, default=None,
                    help="held-out refusal prompts (default: 64; the real model's 150, all)")
     p.add_argument("--skip-thesis", action="store_true", help="no thesis-test runs")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="no same-process unguarded time base: step-time ratios against the "
+                   "JSONL's none row of an earlier process, marked '(other process)'")  # fmt: skip
     p.add_argument("--analyze", action="store_true", help="only analyse the JSONL")
     real = p.add_argument_group(f"the real model (--organism {REAL})")
     real.add_argument("--selections", nargs="+", default=["full", "lora"],

@@ -157,10 +157,15 @@ import real_model  # noqa: E402
 
 def test_real_grid_runs_each_guards_default_strength():
     for guard, settings in bench.REAL_GRID:
-        own = {k: v for k, v in settings.items() if k not in ("lora_r", "lr")}
-        default = {k: v for k, v in bench.GRID[guard][0].items() if k not in ("lora_r", "lr")}
+        skip = ("lora_r", "lr", "curvature_space")
+        own = {k: v for k, v in settings.items() if k not in skip}
+        default = {k: v for k, v in bench.GRID[guard][0].items() if k not in skip}
         assert own == default
         assert settings.get("lr", bench.REAL_LR) == (1e-3 if "lora_r" in settings else 1e-4)
+    # on the adapter the curvature guard runs in both spaces of its quadratic model
+    spaces = [st.get("curvature_space") for g, st in bench.REAL_GRID
+              if g == "curvature" and "lora_r" in st]  # fmt: skip
+    assert spaces == ["params", "weights"]
     # a selection's none comes first and is planned with any of its guards
     jobs = bench.real_plan(["lists"], ["safe-lora"], [0])
     assert [bench.label(*j[4:]) for j in jobs] == [
@@ -231,10 +236,12 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
               "--png", str(tmp_path / "p.png")]  # fmt: skip
     bench.main([*common, "--guards", "none", "curvature", "safe-lora"])
     rows = bench.load_rows(out)
+    lcurv_label = "curvature lora_r=8 lr=0.001 curvature_mu=30 curvature_space="
     assert [r["label"] for r in rows] == [
         "none", "curvature curvature_mu=30", "none lora_r=8 lr=0.001",
-        "safe-lora lora_r=8 lr=0.001 safe_lora_tau=0.5",
-        "curvature lora_r=8 lr=0.001 curvature_mu=30"]  # fmt: skip
+        "safe-lora lora_r=8 lr=0.001 safe_lora_tau=0.5", lcurv_label + "params",
+        lcurv_label + "weights"]  # fmt: skip
+    assert [r["guard_settings"]["space"] for r in rows[4:]] == ["params", "weights"]
     assert {r["organism"] for r in rows} == {"smollm2"} and len({r["process"] for r in rows}) == 1
     for r in rows:
         # safe-lora measures the projected model once more at the end
@@ -257,7 +264,7 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     none, lnone = rows[0], rows[2]
     curv = table["curvature curvature_mu=30"]
     assert curv["step_cost"] == pytest.approx(rows[1]["sec_per_step"] / none["sec_per_step"])
-    lcurv = table["curvature lora_r=8 lr=0.001 curvature_mu=30"]
+    lcurv = table[lcurv_label + "params"]
     assert lcurv["step_cost"] == pytest.approx(rows[4]["sec_per_step"] / lnone["sec_per_step"])
     assert all(r["same_process"] for r in table.values())
     printed = capsys.readouterr().out
@@ -268,9 +275,22 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     monkeypatch.setattr(bench, "PROCESS", "later")
     bench.main([*common, "--guards", "anchor", "--selections", "full"])
     rows = bench.load_rows(out)
-    assert [(r["kind"], r["label"]) for r in rows[5:]] == [("baseline", "none"),
+    assert [(r["kind"], r["label"]) for r in rows[6:]] == [("baseline", "none"),
                                                            ("grid", "anchor anchor_beta=1")]
-    assert rows[5]["process"] == rows[6]["process"] != rows[0]["process"]
+    assert rows[6]["process"] == rows[7]["process"] != rows[0]["process"]
     anchor = {r["label"]: r for r in bench.attach_baselines(rows)}["anchor anchor_beta=1"]
-    assert anchor["step_cost"] == pytest.approx(rows[6]["sec_per_step"] / rows[5]["sec_per_step"])
+    assert anchor["step_cost"] == pytest.approx(rows[7]["sec_per_step"] / rows[6]["sec_per_step"])
     assert anchor["same_process"]
+
+
+def test_old_lora_curvature_rows_read_as_params_space(tmp_path):
+    import json
+
+    row = {"kind": "grid", "guard": "curvature", "label": "curvature lora_r=8 lr=0.001 "
+           "curvature_mu=30", "settings": {"lora_r": 8, "lr": 1e-3, "curvature_mu": 30.0}}
+    full = {**row, "label": "curvature curvature_mu=30", "settings": {"curvature_mu": 30.0}}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps(full) + "\n")
+    old, kept = bench.load_rows(path)
+    assert old["label"] == "curvature lora_r=8 lr=0.001 curvature_mu=30 curvature_space=params"
+    assert kept == full  # not an adapter: unchanged

@@ -93,6 +93,10 @@ def test_prerequisites_fail_before_training(organism_test, tmp_path):
         _cfg(org, guard="safe-lora", base=str(org.base_path)).validate()
     with pytest.raises(ValueError, match="--guard"):
         _cfg(org, guard="orthogonal").validate()
+    with pytest.raises(ValueError, match="--curvature-space weights needs a LoRA adapter"):
+        _cfg(org, guard="curvature", curvature_space="weights").validate()
+    with pytest.raises(ValueError, match="--curvature-space must be"):
+        _cfg(org, guard="curvature", curvature_space="merged").validate()
     with pytest.raises(MemoryError, match="subspace"):
         run_finetune(_cfg(org, guard="project", memory_budget_gb=1e-4), quiet=True)
     runner = CliRunner()

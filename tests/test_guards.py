@@ -143,6 +143,102 @@ def test_curvature_guard_gradient_is_mu_F_delta_and_the_cross_term_is_removed():
     assert abs(float(w @ kept)) < 1e-12  # the quadratic model grows by u^T F u / 2 only
 
 
+def _lora_model(init: bool = False, arch: str = "llama"):
+    """A LoRA adapter on layer 1's two MLP matrices (a frozen prefix below, two weight shapes);
+    GPT-2's Conv1D stores its weights transposed (PEFT's fan_in_fan_out)."""
+    peft = pytest.importorskip("peft")
+    if arch == "gpt2":
+        from tests.test_arch_curvature import tiny_gpt2
+
+        base, targets = tiny_gpt2(), ["c_fc", "c_proj"]
+    else:
+        base, targets = tiny_llama(0), ["up_proj", "down_proj"]
+    config = peft.LoraConfig(
+        r=2, lora_alpha=6, init_lora_weights=init, target_modules=targets,
+        layers_to_transform=[1], fan_in_fan_out=arch == "gpt2",
+    )  # fmt: skip
+    model = peft.get_peft_model(base, config)
+    selection = select_params(model, "lora")
+    selection.train_only(model)
+    return model, selection
+
+
+def _merged_change(model, theta, theta0, selection) -> torch.Tensor:
+    """s (B A - B0 A0) of every adapted layer in its base weight's layout, flat (by hand)."""
+    t, t0 = selection.unflatten(theta), selection.unflatten(theta0)
+    out = []
+    for name in selection.names:
+        if ".lora_A." not in name:
+            continue
+        b_name = name.replace(".lora_A.", ".lora_B.")
+        layer = model.get_submodule(name.split(".lora_A.")[0])
+        s = layer.scaling["default"]
+        d = s * (t[b_name] @ t[name] - t0[b_name] @ t0[name])
+        out.append((d.T if layer.fan_in_fan_out else d).reshape(-1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_curvature_guard_on_lora_is_the_chain_rule_of_the_merged_weights_quadratic(arch):
+    model, selection = _lora_model(arch=arch)
+    safety = random_batch(6, seed=3)
+    weights = select_params(
+        model, [n.split(".lora_A.")[0] + ".base_layer.weight" for n in selection.names
+                if ".lora_A." in n],
+    )  # fmt: skip
+    f_w = _dense_fisher(model, weights, safety.select([0, 2, 3, 5]))  # at theta0
+    guard = CurvatureGuard(mu=0.7, examples=4)
+    guard.setup(model, selection, safety)
+    assert guard.settings()["space"] == "weights"
+    theta0 = read_theta(model, selection)
+    gen = torch.Generator().manual_seed(0)
+    delta = 0.1 * torch.randn(selection.size, generator=gen, dtype=torch.float64)
+
+    theta = (theta0 + delta).requires_grad_(True)
+    dw = _merged_change(model, theta, theta0, selection)
+    assert dw.numel() == weights.size
+    q = 0.5 * dw @ f_w @ dw
+    (grad_ref,) = torch.autograd.grad(q, theta)
+    write_theta(model, selection, theta0 + delta)  # the factors train; F_W stays theta0's
+    guard.before_step(model, 0)
+    grad = selection.flatten({n: p.grad for n, p in selection.tensors(model).items()})
+    assert torch.allclose(grad, 0.7 * grad_ref, rtol=1e-10, atol=1e-14)
+    assert guard.signals()["quad"] == pytest.approx(float(q.detach()), rel=1e-10)
+    # the A directions count: B is not zero, so dQ/dA = s B^T G is not either
+    a_part = torch.cat([g.reshape(-1) for n, g in selection.unflatten(grad).items()
+                        if ".lora_A." in n])  # fmt: skip
+    assert float(a_part.norm()) > 1e-3 * float(grad.norm())
+
+    w = grad_ref.detach()
+    u = 1e-2 * torch.randn(selection.size, generator=gen, dtype=torch.float64)
+    u = u + (1.0 - float(w @ u)) * w / float(w @ w)  # a positive first-order cross term (= 1)
+    write_theta(model, selection, theta0 + delta + u)
+    guard.after_step(model, 0)
+    kept = read_theta(model, selection) - theta0 - delta
+    assert guard.signals()["clipped"] and guard.signals()["cross"] == pytest.approx(1.0)
+    assert abs(float(w @ kept)) < 1e-12
+
+
+def test_lora_adapter_fisher_at_peft_init_is_blind_to_A():
+    """Why the guard works in weight space: with B0 = 0 the adapter's own Fisher at theta0 has
+    no A directions, though A moves the merged weights as soon as B does."""
+    model, selection = _lora_model(init=True)  # PEFT's default: B = 0
+    safety = random_batch(6, seed=3)
+    f = _dense_fisher(model, selection, safety)
+    is_a = torch.cat([torch.full((n,), ".lora_A." in name) for name, n
+                      in zip(selection.names, selection.numels, strict=True)])  # fmt: skip
+    assert float(f[is_a].abs().max()) == 0.0 and float(f[~is_a].abs().max()) > 0
+    guard = CurvatureGuard(mu=1.0, examples=6)
+    guard.setup(model, selection, safety)
+    theta0 = read_theta(model, selection)
+    step = 0.1 * torch.randn(selection.size, generator=torch.Generator().manual_seed(2),
+                             dtype=torch.float64)  # fmt: skip
+    write_theta(model, selection, theta0 + step)
+    guard.before_step(model, 0)
+    grad = selection.flatten({n: p.grad for n, p in selection.tensors(model).items()})
+    assert float(grad[is_a].norm()) > 0.01 * float(grad.norm())
+
+
 def test_fisher_diagonal_equals_the_dense_diagonal():
     model, selection, safety = _setup()
     f = _dense_fisher(model, selection, safety)

@@ -467,6 +467,11 @@ class GuardSpec:
     curvature_mu: float = option(
         30.0, "curvature: strength mu of the pull mu F delta (gradient of mu/2 delta^T F delta)."
     )
+    curvature_space: str = option(
+        "auto", "curvature: where its quadratic model lives: weights (a LoRA adapter's merged "
+        "weight change s B A per adapted layer, with the base weights' Fisher) | params (the "
+        "trained parameters themselves) | auto (weights for a LoRA adapter, else params).",
+    )  # fmt: skip
     ewc_lambda: float = option(1e4, "fisher: lambda of lambda/2 sum_i F_ii delta_i^2.")
     fisher_rank: int = option(
         0, "fisher: add the top-d low-rank part of F (d = this; 0: the diagonal only)."
@@ -508,6 +513,11 @@ class GuardSpec:
         (finetune and verify --guard alike)."""
         if self.guard == "safe-lora" and not model.uses_adapter:
             raise ValueError("--guard safe-lora needs a LoRA adapter (--adapter or --lora-r)")
+        if self.guard == "curvature" and self.curvature_space == "weights" and not (
+            model.uses_adapter
+        ):
+            raise ValueError("--curvature-space weights needs a LoRA adapter (--adapter or "
+                             "--lora-r); without one use auto or params")  # fmt: skip
 
     def validate(self) -> None:
         if self.guard not in GUARD_NAMES:
@@ -525,6 +535,8 @@ class GuardSpec:
         for name in ("curvature_mu", "ewc_lambda", "anchor_beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{_flag(name)} must be >= 0")
+        if self.curvature_space not in ("auto", "weights", "params"):
+            raise ValueError("--curvature-space must be auto, weights or params")
         if self.fisher_diag not in ("auto", "exact", "mc"):
             raise ValueError("--fisher-diag must be auto, exact or mc")
         if not -1 <= self.safe_lora_tau <= 1:

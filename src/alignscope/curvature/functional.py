@@ -8,6 +8,7 @@ torch.func compose vmap, grad and jvp over it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -106,6 +107,7 @@ class FunctionalLM:
         *,
         prefix_cache: bool = True,
         prefix_memory_budget: int = DEFAULT_PREFIX_MEMORY_BUDGET,
+        copy_unselected: Iterable[str] = (),
     ) -> None:
         self.model = model.eval()
         self.selection = selection
@@ -113,8 +115,15 @@ class FunctionalLM:
         self.theta0 = selection.flatten(live).detach().clone()
         selected = set(selection.names)
         # Unselected parameters are passed as detached constants so no autograd graph is built
-        # for them (they may still have requires_grad=True on the module).
-        self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
+        # for them (they may still have requires_grad=True on the module). They alias the live
+        # tensors, except those in ``copy_unselected``: parameters that train while graphs built
+        # here must keep their values at construction (the curvature guard's LoRA factors).
+        copies = set(copy_unselected)
+        self._frozen = {
+            n: p.detach().clone() if n in copies else p.detach()
+            for n, p in model.named_parameters()
+            if n not in selected
+        }
         _skip_padding_check(model)
         self.prefix = (
             PrefixCache.build(model, selection, prefix_memory_budget) if prefix_cache else None

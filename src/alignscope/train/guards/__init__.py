@@ -48,7 +48,8 @@ def guard_from_spec(spec, *, memory_budget: int, seed: int = 0, dtype: str = "fl
         return TrackingGuard(spec.guard_rank, spec.track_every, drift=spec.track_drift,
                              memory_budget=memory_budget)  # fmt: skip
     if name == "curvature":
-        return CurvatureGuard(spec.curvature_mu, examples=spec.guard_examples)
+        return CurvatureGuard(spec.curvature_mu, examples=spec.guard_examples,
+                              space=spec.curvature_space)  # fmt: skip
     if name == "fisher":
         return FisherGuard(spec.ewc_lambda, spec.fisher_diag, rank=spec.fisher_rank,
                            memory_budget=memory_budget)  # fmt: skip

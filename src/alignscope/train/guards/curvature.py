@@ -15,6 +15,16 @@ accumulated displacement already occupies. Per step, with one exact product ``w 
 2. after the optimizer, if ``w . u > 0`` the update loses its component along ``w``:
    ``u <- u - (w . u / |w|^2) w``, so the cross term is never positive.
 
+With a LoRA adapter (``space="weights"``, the default for one) the quadratic model lives where
+the alignment loss does, on the merged weight change of each adapted layer,
+``dW = s (B A - B0 A0)``: ``Q = dW^T F_W dW / 2`` with ``F_W`` the Fisher of the layers' base
+weights at theta0, and its gradient in the adapter's coordinates by the chain rule,
+``dQ/dB = s G A^T``, ``dQ/dA = s B^T G`` with ``G = F_W dW``. The adapter's own Fisher at theta0
+cannot stand in for it: with ``B0 = 0`` (PEFT's initialisation) the logits do not move with
+``A`` at theta0, so that Fisher is blind to every ``A`` direction and to the ``dB dA`` part of
+``dW``, which grows as the adapter trains. The pull and the cross-term projection then use this
+gradient in place of ``F delta`` (the two agree for a parametrisation linear in theta).
+
 Cost: one Fisher product per step on the guard's safety examples. ``F`` is fixed at theta0, so
 both linearisations are built once: ``J^T w`` is a backward pass through the stored graph of the
 logits, and ``J v`` the backward pass of the linear map ``u -> J^T u`` (the double-vjp trick) on
@@ -27,13 +37,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import vjp
 
 from alignscope import distributed as dist
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.losses import ResponsePositions
 from alignscope.data.encode import LMBatch
+from alignscope.params import ParamSelection, select_params
 from alignscope.train.guards.base import Guard, read_theta, write_theta
+
+CURVATURE_SPACES = ("auto", "weights", "params")
+
+
+def _is_lora(model: nn.Module, selection: ParamSelection) -> bool:
+    """Every trained parameter is a LoRA A or B matrix."""
+    return bool(selection.names) and all(
+        ".lora_A." in n or ".lora_B." in n for n in selection.names
+    )
 
 
 class FrozenFisher:
@@ -72,21 +93,86 @@ class FrozenFisher:
         return dist.all_reduce_sum(out) if self.sharded else out
 
 
+class LoRAWeightMap:
+    """``theta`` (a LoRA adapter's trained A and B, flat) to the merged weight change of every
+    adapted layer, ``dW = s (B A - B0 A0)`` in the base weight's layout, flat over the selection
+    of those base weights (``self.weights``); with its vjp (the chain rule above)."""
+
+    def __init__(self, model: nn.Module, selection: ParamSelection) -> None:
+        from alignscope.train.guards.safe_lora import lora_layers
+
+        by_name = {}
+        for module_name, layer in lora_layers(model).items():
+            for adapter in layer.lora_A:
+                for part in ("lora_A", "lora_B"):
+                    by_name[f"{module_name}.{part}.{adapter}.weight"] = (module_name, adapter)
+        unknown = [n for n in selection.names if n not in by_name]
+        if unknown:
+            raise ValueError(
+                f"curvature guard in weight space: {unknown[0]!r} is not a LoRA A or B matrix; "
+                "guard the adapter alone (--params all with --lora-r/--adapter) or pass "
+                "--curvature-space params"
+            )
+        layers = lora_layers(model)
+        self.pairs: list[tuple[str, str, float, bool]] = []  # (module, adapter, s, fan_in_fan_out)
+        for name in selection.names:
+            module_name, adapter = by_name[name]
+            layer = layers[module_name]
+            if getattr(layer, "use_dora", {}).get(adapter, False):
+                raise ValueError(f"curvature guard in weight space: {module_name!r} uses DoRA, "
+                                 "not plain LoRA; pass --curvature-space params")  # fmt: skip
+            key = (module_name, adapter, float(layer.scaling[adapter]),
+                   bool(getattr(layer, "fan_in_fan_out", False)))  # fmt: skip
+            if key not in self.pairs:
+                self.pairs.append(key)
+        self.selection = selection
+        self.weights = select_params(
+            model, [f"{m}.base_layer.weight" for m, _, _, _ in self.pairs]
+        )  # fmt: skip
+        if len(self.weights) != len(self.pairs):
+            raise ValueError("curvature guard in weight space: one base weight per adapted layer")
+        self.theta0 = read_theta(model, selection)
+        self._w0 = self.delta_w(self.theta0, from_start=False)
+
+    def delta_w(self, theta: torch.Tensor, from_start: bool = True) -> torch.Tensor:
+        """The flat merged weight change at ``theta`` (from the start's; or the raw ``s B A``)."""
+        t = self.selection.unflatten(theta)
+        out = []
+        for module, adapter, s, transposed in self.pairs:
+            a = t[f"{module}.lora_A.{adapter}.weight"]
+            b = t[f"{module}.lora_B.{adapter}.weight"]
+            d = s * (b @ a)
+            out.append((d.T if transposed else d).reshape(-1))
+        flat = torch.cat(out)
+        return flat - self._w0 if from_start else flat
+
+    def pullback(self, theta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``J^T g``: a covector on the merged weights as one on the adapter's ``theta``."""
+        _, back = vjp(self.delta_w, theta)
+        return back(g.to(theta.dtype))[0]
+
+
 class CurvatureGuard(Guard):
     """The curvature-aware guard: penalty ``mu`` on ``Q(delta)`` and the cross-term projection."""
 
     name = "curvature"
 
-    def __init__(self, mu: float = 30.0, project: bool = True, examples: int | None = 8) -> None:
+    def __init__(self, mu: float = 30.0, project: bool = True, examples: int | None = 8,
+                 space: str = "auto") -> None:  # fmt: skip
         super().__init__()
         if mu < 0:
             raise ValueError("--curvature-mu must be >= 0")
+        if space not in CURVATURE_SPACES:
+            raise ValueError(f"--curvature-space {space!r}: use {', '.join(CURVATURE_SPACES)}")
         self.mu, self.do_project, self.examples = float(mu), project, examples
+        self.space = space
+        self.lora: LoRAWeightMap | None = None
         self._w: torch.Tensor | None = None
         self._before: torch.Tensor | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"mu": self.mu, "project": self.do_project, "examples": self.examples}
+        return {"mu": self.mu, "project": self.do_project, "examples": self.examples,
+                "space": self.space}  # fmt: skip
 
     def setup(self, model, selection, safety_batch=None, subspace=None) -> None:
         super().setup(model, selection, safety_batch, subspace)
@@ -96,13 +182,20 @@ class CurvatureGuard(Guard):
         if self.examples is not None and batch.size > self.examples:
             # spread over the set: safety files are often grouped by topic
             batch = batch.select(torch.linspace(0, batch.size - 1, self.examples).round().long())
+        if self.space == "auto":
+            self.space = "weights" if _is_lora(model, selection) else "params"
         was = model.training
         try:
-            flm = FunctionalLM(model, selection)
+            if self.space == "weights":
+                self.lora = LoRAWeightMap(model, selection)
+                # the factors train; the products stay at theta0's
+                flm = FunctionalLM(model, self.lora.weights, copy_unselected=selection.names)
+            else:
+                flm = FunctionalLM(model, selection)
             self.op = FrozenFisher(flm, batch, sharded=self.sharded)
         finally:
             model.train(was)
-        self.theta0 = flm.theta0
+        self.theta0 = read_theta(model, selection)
 
     def fisher_delta(self, theta: torch.Tensor) -> torch.Tensor:
         """``F (theta - theta0)``: one exact product (skipped at delta = 0)."""
@@ -111,10 +204,22 @@ class CurvatureGuard(Guard):
             return torch.zeros_like(delta)
         return self.op.matvec(delta)
 
+    def grad_q(self, theta: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(grad Q, Q)`` at ``theta`` in the trained parameters' coordinates: ``F delta`` and
+        ``delta . F delta / 2``, or in weight space through the adapter's chain rule."""
+        if self.lora is None:
+            w = self.fisher_delta(theta)
+            return w, 0.5 * float(w @ (theta - self.theta0))
+        dw = self.lora.delta_w(theta)
+        if not bool(dw.any()):
+            return torch.zeros_like(theta), 0.0
+        g = self.op.matvec(dw.to(self.op.q.dtype))
+        return self.lora.pullback(theta, g), 0.5 * float(g @ dw.to(g.dtype))
+
     def before_step(self, model, step) -> None:
         self._before = read_theta(model, self.selection)
-        self._w = self.fisher_delta(self._before)
-        self._signals = {"quad": 0.5 * float(self._w @ (self._before - self.theta0))}
+        self._w, quad = self.grad_q(self._before)
+        self._signals = {"quad": quad}
         if self.mu > 0 and bool(self._w.any()):
             grads = self.selection.unflatten(self.mu * self._w)
             for name, p in self.selection.tensors(model).items():
