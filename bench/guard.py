@@ -90,7 +90,13 @@ GRID: dict[str, list[dict[str, Any]]] = {
         # (an AdamW step at lr 1e-3 moves the test organism's weights by at most about 1 %)
         {"guard_rank": 20, "track_every": 0, "track_drift": 0.1},
     ],
-    "curvature": [{"curvature_mu": 30.0}, {"curvature_mu": 3.0}, {"curvature_mu": 300.0}],
+    "curvature": [
+        {"curvature_mu": 30.0}, {"curvature_mu": 3.0}, {"curvature_mu": 300.0},
+        # on a new rank-8 adapter (the LoRA none's lr): the quadratic model on the merged
+        # weights (auto's choice for an adapter) and on the adapter's own coordinates
+        {"lora_r": 8, "lr": 1e-2, "curvature_mu": 30.0, "curvature_space": "weights"},
+        {"lora_r": 8, "lr": 1e-2, "curvature_mu": 30.0, "curvature_space": "params"},
+    ],
     "fisher": [
         {"ewc_lambda": 1e4},
         {"ewc_lambda": 1e3},
@@ -107,9 +113,9 @@ GRID: dict[str, list[dict[str, Any]]] = {
         {"lora_r": 8, "lr": 1e-2, "safe_lora_tau": 0.7},
     ],
 }
-# The unguarded baseline of the LoRA runs (planned whenever safe-lora is). lr 1e-2: unguarded,
-# a rank-8 LoRA erases the test organism's refusal at it (0 % of 16 held-out prompts by step 11,
-# KL 3.7 at step 200); at the all-parameter lr 1e-3 it only fell to 75 % by step 200.
+# The unguarded baseline of the LoRA runs (planned before the first run on an adapter). lr 1e-2:
+# unguarded, a rank-8 LoRA erases the test organism's refusal at it (0 % of 16 held-out prompts
+# by step 11, KL 3.7 at step 200); at the all-parameter lr 1e-3 it only fell to 75 % by step 200.
 LORA_NONE = {"lora_r": 8, "lr": 1e-2}
 # The real model (--organism smollm2): SmolLM2-135M-Instruct aligned by bench/real_model.py's
 # stages, fine-tuned on that bench's benign sets at its protocol (AdamW, lr 1e-4, batch 8), on the
@@ -443,9 +449,10 @@ def plan(
                 for guard, options in GRID.items():
                     if guard not in guards:
                         continue
-                    if guard == "safe-lora":
-                        jobs.append(("grid", preset, name, seed, "none", dict(LORA_NONE)))
                     for settings in pick(options, strengths):
+                        lora_none = ("grid", preset, name, seed, "none", dict(LORA_NONE))
+                        if "lora_r" in settings and lora_none not in jobs:
+                            jobs.append(lora_none)
                         jobs.append(("grid", preset, name, seed, guard, settings))
             if thesis and seed == seeds[0]:  # the thesis test: one seed per organism
                 for name in COLLAPSING:
