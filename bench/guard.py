@@ -96,6 +96,7 @@ GRID: dict[str, list[dict[str, Any]]] = {
         # weights (auto's choice for an adapter) and on the adapter's own coordinates
         {"lora_r": 8, "lr": 1e-2, "curvature_mu": 30.0, "curvature_space": "weights"},
         {"lora_r": 8, "lr": 1e-2, "curvature_mu": 30.0, "curvature_space": "params"},
+        {"lora_r": 8, "lr": 1e-2, "curvature_mu": 300.0, "curvature_space": "weights"},
     ],
     "fisher": [
         {"ewc_lambda": 1e4},
@@ -149,10 +150,12 @@ PROBE_STEPS = [0, 5, 10, 25, 50, 100, 199]  # before the update of that step
 PROCESS = uuid.uuid4().hex[:12]  # rows of one process share it (step-time ratios need that)
 
 
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else f"{v:g}"
+
+
 def label(guard: str, settings: dict[str, Any]) -> str:
-    return guard + "".join(
-        f" {k}={v}" if isinstance(v, str) else f" {k}={v:g}" for k, v in settings.items()
-    )
+    return guard + "".join(f" {k}={_value(v)}" for k, v in settings.items())
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -958,7 +961,7 @@ def _guard_key(r: dict) -> str:
 # short names of the strength options on the plot's legend
 _SHORT = {"guard_rank": "d", "track_every": "K", "track_drift": "drift", "curvature_mu": "mu",
           "ewc_lambda": "lambda", "fisher_rank": "d", "anchor_beta": "beta",
-          "csft_beta": "beta", "safe_lora_tau": "tau"}  # fmt: skip
+          "csft_beta": "beta", "safe_lora_tau": "tau", "curvature_space": "in"}  # fmt: skip
 # marker fill per strength: the guard's default (first in GRID) filled, the others hollow, half
 _FILLS = ("full", "none", "left", "bottom")
 
@@ -968,7 +971,7 @@ def _strength(r: dict) -> tuple[int, str]:
     ``none``) and the settings, shortened."""
     options = GRID.get(r["guard"], [{}]) if r["guard"] != "none" else [r["settings"]]
     i = options.index(r["settings"]) if r["settings"] in options else len(options)
-    text = " ".join(f"{_SHORT.get(k, k)}={v:g}" for k, v in r["settings"].items()
+    text = " ".join(f"{_SHORT.get(k, k)}={_value(v)}" for k, v in r["settings"].items()
                     if k not in ("lora_r", "lr"))  # fmt: skip
     return i, text
 
