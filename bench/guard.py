@@ -963,7 +963,7 @@ _SHORT = {"guard_rank": "d", "track_every": "K", "track_drift": "drift", "curvat
           "ewc_lambda": "lambda", "fisher_rank": "d", "anchor_beta": "beta",
           "csft_beta": "beta", "safe_lora_tau": "tau", "curvature_space": "in"}  # fmt: skip
 # marker fill per strength: the guard's default (first in GRID) filled, the others hollow, half
-_FILLS = ("full", "none", "left", "bottom")
+_FILLS = ("full", "none", "left", "bottom", "right", "top")
 
 
 def _strength(r: dict) -> tuple[int, str]:
