@@ -87,10 +87,16 @@ def quantile_nearest_rank(values: Sequence[float], q: float) -> float | None:
     return float(v[max(0, math.ceil(q * len(v)) - 1)])
 
 
+def _step_before(steps: Sequence[int], step: int) -> int:
+    """The recorded step before ``step`` (0 if none): an onset lies after it."""
+    return max((s for s in steps if s < step), default=0)
+
+
 def onset_summary(rows: Sequence[dict], by: str = "optimizer") -> dict[str, dict]:
     """Per value of ``row[by]`` (and ``"all"``): the runs, and for each onset kind the damaged
     runs' onsets as a fraction of their budget (sorted), their median, the ``ONSET_QUANTILE``
-    nearest-rank quantile, and how many started after 5 %, 10 % and 20 % of the budget."""
+    nearest-rank quantile, how many started after 5 %, 10 % and 20 % of the budget, and the
+    recorded step before the earliest onset (``earliest_after``: it crossed after that)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(str(r[by]), []).append(r)
@@ -99,14 +105,17 @@ def onset_summary(rows: Sequence[dict], by: str = "optimizer") -> dict[str, dict
     for name, sub in groups.items():
         cell: dict = {"runs": len(sub)}
         for kind in ("kl", "refusal_half"):
-            fr = sorted(
-                o / r["steps"]
+            pairs = sorted(
+                (o / r["steps"], _step_before(r["trajectory"]["step"], o) / r["steps"])
                 for r in sub
                 if (o := onsets(r["trajectory"])[kind]) is not None
             )  # fmt: skip
+            fr = [f for f, _ in pairs]
             cell[kind] = {
                 "damaged": len(fr),
                 "fractions": fr,
+                # the earliest onset happened after this recorded step (a lower bound)
+                "earliest_after": pairs[0][1] if pairs else None,
                 "median": float(np.median(fr)) if fr else None,
                 f"q{round(ONSET_QUANTILE * 100)}": quantile_nearest_rank(fr, ONSET_QUANTILE),
                 "after": {f"{p:g}": sum(1 for f in fr if f > p) for p in (0.05, 0.1, 0.2)},
@@ -159,7 +168,8 @@ def main(argv=None) -> None:
     seeds = sorted({r["seed"] for r in rows})
     print(f"{len(rows)} runs, data seeds {seeds}; onset = first recorded step (an upper "
           f"bound) as a fraction of the budget")  # fmt: skip
-    print(f"| group | onset | runs | damaged | median | earliest | {q} | after 5 % | after 10 % | "
+    print(f"| group | onset | runs | damaged | median | earliest (after) | {q} | after 5 % | "
+          "after 10 % | "
           "after 20 % | latest |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, cell in summary.items():
@@ -168,7 +178,7 @@ def main(argv=None) -> None:
             latest = c["fractions"][-1] if c["fractions"] else None
             label = f"KL >= {KL_ONSET:g}" if kind == "kl" else "refusal < half"
             print(f"| {name} | {label} | {cell['runs']} | {c['damaged']} | {c['median']} | "
-                  f"{c['fractions'][0] if c['fractions'] else None} | "
+                  f"{c['fractions'][0] if c['fractions'] else None} ({c['earliest_after']}) | "
                   f"{c[q]} | {c['after']['0.05']} | {c['after']['0.1']} | {c['after']['0.2']} "
                   f"| {latest} |")  # fmt: skip
     print(json.dumps({k: {"kl_" + q: v["kl"][q], "refusal_half_" + q: v["refusal_half"][q]}

@@ -200,6 +200,10 @@ def test_curvature_guard_on_lora_is_the_chain_rule_of_the_merged_weights_quadrat
     q = 0.5 * dw @ f_w @ dw
     (grad_ref,) = torch.autograd.grad(q, theta)
     write_theta(model, selection, theta0 + delta)  # the factors train; F_W stays theta0's
+    # the merged change is PEFT's own (its layout and scaling), not only the test's convention
+    layers = [model.get_submodule(n.removesuffix(".base_layer.weight")) for n in weights.names]
+    peft_dw = torch.cat([m.get_delta_weight("default").reshape(-1) for m in layers])
+    assert torch.allclose(guard.lora.delta_w(theta0 + delta, from_start=False), peft_dw)
     guard.before_step(model, 0)
     grad = selection.flatten({n: p.grad for n, p in selection.tensors(model).items()})
     assert torch.allclose(grad, 0.7 * grad_ref, rtol=1e-10, atol=1e-14)
@@ -237,6 +241,30 @@ def test_lora_adapter_fisher_at_peft_init_is_blind_to_A():
     guard.before_step(model, 0)
     grad = selection.flatten({n: p.grad for n, p in selection.tensors(model).items()})
     assert float(grad[is_a].norm()) > 0.01 * float(grad.norm())
+
+
+def test_curvature_guard_space_follows_what_trains():
+    # B alone trains: dW = s dB A0 is linear in it, the adapter's coordinates are exact
+    model, _ = _lora_model()
+    b_only = select_params(model, ["*lora_B*"])
+    b_only.train_only(model)
+    safety = random_batch(6, seed=3)
+    guard = CurvatureGuard(examples=4)
+    guard.setup(model, b_only, safety)
+    assert guard.settings()["space"] == "params" and guard.lora is None
+    with pytest.raises(ValueError, match="both factors"):
+        CurvatureGuard(space="weights").setup(model, b_only, safety)
+    # a trained adapter that does not enter the forward pass
+    model, _ = _lora_model()
+    model.add_adapter("other", model.peft_config["default"])
+    both = select_params(model, ["*lora_*"])
+    both.train_only(model)
+    with pytest.raises(ValueError, match="not active"):
+        CurvatureGuard(space="weights").setup(model, both, safety)
+    # the weight space's vectors against the memory budget
+    model, selection = _lora_model()
+    with pytest.raises(MemoryError, match="--curvature-space params"):
+        CurvatureGuard(memory_budget=1000).setup(model, selection, safety)
 
 
 def test_fisher_diagonal_equals_the_dense_diagonal():

@@ -97,9 +97,9 @@ def test_trial_warning_and_note_follow_the_study_onsets():
     (n,) = trial_notes("adamw", 20, 200)
     assert "covers 20 of 200 planned steps (10%)" in n and "--lookahead-steps 32" in n
     assert "a quarter of the adamw runs" in n and "16.0%" in n
-    # exactly the organism's 3/4 onset: covered there, only the real-model study's note left
-    (r32,) = trial_notes("adamw", 32, 200)
-    assert "a quarter" not in r32 and "covers 32 of 200 planned steps (16%). In the real" in r32
+    # exactly the organism's 3/4 onset: covered there, and the real study's damage began after
+    # its 16 % (the earliest between 16 % and 23 %): nothing to say
+    assert trial_notes("adamw", 32, 200) == []
     # shorter than the median onset: a warning (and no note besides)
     (w,) = trial_warnings("adamw", 10, 200)
     assert "half of the adamw runs" in w and "5.5%" in w and "--lookahead-steps 32" in w
@@ -110,14 +110,12 @@ def test_trial_warning_and_note_follow_the_study_onsets():
     assert trial_notes("sgd", 12, 2000) != [] and trial_warnings("sgd", 9, 2000) != []
     cfg = RankConfig.from_options(model="m", safety="s", data=["a", "b"], steps=200)
     assert cfg.trial_notes() == trial_notes("adamw", 20, 200) and cfg.trial_warnings() == []
-    # the real-model study's damage began after 23 % of the budget: the default tenth is told
-    # so, a trial past the organism's 3/4 onset but short of that has a note of its own
-    assert "real-model study" in n and "after 23% of their budget (median 45%)" in n
+    # the real-model study's damage began after 16 % of the budget: the default tenth is told
+    assert "the 7 of its 28 AdamW runs whose KL reached 0.1 all reached it after 16%" in n
+    assert "(the earliest by 23%, half by 45%)" in n
     assert "real-model study" not in trial_notes("sgd", 12, 2000)[0]
-    (r,) = trial_notes("adamw", 40, 200)
-    assert "covers 40 of 200 planned steps (20%). In the real-model study" in r
     longer = RankConfig.from_options(
-        model="m", safety="s", data=["a", "b"], steps=200, lookahead_steps=46
+        model="m", safety="s", data=["a", "b"], steps=200, lookahead_steps=32
     )
     assert longer.trial_warnings() == [] and longer.trial_notes() == []
 

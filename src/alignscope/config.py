@@ -45,12 +45,14 @@ DAMAGE_ONSET_MEDIAN = {"adamw": 0.055, "adam": 0.055, "sgd": 0.005}
 DAMAGE_ONSET_SOURCE = "bench/study.py (test organisms, data seed 0, 200-step runs)"
 # The same onsets on a real model (bench/real_study.py: SmolLM2-135M-Instruct aligned locally,
 # the last two MLPs, AdamW 3e-5 and 1e-4, data seeds 0-1, 100-step runs; printed by
-# bench/study_stats.py --real): the AdamW runs whose alignment KL reached 0.1, the earliest of
-# those onsets and their median, as fractions of the budget. There every one came after rank's
-# default trial had ended; the trial still ranked them above the undamaged runs by its early KL.
-REAL_DAMAGE_ONSET = {"damaged": 7, "runs": 28, "first": 0.23, "median": 0.45}
+# bench/study_stats.py --real): the AdamW runs whose alignment KL reached 0.1, the recorded step
+# after which the earliest of them crossed (a lower bound), the step by which it had (an upper
+# bound) and the median onset (an upper bound), as fractions of the budget. None had crossed
+# when rank's default trial ended; the trial still ranked them above the undamaged runs.
+REAL_DAMAGE_ONSET = {"damaged": 7, "runs": 28, "earliest_after": 0.16, "earliest_by": 0.23,
+                     "median_by": 0.45}  # fmt: skip
 REAL_DAMAGE_ONSET_SOURCE = (
-    "the real-model study (SmolLM2-135M-Instruct, last two MLPs, AdamW, 100-step runs)"
+    "the real-model study (SmolLM2-135M-Instruct, last two MLPs, 100-step runs)"
 )
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spelled out rather than read from data.loaders, which would import torch before --help;

@@ -215,16 +215,17 @@ def _trial_message(n_lookahead: int, steps: int, optimizer: str, share: str, ons
 
 
 def _real_onset_clause(optimizer: str, covered: float) -> str:
-    """What the real-model study adds to the note, for AdamW trials that end before its
-    earliest damage onset (:data:`alignscope.config.REAL_DAMAGE_ONSET`)."""
+    """What the real-model study adds to the note, for AdamW (and Adam) trials that end before
+    its earliest damage could have begun (:data:`alignscope.config.REAL_DAMAGE_ONSET`)."""
     real = REAL_DAMAGE_ONSET
-    if optimizer not in ("adamw", "adam") or covered >= real["first"]:
+    if optimizer not in ("adamw", "adam") or covered >= real["earliest_after"]:
         return ""
     return (
-        f". In {REAL_DAMAGE_ONSET_SOURCE} all {real['damaged']} of {real['runs']} runs whose KL "
-        f"reached 0.1 reached it after {real['first']:.0%} of their budget (median "
-        f"{real['median']:.0%}): there the trial saw none of it start and ranked those runs "
-        "by their early KL alone"
+        f". In {REAL_DAMAGE_ONSET_SOURCE} the {real['damaged']} of its {real['runs']} AdamW runs "
+        f"whose KL reached 0.1 all reached it after {real['earliest_after']:.0%} of their "
+        f"budget (the earliest by {real['earliest_by']:.0%}, half by {real['median_by']:.0%}): "
+        "there a trial this short saw none of that damage begin and ranked those runs by their "
+        "early KL alone"
     )
 
 

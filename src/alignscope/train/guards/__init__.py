@@ -49,7 +49,7 @@ def guard_from_spec(spec, *, memory_budget: int, seed: int = 0, dtype: str = "fl
                              memory_budget=memory_budget)  # fmt: skip
     if name == "curvature":
         return CurvatureGuard(spec.curvature_mu, examples=spec.guard_examples,
-                              space=spec.curvature_space)  # fmt: skip
+                              space=spec.curvature_space, memory_budget=memory_budget)  # fmt: skip
     if name == "fisher":
         return FisherGuard(spec.ewc_lambda, spec.fisher_diag, rank=spec.fisher_rank,
                            memory_budget=memory_budget)  # fmt: skip

@@ -48,13 +48,36 @@ from alignscope.params import ParamSelection, select_params
 from alignscope.train.guards.base import Guard, read_theta, write_theta
 
 CURVATURE_SPACES = ("auto", "weights", "params")
+# Weight-sized vectors the weight-space guard holds: theta0 of the base weights, dW and its start,
+# F dW, and the Fisher product's J^T output and gradient buffer.
+WEIGHT_SPACE_VECTORS = 6
+
+
+def _lora_factors(model: nn.Module) -> dict[str, tuple[str, str, str]]:
+    """``{parameter name: (module name, adapter, "A" | "B")}`` for the A and B matrices of the
+    model's PEFT LoRA layers."""
+    from alignscope.train.guards.safe_lora import lora_layers
+
+    out = {}
+    for module_name, layer in lora_layers(model).items():
+        for adapter in layer.lora_A:
+            out[f"{module_name}.lora_A.{adapter}.weight"] = (module_name, adapter, "A")
+            out[f"{module_name}.lora_B.{adapter}.weight"] = (module_name, adapter, "B")
+    return out
 
 
 def _is_lora(model: nn.Module, selection: ParamSelection) -> bool:
-    """Every trained parameter is a LoRA A or B matrix."""
-    return bool(selection.names) and all(
-        ".lora_A." in n or ".lora_B." in n for n in selection.names
-    )
+    """The trained parameters are exactly A and B of some LoRA layers' adapters, both factors
+    of each (``auto`` then picks the weight space). With one factor frozen (B alone, say) the
+    merged change is linear in what trains and the adapter's own coordinates are exact."""
+    factors = _lora_factors(model)
+    if not selection.names or any(n not in factors for n in selection.names):
+        return False
+    kinds: dict[tuple[str, str], set[str]] = {}
+    for n in selection.names:
+        module, adapter, kind = factors[n]
+        kinds.setdefault((module, adapter), set()).add(kind)
+    return all(k == {"A", "B"} for k in kinds.values())
 
 
 class FrozenFisher:
@@ -94,55 +117,59 @@ class FrozenFisher:
 
 
 class LoRAWeightMap:
-    """``theta`` (a LoRA adapter's trained A and B, flat) to the merged weight change of every
-    adapted layer, ``dW = s (B A - B0 A0)`` in the base weight's layout, flat over the selection
-    of those base weights (``self.weights``); with its vjp (the chain rule above)."""
+    """``theta`` (LoRA adapters' trained A and B, flat) to the merged weight change of every
+    adapted layer, ``dW = sum_adapters s (B A - B0 A0)`` in the base weight's layout, flat over
+    the selection of those base weights (``self.weights``); with its vjp (the chain rule)."""
 
     def __init__(self, model: nn.Module, selection: ParamSelection) -> None:
         from alignscope.train.guards.safe_lora import lora_layers
 
-        by_name = {}
-        for module_name, layer in lora_layers(model).items():
-            for adapter in layer.lora_A:
-                for part in ("lora_A", "lora_B"):
-                    by_name[f"{module_name}.{part}.{adapter}.weight"] = (module_name, adapter)
-        unknown = [n for n in selection.names if n not in by_name]
-        if unknown:
+        if not _is_lora(model, selection):
             raise ValueError(
-                f"curvature guard in weight space: {unknown[0]!r} is not a LoRA A or B matrix; "
-                "guard the adapter alone (--params all with --lora-r/--adapter) or pass "
-                "--curvature-space params"
+                "--curvature-space weights: the trained parameters must be the A and B matrices "
+                "of LoRA adapters, both factors of each (a new adapter with --lora-r, or "
+                "--adapter); otherwise use --curvature-space params (or auto)"
             )
-        layers = lora_layers(model)
-        self.pairs: list[tuple[str, str, float, bool]] = []  # (module, adapter, s, fan_in_fan_out)
+        factors, layers = _lora_factors(model), lora_layers(model)
+        # per adapted module, in model order: its trained adapters (scaling, layout)
+        self.modules: dict[str, list[tuple[str, float, bool]]] = {}
         for name in selection.names:
-            module_name, adapter = by_name[name]
-            layer = layers[module_name]
+            module, adapter, _ = factors[name]
+            layer = layers[module]
+            active = getattr(layer, "active_adapters", [adapter])
+            if adapter not in active:
+                raise ValueError(
+                    f"--curvature-space weights: adapter {adapter!r} of {module!r} is trained but "
+                    "not active (it does not enter the forward pass); train the active adapter"
+                )
             if getattr(layer, "use_dora", {}).get(adapter, False):
-                raise ValueError(f"curvature guard in weight space: {module_name!r} uses DoRA, "
+                raise ValueError(f"curvature guard in weight space: {module!r} uses DoRA, "
                                  "not plain LoRA; pass --curvature-space params")  # fmt: skip
-            key = (module_name, adapter, float(layer.scaling[adapter]),
-                   bool(getattr(layer, "fan_in_fan_out", False)))  # fmt: skip
-            if key not in self.pairs:
-                self.pairs.append(key)
+            entry = (adapter, float(layer.scaling[adapter]),
+                     bool(getattr(layer, "fan_in_fan_out", False)))  # fmt: skip
+            if entry not in self.modules.setdefault(module, []):
+                self.modules[module].append(entry)
         self.selection = selection
-        self.weights = select_params(
-            model, [f"{m}.base_layer.weight" for m, _, _, _ in self.pairs]
-        )  # fmt: skip
-        if len(self.weights) != len(self.pairs):
-            raise ValueError("curvature guard in weight space: one base weight per adapted layer")
+        wanted = [f"{m}.base_layer.weight" for m in self.modules]
+        self.weights = select_params(model, wanted)
+        if self.weights.names != wanted:  # the flat layouts of dW and F_W must agree
+            raise ValueError("curvature guard in weight space: the adapted layers' base weights "
+                             "are not in model order")  # fmt: skip
         self.theta0 = read_theta(model, selection)
         self._w0 = self.delta_w(self.theta0, from_start=False)
 
     def delta_w(self, theta: torch.Tensor, from_start: bool = True) -> torch.Tensor:
-        """The flat merged weight change at ``theta`` (from the start's; or the raw ``s B A``)."""
+        """The flat merged weight change at ``theta`` (from the start's; or the raw sum of
+        ``s B A``)."""
         t = self.selection.unflatten(theta)
         out = []
-        for module, adapter, s, transposed in self.pairs:
-            a = t[f"{module}.lora_A.{adapter}.weight"]
-            b = t[f"{module}.lora_B.{adapter}.weight"]
-            d = s * (b @ a)
-            out.append((d.T if transposed else d).reshape(-1))
+        for module, adapters in self.modules.items():
+            d = 0
+            for adapter, s, transposed in adapters:
+                ba = s * (t[f"{module}.lora_B.{adapter}.weight"]
+                          @ t[f"{module}.lora_A.{adapter}.weight"])  # fmt: skip
+                d = d + (ba.T if transposed else ba)
+            out.append(d.reshape(-1))
         flat = torch.cat(out)
         return flat - self._w0 if from_start else flat
 
@@ -158,14 +185,14 @@ class CurvatureGuard(Guard):
     name = "curvature"
 
     def __init__(self, mu: float = 30.0, project: bool = True, examples: int | None = 8,
-                 space: str = "auto") -> None:  # fmt: skip
+                 space: str = "auto", memory_budget: int | None = None) -> None:  # fmt: skip
         super().__init__()
         if mu < 0:
             raise ValueError("--curvature-mu must be >= 0")
         if space not in CURVATURE_SPACES:
             raise ValueError(f"--curvature-space {space!r}: use {', '.join(CURVATURE_SPACES)}")
         self.mu, self.do_project, self.examples = float(mu), project, examples
-        self.space = space
+        self.space, self.memory_budget = space, memory_budget
         self.lora: LoRAWeightMap | None = None
         self._w: torch.Tensor | None = None
         self._before: torch.Tensor | None = None
@@ -188,6 +215,7 @@ class CurvatureGuard(Guard):
         try:
             if self.space == "weights":
                 self.lora = LoRAWeightMap(model, selection)
+                self._check_memory(self.lora.weights.size)
                 # the factors train; the products stay at theta0's
                 flm = FunctionalLM(model, self.lora.weights, copy_unselected=selection.names)
             else:
@@ -196,6 +224,19 @@ class CurvatureGuard(Guard):
         finally:
             model.train(was)
         self.theta0 = read_theta(model, selection)
+
+    def _check_memory(self, dim: int) -> None:
+        """Refuse a weight space whose vectors do not fit the budget: about
+        ``WEIGHT_SPACE_VECTORS`` float32 vectors the size of the adapted layers' base weights."""
+        need = WEIGHT_SPACE_VECTORS * dim * 4
+        if self.memory_budget is not None and need > self.memory_budget:
+            raise MemoryError(
+                f"guard 'curvature' in weight space: the adapted layers hold {dim:,} base weights "
+                f"and its products need about {need / 2**30:.2f} GiB, over the budget of "
+                f"{self.memory_budget / 2**30:.2f} GiB; adapt fewer layers (--lora-targets), "
+                "raise --memory-gb, or use --curvature-space params (blind to the adapter's A "
+                "at PEFT's B = 0: docs/guard.md)"
+            )
 
     def fisher_delta(self, theta: torch.Tensor) -> torch.Tensor:
         """``F (theta - theta0)``: one exact product (skipped at delta = 0)."""
