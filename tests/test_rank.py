@@ -97,8 +97,8 @@ def test_trial_warning_and_note_follow_the_study_onsets():
     (n,) = trial_notes("adamw", 20, 200)
     assert "covers 20 of 200 planned steps (10%)" in n and "--lookahead-steps 32" in n
     assert "a quarter of the adamw runs" in n and "16.0%" in n
-    # exactly the organism's 3/4 onset: covered there, and the real study's damage began after
-    # its 16 % (the earliest between 16 % and 23 %): nothing to say
+    # exactly the organism's 3/4 onset: covered there, and past the real study's lower bound
+    # (the earliest between 11 % and 16 %): nothing to say
     assert trial_notes("adamw", 32, 200) == []
     # shorter than the median onset: a warning (and no note besides)
     (w,) = trial_warnings("adamw", 10, 200)
@@ -110,14 +110,22 @@ def test_trial_warning_and_note_follow_the_study_onsets():
     assert trial_notes("sgd", 12, 2000) != [] and trial_warnings("sgd", 9, 2000) != []
     cfg = RankConfig.from_options(model="m", safety="s", data=["a", "b"], steps=200)
     assert cfg.trial_notes() == trial_notes("adamw", 20, 200) and cfg.trial_warnings() == []
-    # the real-model study's damage began after 16 % of the budget: the default tenth is told
-    assert "the 7 of its 28 AdamW runs whose KL reached 0.1 all reached it after 16%" in n
-    assert "(the earliest by 23%, half by 45%)" in n
+    # the real-model study's damage began after 11 % of the budget: the default tenth is told
+    assert "the 18 of its 42 AdamW runs whose KL reached 0.1 all reached it after 11%" in n
+    assert "(the earliest by 16%, half by 45%)" in n
     assert "real-model study" not in trial_notes("sgd", 12, 2000)[0]
     longer = RankConfig.from_options(
         model="m", safety="s", data=["a", "b"], steps=200, lookahead_steps=32
     )
     assert longer.trial_warnings() == [] and longer.trial_notes() == []
+    # a new LoRA adapter: its own note until the trial covers a fifth
+    lora = RankConfig.from_options(model="m", safety="s", data=["a", "b"], steps=200, lora_r=8)
+    (*_, adapter) = lora.trial_notes()
+    assert "B = 0" in adapter
+    assert "--lookahead-steps 40 and read --predictor lookahead_kl" in adapter
+    fifth = RankConfig.from_options(model="m", safety="s", data=["a", "b"], steps=200, lora_r=8,
+                                    lookahead_steps=40)  # fmt: skip
+    assert fifth.trial_notes() == []
 
 
 def test_default_predictor_puts_affirmative_above_neutral(ranked):

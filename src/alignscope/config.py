@@ -44,15 +44,16 @@ DAMAGE_ONSET_FRACTION = {"adamw": 0.16, "adam": 0.16, "sgd": 0.01}
 DAMAGE_ONSET_MEDIAN = {"adamw": 0.055, "adam": 0.055, "sgd": 0.005}
 DAMAGE_ONSET_SOURCE = "bench/study.py (test organisms, data seed 0, 200-step runs)"
 # The same onsets on a real model (bench/real_study.py: SmolLM2-135M-Instruct aligned locally,
-# the last two MLPs, AdamW 3e-5 and 1e-4, data seeds 0-1, 100-step runs; printed by
-# bench/study_stats.py --real): the AdamW runs whose alignment KL reached 0.1, the recorded step
-# after which the earliest of them crossed (a lower bound), the step by which it had (an upper
-# bound) and the median onset (an upper bound), as fractions of the budget. None had crossed
-# when rank's default trial ended; the trial still ranked them above the undamaged runs.
-REAL_DAMAGE_ONSET = {"damaged": 7, "runs": 28, "earliest_after": 0.16, "earliest_by": 0.23,
+# 100-step AdamW runs on the last two MLPs at lr 3e-5 and 1e-4, data seeds 0-1, and on a new
+# rank-8 LoRA adapter on them at 3e-4 and 1e-3, seed 0; printed by bench/study_stats.py --real):
+# the runs whose alignment KL reached 0.1, the recorded step after which the earliest of them
+# crossed (a lower bound), the step by which it had (an upper bound) and the median onset (an
+# upper bound), as fractions of the budget. None had crossed when a trial of a tenth ended.
+REAL_DAMAGE_ONSET = {"damaged": 18, "runs": 42, "earliest_after": 0.11, "earliest_by": 0.16,
                      "median_by": 0.45}  # fmt: skip
 REAL_DAMAGE_ONSET_SOURCE = (
-    "the real-model study (SmolLM2-135M-Instruct, last two MLPs, 100-step runs)"
+    "the real-model study (SmolLM2-135M-Instruct, the last two MLPs or a LoRA adapter on them, "
+    "100-step runs)"
 )
 OPTIMIZERS = ("sgd", "adam", "adamw")
 # Spelled out rather than read from data.loaders, which would import torch before --help;
