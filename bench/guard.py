@@ -122,7 +122,8 @@ LORA_NONE = {"lora_r": 8, "lr": 1e-2}
 # stages, fine-tuned on that bench's benign sets at its protocol (AdamW, lr 1e-4, batch 8), on the
 # MLPs of the last two layers or on a new rank-8 LoRA adapter on the same six linear layers (lr
 # 1e-3: 10x the full lr, as the organism's LoRA rows); each guard at its default strength (the
-# first in GRID), curvature under both selections, safe-lora against the LoRA none.
+# first in GRID), curvature under both selections (on the adapter also at mu 300), safe-lora
+# against the LoRA none.
 REAL = "smollm2"
 REAL_MODEL = "SmolLM2-135M-Instruct"
 REAL_SETS = ("affirmative", "lists", "arithmetic", "python_docs")
@@ -139,6 +140,8 @@ REAL_GRID: list[tuple[str, dict[str, Any]]] = [
     ("safe-lora", {**REAL_LORA, "safe_lora_tau": 0.5}),
     ("curvature", {**REAL_LORA, "curvature_mu": 30.0, "curvature_space": "params"}),
     ("curvature", {**REAL_LORA, "curvature_mu": 30.0, "curvature_space": "weights"}),
+    # the strength that held the test organism's adapter (docs/guard.md)
+    ("curvature", {**REAL_LORA, "curvature_mu": 300.0, "curvature_space": "weights"}),
 ]
 ALL_SETS = (*SETS, *REAL_SETS)
 PROJECTION = ("project", "project-tracking")

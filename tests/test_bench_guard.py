@@ -156,16 +156,17 @@ import real_model  # noqa: E402
 
 
 def test_real_grid_runs_each_guards_default_strength():
+    skip = ("lora_r", "lr", "curvature_space")
     for guard, settings in bench.REAL_GRID:
-        skip = ("lora_r", "lr", "curvature_space")
         own = {k: v for k, v in settings.items() if k not in skip}
         default = {k: v for k, v in bench.GRID[guard][0].items() if k not in skip}
-        assert own == default
+        # the adapter's curvature guard also at the mu that held the organism's adapter
+        assert own == default or (guard, own) == ("curvature", {"curvature_mu": 300.0})
         assert settings.get("lr", bench.REAL_LR) == (1e-3 if "lora_r" in settings else 1e-4)
     # on the adapter the curvature guard runs in both spaces of its quadratic model
-    spaces = [st.get("curvature_space") for g, st in bench.REAL_GRID
+    spaces = [(st.get("curvature_space"), st["curvature_mu"]) for g, st in bench.REAL_GRID
               if g == "curvature" and "lora_r" in st]  # fmt: skip
-    assert spaces == ["params", "weights"]
+    assert spaces == [("params", 30.0), ("weights", 30.0), ("weights", 300.0)]
     # a selection's none comes first and is planned with any of its guards
     jobs = bench.real_plan(["lists"], ["safe-lora"], [0])
     assert [bench.label(*j[4:]) for j in jobs] == [
@@ -240,8 +241,8 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     assert [r["label"] for r in rows] == [
         "none", "curvature curvature_mu=30", "none lora_r=8 lr=0.001",
         "safe-lora lora_r=8 lr=0.001 safe_lora_tau=0.5", lcurv_label + "params",
-        lcurv_label + "weights"]  # fmt: skip
-    assert [r["guard_settings"]["space"] for r in rows[4:]] == ["params", "weights"]
+        lcurv_label + "weights", lcurv_label.replace("=30 ", "=300 ") + "weights"]  # fmt: skip
+    assert [r["guard_settings"]["space"] for r in rows[4:]] == ["params", "weights", "weights"]
     assert {r["organism"] for r in rows} == {"smollm2"} and len({r["process"] for r in rows}) == 1
     for r in rows:
         # safe-lora measures the projected model once more at the end
@@ -275,11 +276,11 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     monkeypatch.setattr(bench, "PROCESS", "later")
     bench.main([*common, "--guards", "anchor", "--selections", "full"])
     rows = bench.load_rows(out)
-    assert [(r["kind"], r["label"]) for r in rows[6:]] == [("baseline", "none"),
+    assert [(r["kind"], r["label"]) for r in rows[7:]] == [("baseline", "none"),
                                                            ("grid", "anchor anchor_beta=1")]
-    assert rows[6]["process"] == rows[7]["process"] != rows[0]["process"]
+    assert rows[7]["process"] == rows[8]["process"] != rows[0]["process"]
     anchor = {r["label"]: r for r in bench.attach_baselines(rows)}["anchor anchor_beta=1"]
-    assert anchor["step_cost"] == pytest.approx(rows[7]["sec_per_step"] / rows[6]["sec_per_step"])
+    assert anchor["step_cost"] == pytest.approx(rows[8]["sec_per_step"] / rows[7]["sec_per_step"])
     assert anchor["same_process"]
 
 
