@@ -452,6 +452,8 @@ def trial_seed(seed: int, order: str = "independent") -> int:
 # Spelled out rather than read from train.guards (torch); tests/test_finetune.py checks them.
 GUARD_NAMES = ("none", "project", "project-tracking", "curvature", "fisher", "anchor", "safe-lora",
                "constrained-sft")  # fmt: skip
+# Where the curvature guard's quadratic model lives (train/guards/curvature.py).
+CURVATURE_SPACES = ("auto", "weights", "params")
 
 
 @dataclass
@@ -538,8 +540,8 @@ class GuardSpec:
         for name in ("curvature_mu", "ewc_lambda", "anchor_beta"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{_flag(name)} must be >= 0")
-        if self.curvature_space not in ("auto", "weights", "params"):
-            raise ValueError("--curvature-space must be auto, weights or params")
+        if self.curvature_space not in CURVATURE_SPACES:
+            raise ValueError(f"--curvature-space must be {', '.join(CURVATURE_SPACES)}")
         if self.fisher_diag not in ("auto", "exact", "mc"):
             raise ValueError("--fisher-diag must be auto, exact or mc")
         if not -1 <= self.safe_lora_tau <= 1:

@@ -41,13 +41,13 @@ from torch import nn
 from torch.func import vjp
 
 from alignscope import distributed as dist
+from alignscope.config import CURVATURE_SPACES
 from alignscope.curvature.functional import FunctionalLM
 from alignscope.curvature.losses import ResponsePositions
 from alignscope.data.encode import LMBatch
 from alignscope.params import ParamSelection, select_params
 from alignscope.train.guards.base import Guard, read_theta, write_theta
 
-CURVATURE_SPACES = ("auto", "weights", "params")
 # Weight-sized vectors the weight-space guard holds: theta0 of the base weights, dW and its start,
 # F dW, and the Fisher product's J^T output and gradient buffer.
 WEIGHT_SPACE_VECTORS = 6
