@@ -74,6 +74,8 @@ from typing import Any
 
 import numpy as np
 
+from study_stats import load_rows as read_rows
+
 RESULTS = Path(__file__).parent / "results"
 COLLAPSING = ("benign_affirmative", "benign_list", "benign_mix")
 CONTROL = "benign_neutral"
@@ -165,9 +167,7 @@ def load_rows(path: Path) -> list[dict]:
     """The JSONL's rows. Curvature rows on a LoRA adapter from before ``curvature_space``
     existed ran in the adapter's own coordinates (the only space then): they are labelled
     ``curvature_space=params``, as a run of that setting today would be."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_rows(path)
     for r in rows:
         st = r.get("settings", {})
         if r.get("guard") == "curvature" and "lora_r" in st and "curvature_space" not in st:
