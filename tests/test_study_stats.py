@@ -176,3 +176,24 @@ def test_study_sets_split_and_dose(tmp_path):
     assert sorts and all(
         r["output"] == ", ".join(sorted(r["input"].split(", "), key=str.lower)) for r in sorts
     )
+
+
+def test_committed_real_rows_give_ranks_new_adapter_figures():
+    """REAL_LORA_TRIAL, quoted by rank's note for a new LoRA adapter, is what bench/real_study.py
+    computes from the committed lora8-last rows."""
+    from alignscope.config import REAL_LORA_TRIAL
+
+    rows = [r for r in committed_real_rows() if r["selection"] == "lora8-last"]
+    table = real_study.predictor_table(rows)
+    low = real_study.predictor_table([r for r in rows if r["lr"] == pytest.approx(3e-4)])
+    fifth = real_study.trial_table(rows)["lookahead_kl_measured [independent, 20]"]
+    got = {
+        "tenth": table["lookahead_kl_measured"]["spearman_drop"],
+        "tenth_lr_3e-4": low["lookahead_kl_measured"]["spearman_drop"],
+        "fifth": fifth["spearman_drop"],
+        "lookahead_kl": table["lookahead_kl"]["spearman_drop"],
+        "auc_tenth": table["lookahead_kl_measured"]["auc_collapse"],
+        "auc_lookahead_kl": table["lookahead_kl"]["auc_collapse"],
+    }
+    assert len(rows) == 14
+    assert {k: round(v, 2) for k, v in got.items()} == REAL_LORA_TRIAL

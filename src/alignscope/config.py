@@ -51,6 +51,13 @@ DAMAGE_ONSET_SOURCE = "bench/study.py (test organisms, data seed 0, 200-step run
 # upper bound), as fractions of the budget. None had crossed when a trial of a tenth ended.
 REAL_DAMAGE_ONSET = {"damaged": 18, "runs": 42, "earliest_after": 0.11, "earliest_by": 0.16,
                      "median_by": 0.45}  # fmt: skip
+# How rank's trial ranked the study's runs of a *new* LoRA adapter (the lora8-last selection,
+# 14 runs; trial on an independent order; printed by bench/real_study.py --analyze): Spearman
+# with the refusal drop at a tenth of the budget (12 of 100 steps), the same within lr 3e-4, at a
+# fifth, and of the extrapolated lookahead_kl at a tenth; the AUC for collapse of the default and
+# of lookahead_kl. rank's note for a new adapter quotes them; a test recomputes them.
+REAL_LORA_TRIAL = {"tenth": 0.44, "tenth_lr_3e-4": -0.36, "fifth": 0.55, "lookahead_kl": 0.56,
+                   "auc_tenth": 0.58, "auc_lookahead_kl": 0.71}  # fmt: skip
 REAL_DAMAGE_ONSET_SOURCE = (
     "the real-model study (SmolLM2-135M-Instruct, the last two MLPs or a LoRA adapter on them, "
     "100-step runs)"

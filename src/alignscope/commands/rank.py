@@ -30,6 +30,7 @@ from alignscope.config import (
     DAMAGE_ONSET_SOURCE,
     REAL_DAMAGE_ONSET,
     REAL_DAMAGE_ONSET_SOURCE,
+    REAL_LORA_TRIAL,
     Composed,
     CurvatureSpec,
     DataSpec,
@@ -275,11 +276,14 @@ def new_adapter_note(n_lookahead: int, steps: int, predictor: str) -> list[str]:
         return []
     fifth = min(steps, math.ceil(steps / 5))
     other = "" if predictor == "lookahead_kl" else " and read --predictor lookahead_kl beside it"
+    t = REAL_LORA_TRIAL
     return [
         f"a new LoRA adapter starts at B = 0 and barely moves in its first steps: in "
         f"{REAL_DAMAGE_ONSET_SOURCE} a trial of a tenth ranked the adapter's runs at Spearman "
-        "+0.44 (-0.36 within lr 3e-4), a fifth at +0.55 and the extrapolated lookahead_kl at "
-        f"+0.56 (AUC 0.71 against 0.58); consider --lookahead-steps {fifth}{other}."
+        f"{t['tenth']:+.2f} ({t['tenth_lr_3e-4']:+.2f} within lr 3e-4), a fifth at "
+        f"{t['fifth']:+.2f} and the extrapolated lookahead_kl at {t['lookahead_kl']:+.2f} (AUC "
+        f"{t['auc_lookahead_kl']:.2f} against {t['auc_tenth']:.2f}); consider --lookahead-steps "
+        f"{fifth}{other}."
     ]
 
 
