@@ -125,7 +125,7 @@ LORA_NONE = {"lora_r": 8, "lr": 1e-2}
 # MLPs of the last two layers or on a new rank-8 LoRA adapter on the same six linear layers (lr
 # 1e-3: 10x the full lr, as the organism's LoRA rows); each guard at its default strength (the
 # first in GRID), curvature under both selections (on the adapter also at mu 300), safe-lora
-# against the LoRA none.
+# against the LoRA none, every other guard on the adapter too.
 REAL = "smollm2"
 REAL_MODEL = "SmolLM2-135M-Instruct"
 REAL_SETS = ("affirmative", "lists", "arithmetic", "python_docs")
@@ -140,10 +140,17 @@ REAL_GRID: list[tuple[str, dict[str, Any]]] = [
     ("constrained-sft", {"csft_beta": 0.1}),
     ("none", dict(REAL_LORA)),
     ("safe-lora", {**REAL_LORA, "safe_lora_tau": 0.5}),
-    ("curvature", {**REAL_LORA, "curvature_mu": 30.0, "curvature_space": "params"}),
-    ("curvature", {**REAL_LORA, "curvature_mu": 30.0, "curvature_space": "weights"}),
-    # the strength that held the test organism's adapter (docs/guard.md)
+    # curvature_space=params (the adapter's own coordinates) is not planned any more: it
+    # protected nothing on the organisms' adapters nor on affirmative here (its row stays in
+    # the JSONL); the weight-space guard replaced it as the adapter's default
+    # mu 300 first: the strength that held the test organism's adapter (docs/guard.md)
     ("curvature", {**REAL_LORA, "curvature_mu": 300.0, "curvature_space": "weights"}),
+    # the field's defences on the same adapter: the snapshot projection (in the adapter's
+    # coordinates, the space a practitioner's adapter is trained in), replay, Qi et al.'s loss
+    ("project", {**REAL_LORA, "guard_rank": 20}),
+    ("anchor", {**REAL_LORA, "anchor_beta": 1.0}),
+    ("constrained-sft", {**REAL_LORA, "csft_beta": 0.1}),
+    ("curvature", {**REAL_LORA, "curvature_mu": 30.0, "curvature_space": "weights"}),
 ]
 ALL_SETS = (*SETS, *REAL_SETS)
 PROJECTION = ("project", "project-tracking")

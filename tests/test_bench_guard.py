@@ -166,7 +166,11 @@ def test_real_grid_runs_each_guards_default_strength():
     # on the adapter the curvature guard runs in both spaces of its quadratic model
     spaces = [(st.get("curvature_space"), st["curvature_mu"]) for g, st in bench.REAL_GRID
               if g == "curvature" and "lora_r" in st]  # fmt: skip
-    assert spaces == [("params", 30.0), ("weights", 30.0), ("weights", 300.0)]
+    assert spaces == [("weights", 300.0), ("weights", 30.0)]
+    # every guard but safe-lora runs under both selections
+    for g in {g for g, _ in bench.REAL_GRID}:
+        sel = {"lora_r" in st for name, st in bench.REAL_GRID if name == g}
+        assert sel == ({True} if g == "safe-lora" else {False, True}), g
     # a selection's none comes first and is planned with any of its guards
     jobs = bench.real_plan(["lists"], ["safe-lora"], [0])
     assert [bench.label(*j[4:]) for j in jobs] == [
@@ -240,9 +244,9 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     lcurv_label = "curvature lora_r=8 lr=0.001 curvature_mu=30 curvature_space="
     assert [r["label"] for r in rows] == [
         "none", "curvature curvature_mu=30", "none lora_r=8 lr=0.001",
-        "safe-lora lora_r=8 lr=0.001 safe_lora_tau=0.5", lcurv_label + "params",
-        lcurv_label + "weights", lcurv_label.replace("=30 ", "=300 ") + "weights"]  # fmt: skip
-    assert [r["guard_settings"]["space"] for r in rows[4:]] == ["params", "weights", "weights"]
+        "safe-lora lora_r=8 lr=0.001 safe_lora_tau=0.5",
+        lcurv_label.replace("=30 ", "=300 ") + "weights", lcurv_label + "weights"]  # fmt: skip
+    assert [r["guard_settings"]["space"] for r in rows[4:]] == ["weights", "weights"]
     assert {r["organism"] for r in rows} == {"smollm2"} and len({r["process"] for r in rows}) == 1
     for r in rows:
         # safe-lora measures the projected model once more at the end
@@ -265,8 +269,8 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     none, lnone = rows[0], rows[2]
     curv = table["curvature curvature_mu=30"]
     assert curv["step_cost"] == pytest.approx(rows[1]["sec_per_step"] / none["sec_per_step"])
-    lcurv = table[lcurv_label + "params"]
-    assert lcurv["step_cost"] == pytest.approx(rows[4]["sec_per_step"] / lnone["sec_per_step"])
+    lcurv = table[lcurv_label + "weights"]
+    assert lcurv["step_cost"] == pytest.approx(rows[5]["sec_per_step"] / lnone["sec_per_step"])
     assert all(r["same_process"] for r in table.values())
     printed = capsys.readouterr().out
     assert "smollm2 | curvature curvature_mu=30 | lists | 1 |" in printed
@@ -276,12 +280,26 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     monkeypatch.setattr(bench, "PROCESS", "later")
     bench.main([*common, "--guards", "anchor", "--selections", "full"])
     rows = bench.load_rows(out)
-    assert [(r["kind"], r["label"]) for r in rows[7:]] == [("baseline", "none"),
+    assert [(r["kind"], r["label"]) for r in rows[6:]] == [("baseline", "none"),
                                                            ("grid", "anchor anchor_beta=1")]
-    assert rows[7]["process"] == rows[8]["process"] != rows[0]["process"]
+    assert rows[6]["process"] == rows[7]["process"] != rows[0]["process"]
     anchor = {r["label"]: r for r in bench.attach_baselines(rows)}["anchor anchor_beta=1"]
-    assert anchor["step_cost"] == pytest.approx(rows[8]["sec_per_step"] / rows[7]["sec_per_step"])
+    assert anchor["step_cost"] == pytest.approx(rows[7]["sec_per_step"] / rows[6]["sec_per_step"])
     assert anchor["same_process"]
+    # the field's defences run on the adapter too, against its none of this process
+    bench.main([*common, "--guards", "project", "anchor", "constrained-sft", "--selections",
+                "lora"])  # fmt: skip
+    rows = bench.load_rows(out)
+    lora = " lora_r=8 lr=0.001 "
+    assert [(r["kind"], r["label"]) for r in rows[8:]] == [
+        ("baseline", "none lora_r=8 lr=0.001"), ("grid", "project" + lora + "guard_rank=20"),
+        ("grid", "anchor" + lora + "anchor_beta=1"),
+        ("grid", "constrained-sft" + lora + "csft_beta=0.1")]  # fmt: skip
+    assert all(r["trained"].startswith("LoRA r=8 on ") for r in rows[8:])
+    table = {r["label"]: r for r in bench.attach_baselines(rows)}
+    proj = table["project" + lora + "guard_rank=20"]
+    assert proj["same_process"] and proj["step_cost"] == pytest.approx(
+        rows[9]["sec_per_step"] / rows[8]["sec_per_step"])
 
 
 def test_old_lora_curvature_rows_read_as_params_space(tmp_path):
