@@ -45,6 +45,9 @@ strength (the first in ``GRID``). Refusal, KL and the task are measured every ``
 steps (default 50) and at the end; the task on ``real_model.heldout_split`` (48 rows no set holds,
 made by the set's own generators; greedy answers of up to 48 tokens, ``real_model.task_match``).
 ``--selections full|lora`` picks the parameter selections (two processes can share the JSONL).
+The thesis test runs there too (unless ``--skip-thesis``): on the last two MLPs, ``none`` and
+``project`` again with the overlap probes at ``--probe-steps`` (pass steps below ``--steps``, e.g.
+``0 5 10 25 50 99`` for 100), the KL at log-spaced steps, refusal at the first and the last.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/guard.py --organism smollm2 --selections full
     .venv/bin/python bench/guard.py --organism smollm2 --analyze
@@ -214,8 +217,8 @@ class Probe:
     """A guard wrapper recording the thesis-test overlaps at ``PROBE_STEPS`` (the hooks and
     signals are the inner guard's; ``records`` holds the measurements)."""
 
-    def __init__(self, inner, rank: int) -> None:
-        self.inner, self.rank = inner, rank
+    def __init__(self, inner, rank: int, memory_budget: int) -> None:
+        self.inner, self.rank, self.memory_budget = inner, rank, memory_budget
         self.name, self.changes_loss = inner.name, inner.changes_loss
         self.records: list[dict[str, Any]] = []
 
@@ -231,15 +234,17 @@ class Probe:
         self.u0 = self._eigs(model)
 
     def _eigs(self, model):
-        """The top-``rank`` Fisher eigenvectors at the current weights (cold Lanczos)."""
-        from alignscope.curvature.fisher import FisherOperator
+        """The top-``rank`` Fisher eigenvectors at the current weights (cold), by the route
+        ``project`` computes its basis by (the guards' exact-vocabulary Fisher, Lanczos within
+        the run's curvature budget), so that at theta0 they are the basis ``project`` removes."""
         from alignscope.curvature.functional import FunctionalLM
         from alignscope.curvature.spectrum import fisher_eigs
+        from alignscope.train.guards.base import safety_fisher
 
         was = model.training
         try:
-            op = FisherOperator(FunctionalLM(model, self.selection), self.safety_batch)
-            eig, _ = fisher_eigs(op, self.rank, method="auto")
+            op = safety_fisher(FunctionalLM(model, self.selection), self.safety_batch)
+            eig, _ = fisher_eigs(op, self.rank, method="auto", memory_budget=self.memory_budget)
         finally:
             model.train(was)
         q, _ = np.linalg.qr(eig.vectors.double().numpy())
@@ -279,21 +284,25 @@ def weights_digest(org) -> str:
     return hashlib.sha256((org.aligned_path / "model.safetensors").read_bytes()).hexdigest()[:12]
 
 
+def thesis_probe(cfg, seed: int) -> Probe:
+    """The run's guard (built as ``finetune`` builds it) wrapped in the thesis-test probe."""
+    from alignscope.train.guards import guard_from_spec
+
+    budget = int(cfg.curvature.memory_budget_gb * 2**30)
+    inner = guard_from_spec(cfg.guard, memory_budget=budget, seed=seed)
+    return Probe(inner, cfg.guard.guard_rank, budget)
+
+
 def run_one(org, name: str, seed: int, guard: str, settings: dict, args, kind: str) -> dict:
     from alignscope.commands.finetune import FinetuneConfig, run_finetune
     from alignscope.organism.corpus import task_match
-    from alignscope.train.guards import guard_from_spec
 
     extra = {"base": str(org.base_path)} if guard == "safe-lora" else {}
     cfg = FinetuneConfig.for_organism(
         org, name, seed=seed, threads=1, guard=guard, steps=args.steps, max_eval=args.max_eval,
         eval_prompts=str(org.datasets_path / "harmful_eval.jsonl"), **settings, **extra,
     )  # fmt: skip
-    probe = None
-    if kind == "thesis":
-        budget = int(cfg.curvature.memory_budget_gb * 2**30)
-        inner = guard_from_spec(cfg.guard, memory_budget=budget, seed=seed)
-        probe = Probe(inner, cfg.guard.guard_rank)
+    probe = thesis_probe(cfg, seed) if kind == "thesis" else None
     began = time.perf_counter()
     res = run_finetune(cfg, task_rows=org.heldout(name), task_match=task_match, quiet=True,
                        guard=probe)  # fmt: skip
@@ -377,11 +386,16 @@ class RealModel:
         return self._digest
 
 
-def real_config(real: RealModel, name: str, seed: int, guard: str, settings: dict, args):
+def real_config(real: RealModel, name: str, seed: int, guard: str, settings: dict, args,
+                kind: str = "grid"):  # fmt: skip
     """The ``finetune`` config of one real-model run: bench/real_model.py's protocol (AdamW, lr
     1e-4, batch 8, 192 tokens, a 16-token refusal judge) on the last two MLPs, or a LoRA adapter
-    on them where ``settings`` has ``lora_r`` (its own ``lr``), the guard's settings on top."""
+    on them where ``settings`` has ``lora_r`` (its own ``lr``), the guard's settings on top. A
+    thesis run records the KL at log-spaced steps (the early exponent needs them) and generates
+    refusals and task answers at the first and the last record only (the grid row of the same
+    run has them every ``--eval-every`` steps)."""
     from alignscope.commands.finetune import FinetuneConfig
+    from alignscope.commands.verify import record_steps
 
     opts = dict(settings)
     lr = opts.pop("lr", REAL_LR)
@@ -397,7 +411,9 @@ def real_config(real: RealModel, name: str, seed: int, guard: str, settings: dic
         steps=args.steps, seed=seed, threads=1, guard=guard, max_length=192, max_new_tokens=16,
         max_safety=args.max_safety, memory_budget_gb=args.memory_gb,
         eval_prompts=str(real.data / "eval.jsonl"), max_eval=args.max_eval,
-        task_new_tokens=args.task_tokens, eval_every=str(args.eval_every), **opts,
+        task_new_tokens=args.task_tokens, **opts, **(
+            {"eval_every": "auto", "refusal_every": len(record_steps(args.steps, "auto"))}
+            if kind == "thesis" else {"eval_every": str(args.eval_every)}),
     )  # fmt: skip
 
 
@@ -406,28 +422,35 @@ def run_real_one(real: RealModel, name: str, seed: int, guard: str, settings: di
     import real_model
     from alignscope.commands.finetune import run_finetune
 
-    cfg = real_config(real, name, seed, guard, settings, args)
+    cfg = real_config(real, name, seed, guard, settings, args, kind)
     heldout = real_model.heldout_split(real.data, name, seed, args.task_rows)
+    probe = thesis_probe(cfg, seed) if kind == "thesis" else None
     began = time.perf_counter()
-    res = run_finetune(cfg, task_rows=heldout, task_match=real_model.task_match, quiet=True)
+    res = run_finetune(cfg, task_rows=heldout, task_match=real_model.task_match, quiet=True,
+                       guard=probe)  # fmt: skip
     row = result_row(res, kind=kind, organism=REAL, name=name, seed=seed, guard=guard,
                      settings=settings, args=args, began=began)  # fmt: skip
+    if probe is not None:
+        row["probe"] = probe.records
     row.update(
         model=REAL_MODEL, organism_weights=real.digest(), heldout_rows=len(heldout),
         trained=(f"LoRA r={settings['lora_r']} on " if "lora_r" in settings else "")
         + ", ".join(real.params()),
         trained_params=sum(p.numel() for p in res.model.parameters() if p.requires_grad),
-        eval_every=str(args.eval_every), max_safety=args.max_safety,
+        eval_every=cfg.record.eval_every, max_safety=args.max_safety,
         task_new_tokens=res.datasets["task_eval"]["max_new_tokens"],
     )  # fmt: skip
     return row
 
 
 def real_plan(sets: list[str], guards: list[str], seeds: list[int],
-              selections: tuple[str, ...] = ("full", "lora")) -> list[tuple]:  # fmt: skip
+              selections: tuple[str, ...] = ("full", "lora"), thesis: bool = False,
+              ) -> list[tuple]:  # fmt: skip
     """The real model's runs, in the measurement's priority order: per seed and set, the
     last-two-MLPs runs (``full``), then the LoRA ones (``lora``), each ``none`` first; a
-    selection's ``none`` is planned whenever one of its guards is."""
+    selection's ``none`` is planned whenever one of its guards is. With ``thesis`` and
+    ``project`` among the guards, the thesis test's ``none`` and ``project`` runs on the last two
+    MLPs after each grid set (first seed)."""
     jobs = []
     for seed in seeds:
         for name in sets:
@@ -436,6 +459,10 @@ def real_plan(sets: list[str], guards: list[str], seeds: list[int],
                 if any(g in guards for g, _ in mine):
                     jobs += [("grid", REAL, name, seed, g, dict(st)) for g, st in mine
                              if g in guards or g == "none"]  # fmt: skip
+            if (thesis and "project" in guards and "full" in selections and seed == seeds[0]
+                    and name in REAL_GRID_SETS):  # fmt: skip
+                jobs += [("thesis", REAL, name, seed, g, dict(GRID[g][0]))
+                         for g in ("none", "project")]  # fmt: skip
     return jobs
 
 
@@ -520,7 +547,8 @@ def run(args) -> None:
             raise SystemExit(f"--sets {' '.join(bad)}: the real model's sets are "
                              f"{', '.join(REAL_SETS)}")  # fmt: skip
         jobs = real_plan(args.sets or list(REAL_GRID_SETS), args.guards or known,
-                         args.seeds or [0], tuple(args.selections))  # fmt: skip
+                         args.seeds or [0], tuple(args.selections),
+                         not args.skip_thesis)  # fmt: skip
     else:
         grid = QUICK if args.quick else FULL
         organisms = {k: v for k, v in grid["organisms"].items() if not args.organisms

@@ -313,3 +313,32 @@ def test_old_lora_curvature_rows_read_as_params_space(tmp_path):
     old, kept = bench.load_rows(path)
     assert old["label"] == "curvature lora_r=8 lr=0.001 curvature_mu=30 curvature_space=params"
     assert kept == full  # not an adapter: unchanged
+
+
+def test_real_thesis_runs_record_both_subspaces(tmp_path, real_data, capsys):
+    from _hf_models import save_model
+    from alignscope.commands.verify import record_steps
+
+    aligned = save_model("llama", tmp_path / "aligned", seed=0)
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--organism", "smollm2", "--real-model", str(aligned), "--real-base",
+                str(aligned), "--real-data", str(real_data), "--sets", "affirmative", "--steps",
+                "4", "--max-eval", "4", "--task-rows", "4", "--task-tokens", "8", "--out",
+                str(out), "--png", str(tmp_path / "p.png"), "--guards", "none", "project",
+                "--selections", "full", "--probe-steps", "0", "2"])  # fmt: skip
+    rows = bench.load_rows(out)
+    assert [(r["kind"], r["guard"]) for r in rows] == [
+        ("grid", "none"), ("grid", "project"), ("thesis", "none"), ("thesis", "project")]
+    for r in rows[2:]:
+        assert [p["step"] for p in r["probe"]] == [0, 2]
+        # the KL at log-spaced steps, refusals at the first and the last record only
+        assert [t["step"] for t in r["trajectory"]] == record_steps(4, "auto")
+        assert [t["refusal_rate"] is not None for t in r["trajectory"]] == [
+            True, *[False] * (len(r["trajectory"]) - 2), True]
+        assert r["eval_every"] == "auto"
+        assert r["probe"][0]["subspace_overlap"] == pytest.approx(1.0)
+    none, proj = rows[2]["probe"], rows[3]["probe"]
+    # the probe's initial subspace is the basis project removes: no displacement in it
+    assert proj[1]["disp_initial"] < 1e-5 < none[1]["disp_initial"]
+    assert rows[3]["trajectory"][-1]["kl"] != rows[2]["trajectory"][-1]["kl"]
+    assert "Thesis test" in capsys.readouterr().out
