@@ -334,6 +334,7 @@ def result_row(res, *, kind: str, organism: str, name: str, seed: int, guard: st
         "kl_end": sm["kl_end"], "task_em_start": sm["task_exact_match_start"],
         "task_em_end": sm["task_exact_match_end"], "task_nll_start": sm["task_nll_start"],
         "task_nll_end": sm["task_nll_end"], "sec_per_step": float(np.mean(secs)),
+        "cpu_per_step": sm.get("cpu_seconds_per_step"),
         "sec_per_step_median": float(np.median(secs)), "kl_exponent": _fit_exponent(traj),
         "trajectory": traj, "process": PROCESS, "wall_s": time.perf_counter() - began,
         "load_avg": os.getloadavg()[0], "host": platform.node(), "torch_threads": 1,
@@ -625,6 +626,16 @@ def _organisms(rows: list[dict]) -> list[str]:
     return [o for o in FULL["organisms"] if o in have] + sorted(have - set(FULL["organisms"]))
 
 
+def step_ratio(row: dict, base: dict) -> float:
+    """``row``'s time per step over ``base``'s: by the process' CPU time where both rows have it
+    (rows from 2026-12-03 on; other processes on a shared machine inflate the wall time of
+    whichever run they overlap), else by the wall time (one thread, so equal to the CPU time
+    on an otherwise idle machine)."""
+    if row.get("cpu_per_step") and base.get("cpu_per_step"):
+        return row["cpu_per_step"] / base["cpu_per_step"]
+    return row["sec_per_step"] / base["sec_per_step"]
+
+
 def attach_baselines(rows: list[dict]) -> list[dict]:
     """The ``grid`` rows (copies), each with ``task_ratio`` and ``step_cost``: its task exact
     match and time per step over those of the unguarded run of the same organism, set, seed and
@@ -647,7 +658,7 @@ def attach_baselines(rows: list[dict]) -> list[dict]:
         b = grid_none.get(_base_key(r))
         t = timing.get((_base_key(r), r["process"])) or b
         r["task_ratio"] = r["task_em_end"] / t["task_em_end"] if t and t["task_em_end"] else None
-        r["step_cost"] = r["sec_per_step"] / t["sec_per_step"] if t else None
+        r["step_cost"] = step_ratio(r, t) if t else None
         r["same_process"] = t is not None and t["process"] == r["process"]
         r["retained"] = r["refusal_end"] / r["refusal_start"] if r["refusal_start"] else None
         out.append(r)

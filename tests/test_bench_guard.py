@@ -43,6 +43,16 @@ def test_step_cost_and_task_ratio_use_the_same_process_baseline():
     assert curv["task_ratio"] == pytest.approx(0.5)
 
 
+def test_step_cost_by_cpu_time_where_both_rows_have_it():
+    wall = {"sec_per_step": 4.0}
+    # another process doubled the guard run's wall time; its CPU time is what it cost
+    guard = {"sec_per_step": 8.0, "cpu_per_step": 3.0}
+    base = {"sec_per_step": 2.0, "cpu_per_step": 2.0}
+    assert bench.step_ratio(guard, base) == 1.5
+    assert bench.step_ratio(wall, base) == 2.0 and bench.step_ratio(guard, wall) == 2.0
+    assert bench.step_ratio({**guard, "cpu_per_step": None}, base) == 4.0
+
+
 def test_lora_rows_compare_with_the_lora_none():
     lora = {"lora_r": 8, "lr": 1e-2}
     rows = bench.attach_baselines([
@@ -268,9 +278,9 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     table = {r["label"]: r for r in bench.attach_baselines(rows)}
     none, lnone = rows[0], rows[2]
     curv = table["curvature curvature_mu=30"]
-    assert curv["step_cost"] == pytest.approx(rows[1]["sec_per_step"] / none["sec_per_step"])
+    assert curv["step_cost"] == pytest.approx(rows[1]["cpu_per_step"] / none["cpu_per_step"])
     lcurv = table[lcurv_label + "weights"]
-    assert lcurv["step_cost"] == pytest.approx(rows[5]["sec_per_step"] / lnone["sec_per_step"])
+    assert lcurv["step_cost"] == pytest.approx(rows[5]["cpu_per_step"] / lnone["cpu_per_step"])
     assert all(r["same_process"] for r in table.values())
     printed = capsys.readouterr().out
     assert "smollm2 | curvature curvature_mu=30 | lists | 1 |" in printed
@@ -284,7 +294,7 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
                                                            ("grid", "anchor anchor_beta=1")]
     assert rows[6]["process"] == rows[7]["process"] != rows[0]["process"]
     anchor = {r["label"]: r for r in bench.attach_baselines(rows)}["anchor anchor_beta=1"]
-    assert anchor["step_cost"] == pytest.approx(rows[7]["sec_per_step"] / rows[6]["sec_per_step"])
+    assert anchor["step_cost"] == pytest.approx(rows[7]["cpu_per_step"] / rows[6]["cpu_per_step"])
     assert anchor["same_process"]
     # the field's defences run on the adapter too, against its none of this process
     bench.main([*common, "--guards", "project", "anchor", "constrained-sft", "--selections",
@@ -299,7 +309,7 @@ def test_real_mode_rows_and_same_process_step_cost(tmp_path, real_data, capsys, 
     table = {r["label"]: r for r in bench.attach_baselines(rows)}
     proj = table["project" + lora + "guard_rank=20"]
     assert proj["same_process"] and proj["step_cost"] == pytest.approx(
-        rows[9]["sec_per_step"] / rows[8]["sec_per_step"])
+        rows[9]["cpu_per_step"] / rows[8]["cpu_per_step"])
 
 
 def test_old_lora_curvature_rows_read_as_params_space(tmp_path):

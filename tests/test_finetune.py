@@ -39,6 +39,10 @@ def test_finetune_outputs_reload_with_transformers(organism_test, tmp_path):
     assert res["config"]["guard"] == "curvature" and res["config"]["seed"] == 0
     assert [s["step"] for s in res["steps"]] == [1, 2, 3, 4, 5, 6]
     assert all(s["seconds"] > 0 and "quad" in s for s in res["steps"])
+    # the process' CPU time per step beside the wall time, and its mean in the summary
+    cpu = [s["cpu_seconds"] for s in res["steps"]]
+    assert all(c > 0 for c in cpu)
+    assert res["summary"]["cpu_seconds_per_step"] == pytest.approx(sum(cpu) / len(cpu))
     assert res["steps"][0]["quad"] == 0.0 < res["steps"][-1]["quad"]  # delta^T F delta / 2
     traj = res["trajectory"]
     assert traj[0]["step"] == 0 and traj[-1]["step"] == 6 and traj[0]["refusal_rate"] == 1.0

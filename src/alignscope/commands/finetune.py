@@ -98,6 +98,7 @@ class FinetuneResult:
         switched on at."""
         rates = [r["refusal_rate"] for r in self.trajectory if r.get("refusal_rate") is not None]
         secs = [s["seconds"] for s in self.steps]
+        cpu = [s["cpu_seconds"] for s in self.steps if s.get("cpu_seconds") is not None]
         task = [r for r in self.trajectory if r.get("task_exact_match") is not None]
         return {
             "task_exact_match_start": task[0]["task_exact_match"] if task else None,
@@ -110,6 +111,9 @@ class FinetuneResult:
             "kl_end": self.trajectory[-1]["kl"] if self.trajectory else None,
             "task_loss_end": self.steps[-1]["loss"] if self.steps else None,
             "seconds_per_step": sum(secs) / len(secs) if secs else None,
+            # this process' CPU time (all its threads): on a shared machine other processes
+            # inflate the wall time but not this, so guards compare fairly by it there
+            "cpu_seconds_per_step": sum(cpu) / len(cpu) if cpu and len(cpu) == len(secs) else None,
             "steps_run": len(self.steps),
             # adaptive mode: the update (0-based) from which the guard ran, None: never/not adaptive
             "guard_activated_at": self.guard.get("record", {}).get("activated_at"),
@@ -376,13 +380,14 @@ def _run_finetune(
             if torch.cuda.is_available() and ckpt.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
             start = int(ckpt["step"])
-    clock = {"last": time.perf_counter(), "since_ckpt": 0}
+    clock = {"last": time.perf_counter(), "cpu": time.process_time(), "since_ckpt": 0}
     progress = Progress(console=stages.console, transient=True)
 
     def callback(step: int, loss: float | None) -> bool:
         now = time.perf_counter()
         if step > 0:  # the step's own time: measurements are excluded
             per_step.append({"step": step, "loss": loss, "seconds": now - clock["last"],
+                             "cpu_seconds": time.process_time() - clock["cpu"],
                              **guard.signals()})  # fmt: skip
             progress.update(task, advance=1, description=f"loss {loss:.4f}")
         if watcher is not None:  # adaptive mode: its warning switches the guard on
@@ -402,7 +407,7 @@ def _run_finetune(
                 if every and clock["since_ckpt"] >= every and step > 0:
                     partial.checkpoint(step, model, opt, guard)
                     clock["since_ckpt"] = 0
-        clock["last"] = time.perf_counter()
+        clock["last"], clock["cpu"] = time.perf_counter(), time.process_time()
         return False
 
     began = time.perf_counter()

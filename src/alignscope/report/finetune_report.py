@@ -73,7 +73,7 @@ def build_report(results: dict[str, Any]) -> Report:
     recorded = {r["step"] for r in results["trajectory"]}
     signal_rows = [s for s in results["steps"] if s["step"] in recorded]
     first = signal_rows[0] if signal_rows else {}
-    keys = [k for k in first if k not in ("step", "loss", "seconds")]
+    keys = [k for k in first if k not in ("step", "loss", "seconds", "cpu_seconds")]
     if keys:
         rep.heading("Guard signals")
         rep.table(["step", *keys], [[s["step"], *(s.get(k) for k in keys)] for s in signal_rows])
