@@ -1036,8 +1036,10 @@ def pareto_plot(rows: list[dict], png: Path, grid_name: str) -> None:
     from matplotlib.lines import Line2D
 
     organisms = _organisms(rows)
-    order = [*GRID, "none (LoRA)", "curvature (LoRA)"]
-    colors = {g: plt.get_cmap("tab10")(i) for i, g in enumerate(order)}
+    # every guard's LoRA variant that either grid runs (safe-lora is LoRA only)
+    lora = [g for g in GRID if g != "safe-lora"]
+    order = [*GRID, *(f"{g} (LoRA)" for g in lora)]
+    colors = {g: plt.get_cmap("tab20")(i) for i, g in enumerate(order)}
     markers = dict(zip(ALL_SETS, "osD^vP<>", strict=True))
     fig, axes = plt.subplots(1, len(organisms), figsize=(5.2 * len(organisms) + 2.2, 6.4),
                              sharey=True, squeeze=False)  # fmt: skip
