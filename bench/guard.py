@@ -40,8 +40,9 @@ same ``run_finetune`` on that bench's benign sets (``affirmative`` and ``lists``
 protocol (AdamW lr 1e-4, batch 8, 192 tokens, a 16-token greedy keyword judge on the 150 held-out
 Do-Not-Answer prompts of eval.jsonl), ``REAL_GRID`` in order: the MLPs of the last two layers
 under none, project, curvature, anchor and constrained-sft, then a new rank-8 LoRA adapter on the
-same six linear layers at lr 1e-3 under none, safe-lora and curvature, each guard at its default
-strength (the first in ``GRID``). Refusal, KL and the task are measured every ``--eval-every``
+same six linear layers at lr 1e-3 under none, safe-lora, curvature (on the merged weights, mu 300
+and 30), project, anchor and constrained-sft, each guard at its default strength (the first in
+``GRID``). Refusal, KL and the task are measured every ``--eval-every``
 steps (default 50) and at the end; the task on ``real_model.heldout_split`` (48 rows no set holds,
 made by the set's own generators; greedy answers of up to 48 tokens, ``real_model.task_match``).
 ``--selections full|lora`` picks the parameter selections (two processes can share the JSONL).

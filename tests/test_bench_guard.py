@@ -173,7 +173,7 @@ def test_real_grid_runs_each_guards_default_strength():
         # the adapter's curvature guard also at the mu that held the organism's adapter
         assert own == default or (guard, own) == ("curvature", {"curvature_mu": 300.0})
         assert settings.get("lr", bench.REAL_LR) == (1e-3 if "lora_r" in settings else 1e-4)
-    # on the adapter the curvature guard runs in both spaces of its quadratic model
+    # on the adapter the curvature guard runs on the merged weights, at two strengths
     spaces = [(st.get("curvature_space"), st["curvature_mu"]) for g, st in bench.REAL_GRID
               if g == "curvature" and "lora_r" in st]  # fmt: skip
     assert spaces == [("weights", 300.0), ("weights", 30.0)]
