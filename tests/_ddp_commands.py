@@ -148,13 +148,12 @@ def parity_worker(
     rank_worker(rank, rank_options, out)
 
 
-TIMING = ("seconds", "cpu_seconds")  # a step's clocks: they differ from run to run
-
-
 def finetune_summary(res) -> dict[str, Any]:
     """What a 2-process guarded finetune must share with the 1-process one: per-step losses
     and guard signals, the tracked measurements, the guard's record, the trained weights."""
-    steps = [{k: v for k, v in s.items() if k not in TIMING} for s in res.steps]
+    from alignscope.config import STEP_CLOCKS
+
+    steps = [{k: v for k, v in s.items() if k not in STEP_CLOCKS} for s in res.steps]
     keep = ("step", "minibatch_loss", "kl", "refusal_nll", "displacement", "refusal_rate")
     trained = {n: p.detach().reshape(-1).tolist() for n, p in res.model.named_parameters()
                if p.requires_grad}  # fmt: skip

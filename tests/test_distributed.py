@@ -274,8 +274,9 @@ def test_two_processes_finetune_as_one(organism_test, tmp_path):
     alone writes) and the project guard from the Python API (its subspace from summed Fisher
     products) equal the single-process runs in float64: per-step losses and guard signals,
     the tracked KL, the final weights."""
-    from _ddp_commands import TIMING, finetune_summary, finetune_worker, spawn
+    from _ddp_commands import finetune_summary, finetune_worker, spawn
     from alignscope.commands.finetune import FinetuneConfig, run_finetune
+    from alignscope.config import STEP_CLOCKS
 
     org = organism_test
     common = dict(
@@ -321,7 +322,7 @@ def test_two_processes_finetune_as_one(organism_test, tmp_path):
 
     one = run_finetune(FinetuneConfig.from_options(**anchor), quiet=True)
     want = finetune_summary(one)
-    got = {"steps": [{k: v for k, v in s.items() if k not in TIMING} for s in res["steps"]],
+    got = {"steps": [{k: v for k, v in s.items() if k not in STEP_CLOCKS} for s in res["steps"]],
            "trajectory": [{k: r.get(k) for k in want["trajectory"][0]} for r in res["trajectory"]],
            "record": res["guard"]["record"]}  # fmt: skip
     close(got, {k: want[k] for k in got}, "anchor")

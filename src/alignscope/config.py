@@ -461,6 +461,9 @@ GUARD_NAMES = ("none", "project", "project-tracking", "curvature", "fisher", "an
                "constrained-sft")  # fmt: skip
 # Where the curvature guard's quadratic model lives (train/guards/curvature.py).
 CURVATURE_SPACES = ("auto", "weights", "params")
+# The clocks of a finetune step record (wall and this process' CPU seconds): timing, not a
+# result; reports and run-to-run comparisons leave them out.
+STEP_CLOCKS = ("seconds", "cpu_seconds")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alignscope.config import STEP_CLOCKS
 from alignscope.report.document import Code, Report
 from alignscope.report.output import OutputDir, jsonable, write_json_atomic
 from alignscope.report.plots import series_plot
@@ -73,7 +74,7 @@ def build_report(results: dict[str, Any]) -> Report:
     recorded = {r["step"] for r in results["trajectory"]}
     signal_rows = [s for s in results["steps"] if s["step"] in recorded]
     first = signal_rows[0] if signal_rows else {}
-    keys = [k for k in first if k not in ("step", "loss", "seconds", "cpu_seconds")]
+    keys = [k for k in first if k not in ("step", "loss", *STEP_CLOCKS)]
     if keys:
         rep.heading("Guard signals")
         rep.table(["step", *keys], [[s["step"], *(s.get(k) for k in keys)] for s in signal_rows])
